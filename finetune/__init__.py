@@ -1,0 +1,1 @@
+"""Continued training with Accelerate (`accelerate launch -m hf_relattn.finetune`): a later issue."""

@@ -1,0 +1,72 @@
+"""`convert`: apply a variant to a loaded model in place, all-or-nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from .engine import ENGINE_NAME, FLAG_PREFIX
+from .modeling import SPEC_KEY, is_adapted, make_adapted
+from .patches import get_adapter
+from .variants.base import get_variant_class
+
+
+def resolve_layers(layers: int | Iterable[int] | None, num_layers: int) -> list[int]:
+    """`layers` -> sorted unique indices; negative indices count from the end (like Python)."""
+    if layers is None:
+        return list(range(num_layers))
+    items = [layers] if isinstance(layers, int) else list(layers)
+    resolved = set()
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise ValueError(f"layers must be integers, got {item!r}")
+        if not -num_layers <= item < num_layers:
+            raise ValueError(f"layer index {item} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
+        resolved.add(item % num_layers)
+    if not resolved:
+        raise ValueError("layers is empty: pass None for all layers or a list of layer indices")
+    return sorted(resolved)
+
+
+def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int] | None = None, **options: Any) -> PreTrainedModel:
+    """Apply attention variant `variant` to `model` in place and return it.
+
+    `layers` selects the decoder/encoder layers (default all; negative indices count from the
+    end). Other keyword arguments are the variant's options (see `hf_relattn.variants()`).
+    Every check runs before anything is modified: on error the model is left as it was.
+    """
+    adapter = get_adapter(model)
+    spec_variant = get_variant_class(variant).from_options(options)
+    num_layers = len(adapter.attention_modules(model))
+    layer_list = resolve_layers(layers, num_layers)
+    spec_variant.validate(model, adapter, layer_list)
+
+    # --- from here on the model changes
+    native = spec_variant.native(adapter, num_layers, layer_list)
+    if not native:
+        make_adapted(model)
+    spec_variant.apply(model, adapter, layer_list, initialize=True)
+    if is_adapted(model):
+        _record(model, spec_variant.spec_name(), spec_variant.options(), [] if native else layer_list, covers_all=native)
+        impl = model.config._attn_implementation
+        if not (isinstance(impl, str) and impl.startswith(FLAG_PREFIX)):
+            model.set_attn_implementation(ENGINE_NAME)
+    return model
+
+
+def _record(model: PreTrainedModel, name: str, options: dict[str, Any], layers: list[int], covers_all: bool) -> None:
+    """Append a spec entry; a later entry of the same variant supersedes it on shared layers."""
+    spec = getattr(model.config, SPEC_KEY)
+    entries = []
+    for entry in spec["variants"]:
+        if entry["name"] == name:
+            kept = [] if covers_all else [i for i in entry["layers"] if i not in layers]
+            if not kept:
+                continue
+            entry = {**entry, "layers": kept}
+        entries.append(entry)
+    if layers:
+        entries.append({"name": name, "options": options, "layers": layers})
+    spec["variants"] = entries

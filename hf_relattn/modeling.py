@@ -1,0 +1,139 @@
+"""Adapted model types: how a converted model is saved, reloaded, and refused without the plugin.
+
+For every supported family (`llama`, `bert`, `vit`) the import registers a config type
+`relattn_<family>` (a subclass of the family's config) and, for each of the family's task
+heads known to the Auto classes, a model subclass `Relattn<Head>` registered with the same
+Auto class. A converted model becomes an instance of these subclasses in place; its config
+carries the variant spec under the key `relattn`:
+
+    {"format": 1, "variants": [{"name": "gqa", "options": {...}, "layers": [0, 1]}, ...]}
+
+On load, the subclass first builds the family's native model from the config, then replays
+the spec's structural changes (shapes only), so the checkpoint's weights fit exactly.
+Plain transformers does not know `relattn_<family>` and refuses the folder loudly.
+A model whose change is expressible natively (GQA/MQA on every LLaMA layer) stays native.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import transformers
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+from transformers.models.auto import modeling_auto
+from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+from .engine import ENGINE_NAME, FLAG_PREFIX
+from .patches import ADAPTED_PREFIX, ADAPTERS, get_adapter
+from .variants.base import get_variant_class
+
+SPEC_KEY = "relattn"
+SPEC_FORMAT = 1
+
+_config_classes: dict[str, type] = {}
+_model_classes: dict[type, type] = {}
+
+
+def is_adapted(model_or_config: Any) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return str(getattr(config, "model_type", "")).startswith(ADAPTED_PREFIX)
+
+
+def spec_of(config: Any) -> dict[str, Any]:
+    """The variant spec of an adapted config (empty spec otherwise)."""
+    spec = getattr(config, SPEC_KEY, None) if is_adapted(config) else None
+    return spec if spec else {"format": SPEC_FORMAT, "variants": []}
+
+
+def rebuild_from_spec(model: nn.Module, spec: dict[str, Any]) -> None:
+    """Replay the spec's changes on a freshly built native model (shapes, not values)."""
+    if spec.get("format", SPEC_FORMAT) != SPEC_FORMAT:
+        raise ValueError(f"Unsupported relattn spec format {spec.get('format')!r}; this plugin reads {SPEC_FORMAT}")
+    adapter = get_adapter(model)
+    for entry in spec.get("variants", []):
+        variant = get_variant_class(entry["name"]).from_options(entry.get("options", {}))
+        variant.apply(model, adapter, list(entry["layers"]), initialize=False)
+
+
+def _adapted_config_class(base: type) -> type:
+    model_type = ADAPTED_PREFIX + base.model_type
+    if model_type not in _config_classes:
+        _config_classes[model_type] = type(
+            "Relattn" + base.__name__,
+            (base,),
+            {"model_type": model_type, "__module__": __name__, "__doc__": f"{base.__name__} adapted by hf_relattn."},
+        )
+        globals()[_config_classes[model_type].__name__] = _config_classes[model_type]
+    return _config_classes[model_type]
+
+
+def adapted_class(base: type) -> type:
+    """The `Relattn<Base>` subclass of a native model class (created once)."""
+    if base in _model_classes.values():
+        return base
+    if base in _model_classes:
+        return _model_classes[base]
+    config_cls = _adapted_config_class(base.config_class)
+
+    def __init__(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, config, *args, **kwargs)
+        rebuild_from_spec(self, spec_of(config))
+
+    def get_correct_attn_implementation(self: PreTrainedModel, requested: str | None, is_init_check: bool = False) -> str:
+        # The variants only run inside the plugin's engine; any other backend would silently
+        # drop them, so refuse it.
+        requested = ENGINE_NAME if requested in (None, "sdpa") else requested
+        if requested != ENGINE_NAME and not requested.startswith(FLAG_PREFIX):
+            raise ValueError(
+                f"{type(self).__name__} is adapted by hf_relattn and needs attn_implementation={ENGINE_NAME!r} "
+                f"(or a '{FLAG_PREFIX}<flag>' variant), not {requested!r}."
+            )
+        return base.get_correct_attn_implementation(self, requested, is_init_check)
+
+    cls = type(
+        "Relattn" + base.__name__,
+        (base,),
+        {
+            "config_class": config_cls,
+            "__init__": __init__,
+            "get_correct_attn_implementation": get_correct_attn_implementation,
+            "__module__": __name__,
+            "__doc__": f"{base.__name__} with hf_relattn attention variants (spec in config.relattn).",
+        },
+    )
+    _model_classes[base] = cls
+    globals()[cls.__name__] = cls
+    return cls
+
+
+def make_adapted(model: PreTrainedModel) -> None:
+    """Turn a native model into its adapted type in place (class and config class)."""
+    if is_adapted(model):
+        return
+    model.__class__ = adapted_class(type(model))
+    model.config.__class__ = _adapted_config_class(type(model.config))
+    setattr(model.config, SPEC_KEY, {"format": SPEC_FORMAT, "variants": []})
+
+
+def _auto_classes() -> list[type]:
+    return [
+        obj
+        for obj in vars(modeling_auto).values()
+        if inspect.isclass(obj) and issubclass(obj, _BaseAutoModelClass) and getattr(obj, "_model_mapping", None) is not None
+    ]
+
+
+def register_model_types() -> None:
+    """Register `relattn_<family>` with AutoConfig and every Auto class the family supports."""
+    for model_type in ADAPTERS:
+        base_config = AutoConfig.for_model(model_type).__class__
+        config_cls = _adapted_config_class(base_config)
+        if config_cls.model_type not in transformers.CONFIG_MAPPING:
+            AutoConfig.register(config_cls.model_type, config_cls)
+        for auto_cls in _auto_classes():
+            class_name = auto_cls._model_mapping._model_mapping.get(model_type)
+            if not isinstance(class_name, str) or not hasattr(transformers, class_name):
+                continue
+            auto_cls.register(config_cls, adapted_class(getattr(transformers, class_name)), exist_ok=True)

@@ -1,0 +1,112 @@
+"""The contract every attention variant implements, and the variant registry.
+
+A variant is a dataclass whose fields are its options (so `Alibi()`, `GQA(num_key_value_heads=1)`).
+Class attributes say which axis of attention it changes (see DESIGN.md: structure, scores,
+values, sparsity, gating), describe it and cite its paper. `convert` validates every variant
+against the whole model before it modifies anything, then calls `apply` layer by layer;
+the attention engine calls the axis hooks (`score_bias`, ...) at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..patches import FamilyAdapter
+
+AXES = ("structure", "scores", "values", "sparsity", "gating")
+
+
+@dataclass
+class Variant:
+    """Base class: subclasses are dataclasses whose fields are the variant's options."""
+
+    name: ClassVar[str]
+    axis: ClassVar[str]
+    description: ClassVar[str]
+    paper: ClassVar[str]
+    # Parameter-free variants that change nothing in the weights can be selected by flag:
+    # from_pretrained(..., attn_implementation="relattn_<name>").
+    flag: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------ options
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Variant:
+        """Build from user options, rejecting unknown names with the list of valid ones."""
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            valid = ", ".join(cls.option_names()) or "(none)"
+            raise ValueError(
+                f"Unknown option(s) {unknown} for variant {cls.name!r}; valid options: {valid}, "
+                "plus `layers` when converting."
+            )
+        return cls(**options)
+
+    def spec_name(self) -> str:
+        """Name recorded in config.relattn (aliases record their canonical variant)."""
+        return self.name
+
+    def options(self) -> dict[str, Any]:
+        """JSON-serialisable options (what goes into config.relattn)."""
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------- conversion
+    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        """Raise ValueError if the variant cannot be applied. Must not modify anything."""
+
+    def native(self, adapter: FamilyAdapter, num_layers: int, layers: list[int]) -> bool:
+        """True when the result is the family's own native architecture (nothing to record)."""
+        return False
+
+    def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
+        """Change the model in place for the given layers.
+
+        ``initialize`` is True for a conversion of pretrained weights (values matter) and
+        False when an adapted checkpoint is rebuilt from its config (shapes matter; the
+        weights are loaded afterwards).
+        """
+        for idx in layers:
+            attach(adapter.attention_modules(model)[idx], self)
+
+    # ------------------------------------------------------------ attention hooks
+    def score_bias(
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Additive term on q.k/sqrt(d) for the scores axis: (num_heads, Q, K) float32, or None."""
+        return None
+
+
+VARIANTS: dict[str, type[Variant]] = {}
+
+
+def register_variant(cls: type[Variant]) -> type[Variant]:
+    if cls.axis not in AXES:
+        raise ValueError(f"{cls.__name__}.axis must be one of {AXES}, got {cls.axis!r}")
+    VARIANTS[cls.name] = cls
+    return cls
+
+
+def get_variant_class(name: str) -> type[Variant]:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"Unknown variant {name!r}; valid variants: {', '.join(sorted(VARIANTS))}") from None
+
+
+ATTACHED = "relattn_variants"
+
+
+def attach(module: nn.Module, variant: Variant) -> None:
+    """Record that `variant` acts inside this attention module (read by the engine)."""
+    current = tuple(v for v in getattr(module, ATTACHED, ()) if v.name != variant.name)
+    setattr(module, ATTACHED, current + (variant,))

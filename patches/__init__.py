@@ -1,0 +1,93 @@
+"""One adapter per model family: the only code that knows a family's module and weight names.
+
+An adapter answers, for its family: where the attention modules are (in layer order), what
+their query/key/value/output projections are called, how many heads they have, whether the
+family attends causally, and whether its native config can express grouped K/V heads.
+Adapters are keyed by `config.model_type` (as liger-kernel does), with the `relattn_` prefix of
+adapted checkpoints stripped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+ADAPTED_PREFIX = "relattn_"
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    model_type: str
+    # Names of the projections inside one attention module.
+    q_proj: str
+    k_proj: str
+    v_proj: str
+    # Decoders attend causally; encoders bidirectionally.
+    causal: bool
+    # True when the family's own config can say `num_key_value_heads` (e.g. LLaMA), so a
+    # model whose every layer has G K/V heads is a plain native checkpoint.
+    native_gqa: bool
+
+    def base_model(self, model: nn.Module) -> nn.Module:
+        """The bare backbone (LlamaModel, BertModel, ViTModel) inside any task head."""
+        base = getattr(model, "base_model", model)
+        return base
+
+    def layer_modules(self, model: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The module of each layer that calls the attention interface, in layer order."""
+        raise NotImplementedError
+
+    def num_heads(self, config: Any) -> int:
+        return config.num_attention_heads
+
+    def head_dim(self, config: Any) -> int:
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def num_kv_heads(self, attn: nn.Module) -> int:
+        """K/V heads of one attention module, read off its key projection."""
+        return getattr(attn, self.k_proj).out_features // self.head_dim(attn.config)
+
+    def set_num_kv_heads(self, attn: nn.Module, num_kv_heads: int) -> None:
+        """Keep the module's own bookkeeping consistent after K/V surgery.
+
+        `num_key_value_groups` is what transformers' sdpa/eager functions read to repeat K/V.
+        """
+        attn.num_key_value_groups = self.num_heads(attn.config) // num_kv_heads
+
+    def set_config_kv_heads(self, config: Any, num_kv_heads: int) -> None:
+        if not self.native_gqa:
+            raise TypeError(f"{self.model_type} has no native num_key_value_heads")
+        config.num_key_value_heads = num_kv_heads
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {}
+
+
+def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
+
+
+def base_model_type(model_type: str) -> str:
+    return model_type[len(ADAPTED_PREFIX):] if model_type.startswith(ADAPTED_PREFIX) else model_type
+
+
+def get_adapter(model_or_config: Any) -> FamilyAdapter:
+    """The adapter for a model (or config); a clear error names the supported families."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = base_model_type(getattr(config, "model_type", "") or "")
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise ValueError(
+            f"Unsupported architecture {model_type or type(model_or_config).__name__!r}: "
+            f"hf_relattn supports {', '.join(sorted(ADAPTERS))}."
+        ) from None
+
+
+from . import bert, llama, vit  # noqa: E402,F401  (each registers itself)

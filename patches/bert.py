@@ -1,0 +1,22 @@
+"""BERT family adapter (BertModel and every task head on it)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import FamilyAdapter, register_adapter
+
+
+class BertAdapter(FamilyAdapter):
+    def layer_modules(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.base_model(model).encoder.layer)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        # BertSelfAttention (query/key/value); its output projection lives in BertSelfOutput.
+        # It reshapes K/V with -1 heads, so shrunk K/V projections give Hkv < Hq heads.
+        return [layer.attention.self for layer in self.layer_modules(model)]
+
+
+ADAPTER = register_adapter(
+    BertAdapter(model_type="bert", q_proj="query", k_proj="key", v_proj="value", causal=False, native_gqa=False)
+)

@@ -1,0 +1,21 @@
+"""LLaMA family adapter (LlamaModel and every task head on it)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from . import FamilyAdapter, register_adapter
+
+
+class LlamaAdapter(FamilyAdapter):
+    def layer_modules(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.base_model(model).layers)
+
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
+        # LlamaAttention: q_proj/k_proj/v_proj/o_proj, calls the attention interface itself.
+        return [layer.self_attn for layer in self.layer_modules(model)]
+
+
+ADAPTER = register_adapter(
+    LlamaAdapter(model_type="llama", q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", causal=True, native_gqa=True)
+)
