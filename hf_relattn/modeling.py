@@ -114,6 +114,9 @@ def make_adapted(model: PreTrainedModel) -> None:
         return
     model.__class__ = adapted_class(type(model))
     model.config.__class__ = _adapted_config_class(type(model.config))
+    # A config read from config.json (every from_pretrained model) holds `model_type` as an
+    # instance attribute, which would shadow the adapted class's and make is_adapted() False.
+    model.config.model_type = type(model.config).model_type
     setattr(model.config, SPEC_KEY, {"format": SPEC_FORMAT, "variants": []})
 
 

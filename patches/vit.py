@@ -9,7 +9,8 @@ from . import FamilyAdapter, register_adapter
 
 class ViTAdapter(FamilyAdapter):
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
-        return list(self.base_model(model).encoder.layer)
+        # transformers 5.x: ViTModel.layers (no `encoder` wrapper any more)
+        return list(self.base_model(model).layers)
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         # ViTAttention (transformers 5.x): q_proj/k_proj/v_proj/o_proj, reshapes with -1 heads.

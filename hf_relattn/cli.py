@@ -1,0 +1,111 @@
+"""Command line: `hf-relattn variants` and `hf-relattn convert SRC OUT --variant NAME [options]`.
+
+Variant options become flags automatically from the variants' option dataclasses
+(`num_key_value_heads` -> `--num-key-value-heads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import convert, variants
+from .presets import DTYPES, PRESETS
+from .variants.base import VARIANTS
+
+
+def _value(text: str) -> Any:
+    """Option value from the command line: int, float, bool or string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,1,-1, got {text!r}") from None
+
+
+def _option_fields() -> dict[str, list[str]]:
+    """Every option name -> the variants that accept it."""
+    fields: dict[str, list[str]] = {}
+    for name, cls in sorted(VARIANTS.items()):
+        for field in dataclasses.fields(cls):
+            fields.setdefault(field.name, []).append(name)
+    return fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-relattn", description="Attention variants for pretrained transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("variants", help="list every variant with its description and paper")
+
+    conv = sub.add_parser("convert", help="convert a model and save it as a checkpoint folder")
+    conv.add_argument("source", help=f"local folder, Hub id, or preset: {', '.join(PRESETS)}")
+    conv.add_argument("output", help="folder to write the converted checkpoint to")
+    conv.add_argument("--variant", required=True, choices=sorted(VARIANTS), help="variant to apply")
+    conv.add_argument("--layers", type=_layers, default=None, help="comma-separated layer indices (default: all)")
+    conv.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load and save in")
+    for field, owners in _option_fields().items():
+        conv.add_argument(
+            "--" + field.replace("_", "-"), dest="opt_" + field, type=_value, default=None,
+            help=f"option of {', '.join(owners)}",
+        )
+    return parser
+
+
+def _step(message: str) -> float:
+    print(message, file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def cmd_variants() -> None:
+    rows = variants()
+    width = max(map(len, rows))
+    for name, text in rows.items():
+        print(f"{name:<{width}}  {text}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .presets import load
+
+    options = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    start = _step(f"Loading {args.source} ...")
+    model, tokenizer = load(args.source, dtype=args.dtype)
+    start = _step(f"Loaded in {time.perf_counter() - start:.1f}s. Converting to {args.variant} {options or ''} ...")
+    convert(model, args.variant, layers=args.layers, **options)
+    start = _step(f"Converted in {time.perf_counter() - start:.1f}s. Saving to {args.output} ...")
+    model.save_pretrained(args.output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output)
+    _step(f"Saved in {time.perf_counter() - start:.1f}s: {args.output} ({type(model).__name__})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "variants":
+            cmd_variants()
+        elif args.command == "convert":
+            cmd_convert(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"hf-relattn: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
