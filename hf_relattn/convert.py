@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from .engine import ENGINE_NAME, FLAG_PREFIX
+from .engine import ENGINE_NAME, flag_variant
 from .modeling import SPEC_KEY, is_adapted, make_adapted
 from .patches import get_adapter
 from .variants.base import get_variant_class
@@ -42,6 +42,7 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
     num_layers = len(adapter.attention_modules(model))
     layer_list = resolve_layers(layers, num_layers)
     spec_variant.validate(model, adapter, layer_list)
+    flag = flag_variant(model.config)  # a runtime flag (e.g. relattn_alibi) is kept by persisting it
 
     # --- from here on the model changes
     native = spec_variant.native(adapter, num_layers, layer_list)
@@ -50,9 +51,13 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
     spec_variant.apply(model, adapter, layer_list, initialize=True)
     if is_adapted(model):
         _record(model, spec_variant.spec_name(), spec_variant.options(), [] if native else layer_list, covers_all=native)
-        impl = model.config._attn_implementation
-        if not (isinstance(impl, str) and impl.startswith(FLAG_PREFIX)):
-            model.set_attn_implementation(ENGINE_NAME)
+        if flag is not None:
+            # An adapted checkpoint must reload as it runs now; flags are not saved by
+            # transformers, so the flag's variant becomes part of the spec on every layer.
+            all_layers = list(range(num_layers))
+            flag.apply(model, adapter, all_layers, initialize=True)
+            _record(model, flag.spec_name(), flag.options(), all_layers, covers_all=False)
+        model.set_attn_implementation(ENGINE_NAME)
     return model
 
 

@@ -49,6 +49,11 @@ def spec_of(config: Any) -> dict[str, Any]:
 
 def rebuild_from_spec(model: nn.Module, spec: dict[str, Any]) -> None:
     """Replay the spec's changes on a freshly built native model (shapes, not values)."""
+    if "variants" not in spec:
+        raise ValueError(
+            "config.relattn of an adapted checkpoint must be its variant spec ({'format': 1, 'variants': [...]}); "
+            f"got {spec!r}. Options for a flag variant go with attn_implementation='relattn_<name>' on a native model."
+        )
     if spec.get("format", SPEC_FORMAT) != SPEC_FORMAT:
         raise ValueError(f"Unsupported relattn spec format {spec.get('format')!r}; this plugin reads {SPEC_FORMAT}")
     adapter = get_adapter(model)

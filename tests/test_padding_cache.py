@@ -62,7 +62,7 @@ def _assert_variant_active(model: torch.nn.Module, native: torch.nn.Module, inpu
 
 
 LLAMA_KINDS = ["gqa_all", "gqa_partial", "alibi_flag", "alibi_converted", "gqa_alibi"]
-PAD_LLAMA_KINDS = ["gqa_all", "gqa_partial", "alibi_flag", "alibi_converted"]
+PAD_LLAMA_KINDS = LLAMA_KINDS
 BERT_KINDS = ["gqa", "alibi_flag", "alibi_converted"]
 
 
@@ -98,6 +98,7 @@ def test_llama_padding_matches_unpadded(kind: str, side: str, ids: torch.Tensor)
         kwargs["position_ids"] = _generate_positions(mask)
     with torch.no_grad():
         padded = model(batch, **kwargs).logits
+        assert torch.isfinite(padded).all()  # fully masked pad rows must not produce NaN
         for i, n in enumerate(lengths):
             alone = model(ids[i : i + 1, :n]).logits[0]
             real = padded[i, :n] if side == "right" else padded[i, ids.shape[1] - n :]
@@ -190,3 +191,23 @@ def test_llama_alibi_left_padded_generate_matches_per_sample(ids: torch.Tensor) 
             alone = model.generate(ids[i : i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long), max_new_tokens=4, do_sample=False)
             assert torch.equal(together[i, 7:], alone[0, n:])
     assert getattr(model.config, SPEC_KEY)["variants"]  # adapted model, not a plain one
+
+
+@pytest.mark.parametrize("kind", ["alibi_flag", "gqa_alibi"])
+def test_llama_bfloat16_left_padding(kind: str, ids: torch.Tensor, tmp_path) -> None:
+    """bf16: the masked score (float32 min) becomes -inf; fully masked pad rows must stay finite."""
+    tiny_llama().save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    if kind == "alibi_flag":
+        model.set_attn_implementation("relattn_alibi")
+    else:
+        hf_relattn.convert(model, "gqa", num_key_value_heads=2, layers=[0])
+        hf_relattn.convert(model, "alibi")
+    lengths = [ids.shape[1], 5]
+    batch, mask = _lengths_batch(ids, lengths, "left")
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask, position_ids=_generate_positions(mask)).logits
+        assert padded.dtype == torch.bfloat16 and torch.isfinite(padded).all()
+        for i, n in enumerate(lengths):
+            alone = model(ids[i : i + 1, :n]).logits[0]
+            torch.testing.assert_close(padded[i, ids.shape[1] - n :], alone, atol=1e-2, rtol=0)

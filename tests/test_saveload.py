@@ -267,3 +267,19 @@ def test_reloaded_adapted_model_converts_further(ids, tmp_path) -> None:
     expected = [{**GQA2, "layers": [0]}, {**ALIBI, "layers": [1]}]
     torch.testing.assert_close(_logits(loaded, {"input_ids": ids}), _logits(model, {"input_ids": ids}), atol=0, rtol=0)
     _round_trip(loaded, AutoModelForCausalLM, {"input_ids": ids}, tmp_path / "step2", "llama", expected)
+
+
+def test_flag_active_at_conversion_is_persisted(ids, tmp_path) -> None:
+    # Reference: the same model with ALiBi converted explicitly on every layer, then GQA.
+    flagged = tiny_llama()
+    flagged.set_attn_implementation("relattn_alibi")
+    hf_relattn.convert(flagged, "gqa", num_key_value_heads=2, layers=[0])
+    explicit = hf_relattn.convert(hf_relattn.convert(tiny_llama(), "alibi"), "gqa", num_key_value_heads=2, layers=[0])
+    with torch.no_grad():
+        expected = explicit(ids).logits
+        torch.testing.assert_close(flagged(ids).logits, expected, atol=1e-6, rtol=0)
+        flagged.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        torch.testing.assert_close(reloaded(ids).logits, expected, atol=1e-6, rtol=0)
+    names = {entry["name"] for entry in json.loads((tmp_path / "config.json").read_text())["relattn"]["variants"]}
+    assert names == {"gqa", "alibi"}

