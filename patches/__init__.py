@@ -1,8 +1,8 @@
 """One adapter per model family: the only code that knows a family's module and weight names.
 
 An adapter answers, for its family: where the attention modules are (in layer order), what
-their query/key/value/output projections are called, how many heads they have, whether the
-family attends causally, and whether its native config can express grouped K/V heads.
+their query/key/value/output projections are called, how many heads they have, which tasks it trains for, what LoRA targets, and whether its native config can express grouped
+K/V heads (causality is read off each module's own `is_causal`).
 Adapters are keyed by `config.model_type` (as liger-kernel does), with the `relattn_` prefix of
 adapted checkpoints stripped.
 """
@@ -24,8 +24,10 @@ class FamilyAdapter:
     q_proj: str
     k_proj: str
     v_proj: str
-    # Decoders attend causally; encoders bidirectionally.
-    causal: bool
+    # LoRA targets: module-name suffixes of every attention projection, output included.
+    lora_targets: tuple[str, ...]
+    # Training tasks the family supports (finetune --task).
+    tasks: tuple[str, ...]
     # True when the family's own config can say `num_key_value_heads` (e.g. LLaMA), so a
     # model whose every layer has G K/V heads is a plain native checkpoint.
     native_gqa: bool
@@ -41,6 +43,10 @@ class FamilyAdapter:
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """The module of each layer that calls the attention interface, in layer order."""
         raise NotImplementedError
+
+    def attention_blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The whole attention block of each layer (projections in and out): `--train attention`."""
+        return self.attention_modules(model)
 
     def num_heads(self, config: Any) -> int:
         return config.num_attention_heads

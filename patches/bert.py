@@ -16,7 +16,18 @@ class BertAdapter(FamilyAdapter):
         # It reshapes K/V with -1 heads, so shrunk K/V projections give Hkv < Hq heads.
         return [layer.attention.self for layer in self.layer_modules(model)]
 
+    def attention_blocks(self, model: nn.Module) -> list[nn.Module]:
+        return [layer.attention for layer in self.layer_modules(model)]
+
 
 ADAPTER = register_adapter(
-    BertAdapter(model_type="bert", q_proj="query", k_proj="key", v_proj="value", causal=False, native_gqa=False)
+    BertAdapter(
+        model_type="bert",
+        q_proj="query",
+        k_proj="key",
+        v_proj="value",
+        native_gqa=False,
+        lora_targets=("query", "key", "value", "attention.output.dense"),
+        tasks=("masked-lm", "seq-cls"),
+    )
 )

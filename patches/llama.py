@@ -17,5 +17,13 @@ class LlamaAdapter(FamilyAdapter):
 
 
 ADAPTER = register_adapter(
-    LlamaAdapter(model_type="llama", q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", causal=True, native_gqa=True)
+    LlamaAdapter(
+        model_type="llama",
+        q_proj="q_proj",
+        k_proj="k_proj",
+        v_proj="v_proj",
+        native_gqa=True,
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        tasks=("causal-lm", "seq-cls"),
+    )
 )

@@ -18,5 +18,13 @@ class ViTAdapter(FamilyAdapter):
 
 
 ADAPTER = register_adapter(
-    ViTAdapter(model_type="vit", q_proj="q_proj", k_proj="k_proj", v_proj="v_proj", causal=False, native_gqa=False)
+    ViTAdapter(
+        model_type="vit",
+        q_proj="q_proj",
+        k_proj="k_proj",
+        v_proj="v_proj",
+        native_gqa=False,
+        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        tasks=("image-cls",),
+    )
 )

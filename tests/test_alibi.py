@@ -20,6 +20,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import state_copy, tiny_bert, tiny_llama, tiny_vit
+from reference import (
+    attention_modules,
+    attention_reference,
+    capture,
+    expand_heads,
+    hidden_of,
+    materialized_attention,
+    native_llama_with,
+    output_of,
+    pool_heads,
+    pooled_llama_kv,
+    projections,
+    with_random_biases,
+)
 from transformers import (
     AttentionInterface,
     AutoModelForCausalLM,
@@ -28,7 +42,6 @@ from transformers import (
     ViTForImageClassification,
 )
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hf_relattn
 import hf_relattn.engine
@@ -65,32 +78,6 @@ def alibi_bias(heads: int, q_len: int, k_len: int, causal: bool) -> torch.Tensor
     return bias
 
 
-def materialized_attention(q, k, v, scale, causal, key_mask=None, bias=None, allowed=None):
-    """softmax(q k^T * scale + bias + mask) v, K/V heads repeated; q (B,H,Q,D), k/v (B,G,K,D).
-
-    Masked scores get the float64 minimum (a fully masked row stays finite, as in transformers).
-    key_mask: (B, K) padding mask; allowed: an extra boolean (B, 1, Q, K) mask.
-    """
-    num_heads, groups = q.shape[1], k.shape[1]
-    src = torch.tensor([i // (num_heads // groups) for i in range(num_heads)])
-    k, v = k[:, src].double(), v[:, src].double()
-    q = q.double()
-    scores = q @ k.transpose(-1, -2) * scale
-    if bias is not None:
-        scores = scores + bias
-    q_len, k_len = q.shape[2], k.shape[2]
-    keep = torch.ones(q_len, k_len, dtype=torch.bool)
-    if causal:
-        keep = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
-    keep = keep[None, None]
-    if key_mask is not None:
-        keep = keep & key_mask.bool()[:, None, None, :]
-    if allowed is not None:
-        keep = keep & allowed
-    scores = scores.masked_fill(~keep, torch.finfo(torch.float64).min)
-    return torch.softmax(scores, dim=-1) @ v
-
-
 def reference_alibi_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """A plain transformers attention function implementing ALiBi (the test's own)."""
     causal = kwargs.get("is_causal")
@@ -110,86 +97,12 @@ AttentionMaskInterface.register(REF, sdpa_mask)
 
 
 # --------------------------------------------------------------------------- helpers
-def split_heads(x, heads):
-    b, t, _ = x.shape
-    return x.view(b, t, heads, -1).transpose(1, 2)
-
-
-def merge_heads(x):
-    b, h, t, d = x.shape
-    return x.transpose(1, 2).reshape(b, t, h * d)
-
-
-@contextlib.contextmanager
-def capture(modules):
-    records: dict[int, tuple] = {}
-    handles = []
-    for idx, module in enumerate(modules):
-        def hook(mod, args, kwargs, output, idx=idx):
-            records[idx] = (args, kwargs, output)
-
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def hidden_of(record):
-    args, kwargs, _ = record
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def output_of(record):
-    out = record[2]
-    return out[0] if isinstance(out, tuple) else out
-
-
-def linear(x, lin):
-    return F.linear(x, lin.weight.double(), None if lin.bias is None else lin.bias.double())
-
-
-def attention_modules(family, model):
-    if family == "llama":
-        return [layer.self_attn for layer in model.model.layers]
-    if family == "bert":
-        return [layer.attention.self for layer in model.bert.encoder.layer]
-    return [layer.attention for layer in model.vit.layers]
-
-
 def module_reference(family, module, record, heads, key_mask, with_alibi=True):
     """Recompute one attention module's output from its captured input (its own weights)."""
-    h = hidden_of(record).double()
-    if family == "llama":
-        q_lin, k_lin, v_lin, o_lin = module.q_proj, module.k_proj, module.v_proj, module.o_proj
-    elif family == "bert":
-        q_lin, k_lin, v_lin, o_lin = module.query, module.key, module.value, None
-    else:
-        q_lin, k_lin, v_lin, o_lin = module.q_proj, module.k_proj, module.v_proj, module.o_proj
-    q = split_heads(linear(h, q_lin), heads)
-    k_flat, v_flat = linear(h, k_lin), linear(h, v_lin)
-    head_dim = q.shape[-1]
-    k = split_heads(k_flat, k_flat.shape[-1] // head_dim)
-    v = split_heads(v_flat, v_flat.shape[-1] // head_dim)
     causal = family == "llama"
-    if causal:
-        cos, sin = record[1]["position_embeddings"]
-        q, k = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
-    seq = h.shape[1]
+    seq = hidden_of(record).shape[1]
     bias = alibi_bias(heads, seq, seq, causal) if with_alibi else None
-    out = merge_heads(materialized_attention(q, k, v, head_dim**-0.5, causal, key_mask, bias))
-    return out if o_lin is None else linear(out, o_lin)
-
-
-def with_random_biases(model, seed=2):
-    """The tiny models start with zero biases; random ones make bias handling observable."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-    return model
+    return attention_reference(record, heads, *projections(module), causal=causal, rotary=causal, key_mask=key_mask, bias=bias)
 
 
 def build(family, heads):
@@ -303,7 +216,7 @@ def test_alibi_matches_materialized_reference(family, heads, engine_mode, enable
     if mode == "chunked":
         monkeypatch.setattr(hf_relattn.engine, "CHUNK_ELEMENTS", 2 * heads * seq * 3)
 
-    modules = attention_modules(family, model)
+    modules = attention_modules(model)
     calls.clear()  # forget the plain model's SDPA calls
     with capture(modules) as rec:
         last = run(model, kwargs).hidden_states[-1]
@@ -377,20 +290,6 @@ def test_flag_incremental_decoding_matches_reference(mode, ids):
 
 
 # -------------------------------------------------------------------- with GQA
-def pool_heads(weight, num_heads, groups):
-    """Mean of the K/V heads of each group (query head i -> group i // (H/G))."""
-    head_dim = weight.shape[0] // num_heads
-    per_head = weight.double().reshape(num_heads, head_dim, *weight.shape[1:])
-    size = num_heads // groups
-    return torch.cat([per_head[g * size : (g + 1) * size].mean(dim=0) for g in range(groups)]).to(weight.dtype)
-
-
-def expand_heads(weight, num_heads, groups):
-    head_dim = weight.shape[0] // groups
-    per_group = weight.reshape(groups, head_dim, *weight.shape[1:])
-    return torch.cat([per_group[i // (num_heads // groups)] for i in range(num_heads)])
-
-
 @pytest.mark.parametrize("order", ["gqa-then-alibi", "alibi-then-gqa"])
 @pytest.mark.parametrize("heads,groups", [(4, 2), (6, 3), (6, 1)])
 def test_llama_alibi_composes_with_gqa(order, heads, groups, ids):
@@ -402,15 +301,7 @@ def test_llama_alibi_composes_with_gqa(order, heads, groups, ids):
     assert model.model.layers[0].self_attn.k_proj.out_features == groups * 16
 
     # native GQA LLaMA with the pooled weights, run by the test's own ALiBi attention
-    cfg = copy.deepcopy(src.config)
-    cfg.num_key_value_heads = groups
-    native = LlamaForCausalLM(cfg).eval()
-    state = state_copy(src)
-    for i in range(2):
-        for proj in ("k_proj", "v_proj"):
-            key = f"model.layers.{i}.self_attn.{proj}.weight"
-            state[key] = pool_heads(state[key], heads, groups)
-    native.load_state_dict(state)
+    native = native_llama_with(src, groups, pooled_llama_kv(src, groups))
     native.set_attn_implementation(REF)
 
     kwargs, mask = inputs("llama", ids, None, padded=heads == 4)
@@ -433,7 +324,7 @@ def test_encoder_alibi_composes_with_gqa(order, family, ids, pixels):
     reference = copy.deepcopy(src)
     state = state_copy(src)
     pooled = {}
-    for i, module in enumerate(attention_modules(family, src)):
+    for i, module in enumerate(attention_modules(src)):
         for proj in ("key", "value") if family == "bert" else ("k_proj", "v_proj"):
             for part in ("weight", "bias"):
                 name = next(n for n, p in src.named_parameters() if p is getattr(getattr(module, proj), part))
@@ -455,7 +346,7 @@ def test_alibi_on_layer_zero_only(family, layers, ids, pixels):
     original = build(family, heads)
     model = hf_relattn.convert(copy.deepcopy(original), "alibi", layers=layers)
     kwargs, mask = inputs(family, ids, pixels)
-    modules = attention_modules(family, model)
+    modules = attention_modules(model)
     with capture(modules) as rec:
         forward(model, kwargs)
 
@@ -471,6 +362,6 @@ def test_alibi_on_layer_zero_only(family, layers, ids, pixels):
     # layer 1 of the original model, fed the same input, gives the same output
     args, kw, _ = rec[1]
     with torch.no_grad():
-        orig_out = attention_modules(family, original)[1](*args, **kw)
+        orig_out = attention_modules(original)[1](*args, **kw)
     orig_out = orig_out[0] if isinstance(orig_out, tuple) else orig_out
     torch.testing.assert_close(valid_rows(family, output_of(rec[1]), mask), valid_rows(family, orig_out, mask), atol=ATOL, rtol=0)

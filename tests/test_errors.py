@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
+from reference import attention_modules
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 import hf_relattn
@@ -36,17 +37,6 @@ def _build(kind: str) -> torch.nn.Module:
     raise AssertionError(kind)
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    base = model.base_model
-    if hasattr(base, "h"):  # GPT-2
-        return [block.attn for block in base.h]
-    if hasattr(base, "encoder"):
-        return [layer.attention.self for layer in base.encoder.layer]
-    if hasattr(base, "layers") and hasattr(base.layers[0], "self_attn"):
-        return [layer.self_attn for layer in base.layers]
-    return [layer.attention for layer in base.layers]
-
-
 def _snapshot(model: torch.nn.Module) -> dict:
     return {
         "type": type(model),
@@ -54,8 +44,8 @@ def _snapshot(model: torch.nn.Module) -> dict:
         "config": copy.deepcopy(model.config.to_dict()),
         "attn": model.config._attn_implementation,
         "state": state_copy(model),
-        "attached": [tuple(getattr(m, ATTACHED, ())) for m in _attention_modules(model)],
-        "kv_groups": [getattr(m, "num_key_value_groups", None) for m in _attention_modules(model)],
+        "attached": [tuple(getattr(m, ATTACHED, ())) for m in attention_modules(model)],
+        "kv_groups": [getattr(m, "num_key_value_groups", None) for m in attention_modules(model)],
     }
 
 
@@ -65,8 +55,8 @@ def _assert_unchanged(before: dict, model: torch.nn.Module) -> None:
     assert model.config.to_dict() == before["config"]
     assert model.config._attn_implementation == before["attn"]
     assert_same_state(before["state"], model)
-    assert [tuple(getattr(m, ATTACHED, ())) for m in _attention_modules(model)] == before["attached"]
-    assert [getattr(m, "num_key_value_groups", None) for m in _attention_modules(model)] == before["kv_groups"]
+    assert [tuple(getattr(m, ATTACHED, ())) for m in attention_modules(model)] == before["attached"]
+    assert [getattr(m, "num_key_value_groups", None) for m in attention_modules(model)] == before["kv_groups"]
 
 
 def _assert_refused(model, variant: str, kwargs: dict, fragments: list[str]) -> str:

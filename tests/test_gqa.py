@@ -10,15 +10,28 @@ Every expectation is computed here, independently of the library:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import state_copy, tiny_bert, tiny_llama, tiny_vit
+from reference import (
+    attention_modules,
+    attention_reference,
+    capture,
+    expand_heads,
+    hidden_of,
+    linear,
+    materialized_attention,
+    merge_heads,
+    native_llama_with,
+    output_of,
+    pool_heads,
+    pooled_llama_kv,
+    split_heads,
+    with_random_biases,
+)
 from transformers import LlamaForCausalLM
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import hf_relattn
 
@@ -26,101 +39,11 @@ ATOL = 1e-5
 
 
 # ----------------------------------------------------------------------------- helpers
-def pool_heads(weight: torch.Tensor, num_heads: int, groups: int, kv_heads: int | None = None, init: str = "mean") -> torch.Tensor:
-    """Rows of a K/V projection (weight (Hkv*D, in) or bias (Hkv*D,)) pooled into `groups` heads.
-
-    Group g replaces query heads g*H/G .. (g+1)*H/G - 1; query head i reads source K/V head
-    i // (H / Hkv). "mean" averages those heads, "first" takes the group's first one.
-    """
-    kv_heads = kv_heads or num_heads
-    head_dim = weight.shape[0] // kv_heads
-    per_head = weight.double().reshape(kv_heads, head_dim, *weight.shape[1:])
-    size = num_heads // groups
-    pooled = []
-    for g in range(groups):
-        members = [per_head[i // (num_heads // kv_heads)] for i in range(g * size, (g + 1) * size)]
-        pooled.append(torch.stack(members).mean(dim=0) if init == "mean" else members[0])
-    return torch.cat(pooled, dim=0).to(weight.dtype)
-
-
-def expand_heads(weight: torch.Tensor, num_heads: int, groups: int) -> torch.Tensor:
-    """(G*D, ...) -> (H*D, ...): query head i gets group i // (H/G) (multi-head equivalent)."""
-    head_dim = weight.shape[0] // groups
-    per_group = weight.reshape(groups, head_dim, *weight.shape[1:])
-    return torch.cat([per_group[i // (num_heads // groups)] for i in range(num_heads)], dim=0)
-
-
-def materialized_attention(q, k, v, scale, causal=False, key_mask=None):
-    """softmax(q k^T * scale + mask) v with K/V heads repeated; q (B,H,Q,D), k/v (B,G,K,D)."""
-    num_heads, groups = q.shape[1], k.shape[1]
-    src = torch.tensor([i // (num_heads // groups) for i in range(num_heads)])
-    k, v = k[:, src], v[:, src]
-    scores = q @ k.transpose(-1, -2) * scale
-    q_len, k_len = q.shape[2], k.shape[2]
-    allowed = torch.ones(q_len, k_len, dtype=torch.bool)
-    if causal:
-        i = torch.arange(k_len - q_len, k_len)[:, None]
-        j = torch.arange(k_len)[None, :]
-        allowed = j <= i
-    allowed = allowed[None, None]
-    if key_mask is not None:
-        allowed = allowed & key_mask.bool()[:, None, None, :]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
-
-
-def split_heads(x, heads):
-    b, t, _ = x.shape
-    return x.view(b, t, heads, -1).transpose(1, 2)
-
-
-def merge_heads(x):
-    b, h, t, d = x.shape
-    return x.transpose(1, 2).reshape(b, t, h * d)
-
-
-@contextlib.contextmanager
-def capture(modules):
-    """Record (args, kwargs, output) of each module's forward, by position in `modules`."""
-    records: dict[int, tuple] = {}
-    handles = []
-    for idx, module in enumerate(modules):
-        def hook(mod, args, kwargs, output, idx=idx):
-            records[idx] = (args, kwargs, output)
-
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    try:
-        yield records
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def hidden_of(record):
-    args, kwargs, _ = record
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def output_of(record):
-    out = record[2]
-    return out[0] if isinstance(out, tuple) else out
-
-
-def with_random_biases(model, seed=2):
-    """The tiny models start with zero biases; random ones make bias handling observable."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
-    return model
-
-
-# family -> builder, attention modules, names of k/v projections, state-dict prefix of layer i
+# family -> builder, names of k/v projections, state-dict prefix of layer i
 FAMILIES = {
-    "llama": (tiny_llama, lambda m: [l.self_attn for l in m.model.layers], ("k_proj", "v_proj"), "model.layers.{}.self_attn."),
-    "bert": (lambda **kw: with_random_biases(tiny_bert(**kw)), lambda m: [l.attention.self for l in m.bert.encoder.layer], ("key", "value"), "bert.encoder.layer.{}.attention.self."),
-    "vit": (lambda **kw: with_random_biases(tiny_vit(**kw)), lambda m: [l.attention for l in m.vit.layers], ("k_proj", "v_proj"), "vit.layers.{}.attention."),
+    "llama": (tiny_llama, ("k_proj", "v_proj"), "model.layers.{}.self_attn."),
+    "bert": (lambda **kw: with_random_biases(tiny_bert(**kw)), ("key", "value"), "bert.encoder.layer.{}.attention.self."),
+    "vit": (lambda **kw: with_random_biases(tiny_vit(**kw)), ("k_proj", "v_proj"), "vit.layers.{}.attention."),
 }
 
 
@@ -135,27 +58,6 @@ def logits_of(family, model, ids, pixels, mask=None):
         if family == "vit":
             return model(pixels).logits
         return model(ids, attention_mask=mask).logits
-
-
-def native_llama_with(src: LlamaForCausalLM, groups: int, kv_weights: dict[str, torch.Tensor]) -> LlamaForCausalLM:
-    """A plain transformers LLaMA with `groups` K/V heads, loaded with src's weights + `kv_weights`."""
-    cfg = copy.deepcopy(src.config)
-    cfg.num_key_value_heads = groups
-    native = LlamaForCausalLM(cfg).to(src.dtype).eval()
-    state = state_copy(src)
-    state.update(kv_weights)
-    native.load_state_dict(state, strict=True)
-    return native
-
-
-def pooled_llama_kv(src, groups, init="mean", layers=None):
-    cfg = src.config
-    out = {}
-    for i in range(cfg.num_hidden_layers) if layers is None else layers:
-        for proj in ("k_proj", "v_proj"):
-            key = f"model.layers.{i}.self_attn.{proj}.weight"
-            out[key] = pool_heads(src.state_dict()[key], cfg.num_attention_heads, groups, cfg.num_key_value_heads, init)
-    return out
 
 
 # ------------------------------------------------------------------------------ LLaMA
@@ -271,14 +173,14 @@ def test_groups_equal_heads_is_identity(family, ids, pixels):
 @pytest.mark.parametrize("groups", [2, 1])
 @pytest.mark.parametrize("family", ["bert", "vit"])
 def test_encoder_kv_shrink_and_attention_equals_reference(family, groups, ids, pixels):
-    build, attn_modules, (k_name, v_name), prefix = FAMILIES[family]
+    build, (k_name, v_name), prefix = FAMILIES[family]
     src = build()
     heads, head_dim = 4, 8
     orig = state_copy(src)
     converted = hf_relattn.convert(copy.deepcopy(src), "gqa", num_key_value_heads=groups)
 
     pooled = {}
-    for i, attn in enumerate(attn_modules(converted)):
+    for i, attn in enumerate(attention_modules(converted)):
         for name in (k_name, v_name):
             lin = getattr(attn, name)
             assert lin.out_features == groups * head_dim
@@ -290,7 +192,7 @@ def test_encoder_kv_shrink_and_attention_equals_reference(family, groups, ids, p
                 pooled[prefix.format(i) + f"{name}.{part}"] = expected
 
     mask = padded_mask() if family == "bert" else None
-    with capture(attn_modules(converted)) as rec:
+    with capture(attention_modules(converted)) as rec:
         logits = logits_of(family, converted, ids, pixels, mask)
     assert len(rec) == 2
 
@@ -298,13 +200,13 @@ def test_encoder_kv_shrink_and_attention_equals_reference(family, groups, ids, p
     for i in range(2):
         p = prefix.format(i)
         h = hidden_of(rec[i]).double()
-        q = split_heads(F.linear(h, orig[p + f"{q_name}.weight"].double(), orig[p + f"{q_name}.bias"].double()), heads)
-        k = split_heads(F.linear(h, pooled[p + f"{k_name}.weight"].double(), pooled[p + f"{k_name}.bias"].double()), groups)
-        v = split_heads(F.linear(h, pooled[p + f"{v_name}.weight"].double(), pooled[p + f"{v_name}.bias"].double()), groups)
+        q = split_heads(linear(h, orig[p + f"{q_name}.weight"], orig[p + f"{q_name}.bias"]), heads)
+        k = split_heads(linear(h, pooled[p + f"{k_name}.weight"], pooled[p + f"{k_name}.bias"]), groups)
+        v = split_heads(linear(h, pooled[p + f"{v_name}.weight"], pooled[p + f"{v_name}.bias"]), groups)
         assert k.shape[1] == groups
         ref = merge_heads(materialized_attention(q, k, v, head_dim**-0.5, key_mask=mask))
         if family == "vit":  # ViTAttention includes the output projection
-            ref = F.linear(ref, orig[p + "o_proj.weight"].double(), orig[p + "o_proj.bias"].double())
+            ref = linear(ref, orig[p + "o_proj.weight"], orig[p + "o_proj.bias"])
         torch.testing.assert_close(output_of(rec[i]).double(), ref, atol=ATOL, rtol=0)
 
     # whole model: a native multi-head model whose K/V heads repeat the pooled heads
@@ -345,14 +247,9 @@ def test_kv_cache_is_h_over_g_smaller(groups, ids):
 # ------------------------------------------------------------------ partial conversion
 def llama_attention_reference(record, weights, heads, kv_heads, head_dim=16):
     """LLaMA self-attention recomputed from a hook record: RoPE, causal softmax, o_proj."""
-    h = hidden_of(record).double()
-    cos, sin = record[1]["position_embeddings"]
-    q = split_heads(F.linear(h, weights["q_proj.weight"].double()), heads)
-    k = split_heads(F.linear(h, weights["k_proj.weight"].double()), kv_heads)
-    v = split_heads(F.linear(h, weights["v_proj.weight"].double()), kv_heads)
-    q, k = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
-    out = merge_heads(materialized_attention(q, k, v, head_dim**-0.5, causal=True))
-    return F.linear(out, weights["o_proj.weight"].double())
+    q, k, v, o = ((weights[f"{name}.weight"], None) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert q[0].shape[0] == heads * head_dim and k[0].shape[0] == v[0].shape[0] == kv_heads * head_dim
+    return attention_reference(record, heads, q, k, v, o, causal=True, rotary=True)
 
 
 @pytest.mark.parametrize("layers,changed", [([0], 0), ([-1], 1)])
@@ -408,7 +305,7 @@ def test_bert_partial_conversion(layers, changed, ids):
         logits_of("bert", converted, ids, None, mask)
     for i, attn in enumerate(modules):
         h = hidden_of(rec[i]).double()
-        q, k, v = (split_heads(F.linear(h, lin.weight.double(), lin.bias.double()), lin.out_features // 8) for lin in (attn.query, attn.key, attn.value))
+        q, k, v = (split_heads(linear(h, lin.weight, lin.bias), lin.out_features // 8) for lin in (attn.query, attn.key, attn.value))
         assert k.shape[1] == (1 if i == changed else 4)
         ref = merge_heads(materialized_attention(q, k, v, 8**-0.5, key_mask=mask))
         torch.testing.assert_close(output_of(rec[i]).double(), ref, atol=ATOL, rtol=0)
@@ -446,7 +343,7 @@ def test_bert_gradients_reach_converted_kv(ids):
 # ----------------------------------------------------------------------------- bfloat16
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_bfloat16_conversion(family, ids):
-    build, attn_modules, (k_name, _), prefix = FAMILIES[family]
+    build, (k_name, _), prefix = FAMILIES[family]
     src32 = build()
     src16 = copy.deepcopy(src32).to(torch.bfloat16)
     orig16 = state_copy(src16)

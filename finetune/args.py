@@ -1,0 +1,101 @@
+"""Arguments of `hf_relattn.finetune`, parsed the transformers way (HfArgumentParser).
+
+`--config recipe.yaml` (or .json) supplies defaults; flags given on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+TASKS = ("causal-lm", "masked-lm", "seq-cls", "image-cls")
+TRAIN_SELECTIONS = ("all", "attention", "new")
+SCHEDULERS = ("cosine", "linear", "constant")
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class FinetuneArguments:
+    # ---- model and variant
+    model: str | None = _help("Model source: preset (smollm2-135m, minilm-l6, vit-mnist-tiny), folder or Hub id.", default=None)
+    output: str | None = _help("Output folder: the trained checkpoint, its tokenizer/processor, args and metrics.", default=None)
+    variant: str | None = _help("Variant to convert to before training (see `hf-relattn variants`).", default=None)
+    variant_options: str | None = _help('Variant options: JSON object or k=v,k=v (e.g. "num_key_value_heads=1,init=mean").', default=None)
+    layers: str | None = _help("Comma-separated layer indices to convert (default: all).", default=None)
+    task: str | None = _help(f"One of {', '.join(TASKS)}; default: from the model's head.", default=None)
+    num_labels: int | None = _help("Classes for seq-cls/image-cls (default: from the data).", default=None)
+    dtype: str = _help("Weights dtype to load: float32 or bfloat16.", default="float32")
+    # ---- data
+    data: str | None = _help("Training data: text file, .tsv/.csv/.jsonl, MNIST *-idx3-ubyte[.gz], save_to_disk folder, or Hub dataset.", default=None)
+    eval_data: str | None = _help("Evaluation data (same formats); default: a split of --data.", default=None)
+    eval_fraction: float = _help("Fraction of --data held out for evaluation (taken from the end, deterministic).", default=0.0)
+    eval_size: int | None = _help("Number of examples held out for evaluation (from the end); overrides --eval-fraction.", default=None)
+    train_size: int | None = _help("Use only the first N training examples.", default=None)
+    text_column: str = _help("Text column of tabular data.", default="sentence")
+    label_column: str = _help("Label column of tabular/image data.", default="label")
+    block_size: int = _help("Tokens per packed block (causal-lm, masked-lm).", default=256)
+    max_length: int = _help("Max tokens per example (seq-cls).", default=128)
+    mlm_probability: float = _help("Masking rate for masked-lm.", default=0.15)
+    # ---- optimisation
+    seed: int = _help("Random seed (data order, initialisation, masking).", default=42)
+    batch_size: int = _help("Per-device batch size.", default=8)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate (AdamW).", default=5e-5)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    lr_scheduler: str = _help(f"One of {', '.join(SCHEDULERS)}.", default="cosine")
+    warmup_steps: int = _help("Linear warm-up steps.", default=0)
+    max_steps: int | None = _help("Optimizer steps to run (default: one epoch, or --train-tokens).", default=None)
+    train_tokens: int | None = _help("Token budget (LM tasks): steps = tokens / (batch x block x accumulation x processes).", default=None)
+    num_epochs: int = _help("Epochs when neither --max-steps nor --train-tokens is set.", default=1)
+    mixed_precision: str = _help("no, bf16 or fp16 (bf16 works on CPU).", default="no")
+    train: str = _help(f"What trains: {', '.join(TRAIN_SELECTIONS)} (new = parameters the variant or task head adds).", default="all")
+    # ---- PEFT
+    lora_r: int = _help("LoRA rank on the attention projections (0: no LoRA).", default=0)
+    lora_alpha: int = _help("LoRA alpha.", default=16)
+    lora_dropout: float = _help("LoRA dropout.", default=0.0)
+    merge: bool = _help("Merge LoRA into the weights and save a plain adapted checkpoint.", default=False)
+    # ---- bookkeeping
+    save_steps: int = _help("Save a resumable checkpoint (accelerator.save_state) every N steps (0: never).", default=0)
+    eval_steps: int = _help("Evaluate every N steps (0: only at the end).", default=0)
+    eval_batches: int | None = _help("Cap the evaluation to N batches.", default=None)
+    logging_steps: int = _help("Log every N steps.", default=10)
+    resume: str | None = _help("Resume from a checkpoint folder, or 'latest' in --output.", default=None)
+
+
+def _options_text(value: Any) -> Any:
+    """Recipes may give variant_options as a mapping; the flag takes JSON text."""
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
+    """Parse the command line, with `--config FILE` (YAML or JSON) as defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    parser = HfArgumentParser(FinetuneArguments, prog="hf_relattn.finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="YAML/JSON recipe; command-line flags override it.")
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            raise SystemExit(f"hf_relattn.finetune: recipe {known.config!r} not found")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            values = json.loads(path.read_text())
+        names = {f for f in FinetuneArguments.__dataclass_fields__}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise SystemExit(f"hf_relattn.finetune: unknown key(s) {unknown} in {known.config}; valid: {', '.join(sorted(names))}")
+        parser.set_defaults(**{k: _options_text(v) for k, v in values.items()})
+    return parser.parse_args_into_dataclasses(args=rest)[0]

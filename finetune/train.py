@@ -1,0 +1,383 @@
+"""Continued training of a converted model with Accelerate (+ optional LoRA through PEFT).
+
+    accelerate launch -m hf_relattn.finetune --model SRC --variant NAME --variant-options ... \\
+        --data FILE --output DIR [--config finetune/recipes/<name>.yaml]
+
+The papers behind the variants convert a pretrained model and continue training it (GQA
+uptraining: Ainslie et al. 2023 use ~5% of the pre-training compute). This loop is the
+plain Accelerate recipe: gradient accumulation, mixed precision, clipping, warm-up + cosine or
+linear decay, resumable checkpoints (`accelerator.save_state`) with the data position, periodic
+evaluation, JSONL metrics (TensorBoard too when installed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+import hf_relattn
+from hf_relattn.cli import _value
+from hf_relattn.patches import get_adapter
+from hf_relattn.presets import PRESETS, load
+
+from . import data as D
+from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
+
+AUTO_CLASSES = {
+    "causal-lm": transformers.AutoModelForCausalLM,
+    "masked-lm": transformers.AutoModelForMaskedLM,
+    "seq-cls": transformers.AutoModelForSequenceClassification,
+    "image-cls": transformers.AutoModelForImageClassification,
+}
+HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "ForMaskedLM": "masked-lm", "ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
+STATE_FILE = "finetune_state.json"
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, so a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+# ------------------------------------------------------------------------ set-up
+def _config_of(source: str) -> Any:
+    if source in PRESETS and PRESETS[source].config is not None:
+        return transformers.AutoConfig.for_model(**PRESETS[source].config)
+    if source in PRESETS:
+        from hf_relattn.presets import preset_folder
+
+        folder = preset_folder(source)
+        if PRESETS[source].gguf_file:
+            return transformers.AutoConfig.from_pretrained(folder, gguf_file=PRESETS[source].gguf_file)
+        return transformers.AutoConfig.from_pretrained(folder)
+    return transformers.AutoConfig.from_pretrained(source)
+
+
+def resolve_task(args: FinetuneArguments, config: Any) -> str:
+    adapter = get_adapter(config)
+    task = args.task
+    if task is None:
+        heads = [HEAD_SUFFIXES[s] for a in (config.architectures or []) for s in HEAD_SUFFIXES if a.endswith(s)]
+        if not heads:
+            raise ValueError(f"Cannot infer the task of {args.model!r}; pass --task ({', '.join(adapter.tasks)})")
+        task = heads[0]
+    if task not in TASKS:
+        raise ValueError(f"Unknown --task {task!r}; valid: {', '.join(TASKS)}")
+    if task not in adapter.tasks:
+        raise ValueError(f"--task {task} is not available for {adapter.model_type} models; valid: {', '.join(adapter.tasks)}")
+    return task
+
+
+def variant_options(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    options = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"--variant-options takes k=v pairs or a JSON object, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = _value(value.strip())
+    return options
+
+
+def image_processor(source: str, config: Any) -> Any:
+    """The checkpoint's image processor, else one matching the config (normalise to [-1, 1])."""
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        size = {"height": config.image_size, "width": config.image_size}
+        channels = config.num_channels
+        return transformers.ViTImageProcessorPil(
+            size=size, image_mean=[0.5] * channels, image_std=[0.5] * channels, do_convert_rgb=channels == 3
+        )
+
+
+def new_parameter_names(model: torch.nn.Module, missing: set[str]) -> set[str]:
+    """Parameters a variant added (modules named relattn_*) or the checkpoint lacked (new heads)."""
+    return {n for n, _ in model.named_parameters() if n in missing or ".relattn_" in f".{n}"}
+
+
+def select_trainable(model: torch.nn.Module, selection: str, new: set[str]) -> list[str]:
+    if selection not in TRAIN_SELECTIONS:
+        raise ValueError(f"Unknown --train {selection!r}; valid: {', '.join(TRAIN_SELECTIONS)}")
+    if selection == "all":
+        chosen = {n for n, _ in model.named_parameters()}
+    elif selection == "new":
+        if not new:
+            raise ValueError("--train new: this variant and task add no new parameters; use --train all or attention")
+        chosen = new
+    else:
+        blocks = get_adapter(model).attention_blocks(model)
+        ids = {id(p) for block in blocks for p in block.parameters()}
+        chosen = {n for n, p in model.named_parameters() if id(p) in ids} | new
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in chosen)
+    return sorted(chosen)
+
+
+def apply_lora(model: torch.nn.Module, args: FinetuneArguments, new: set[str]) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    adapter = get_adapter(model)
+    # New parameters train fully: save their whole modules next to the LoRA weights.
+    modules_to_save = sorted({n.rsplit(".", 1)[0] for n in new})
+    config = LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=list(adapter.lora_targets), modules_to_save=modules_to_save or None,
+    )
+    return get_peft_model(model, config)
+
+
+def latest_checkpoint(output: Path) -> Path:
+    steps = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not steps:
+        raise FileNotFoundError(f"--resume latest: no checkpoint under {output / 'checkpoints'}")
+    return steps[-1]
+
+
+# --------------------------------------------------------------------------- loop
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, task: str, max_batches: int | None) -> dict[str, float]:
+    model.eval()
+    total_loss, total_weight, correct, count = 0.0, 0, 0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        out = model(**batch)
+        if task in ("seq-cls", "image-cls"):
+            predictions, labels = accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
+            correct += int((predictions == labels).sum())
+            count += labels.numel()
+        elif task == "masked-lm":
+            predictions, labels = accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
+            keep = labels != -100
+            correct += int((predictions[keep] == labels[keep]).sum())
+            count += int(keep.sum())
+        losses = accelerator.gather_for_metrics(out.loss.detach()[None])
+        total_loss += float(losses.sum())
+        total_weight += losses.numel()
+    model.train()
+    metrics = {"eval_loss": total_loss / max(total_weight, 1)}
+    if task == "causal-lm":
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    else:
+        metrics["eval_accuracy"] = correct / max(count, 1)
+    return metrics
+
+
+def run(args: FinetuneArguments) -> dict[str, Any]:
+    # ---- everything that can be checked cheaply is checked before loading anything big
+    for name in ("model", "output", "data"):
+        if getattr(args, name) is None:
+            raise ValueError(f"--{name} is required (or set it in the --config recipe)")
+    if args.lr_scheduler not in SCHEDULERS:
+        raise ValueError(f"Unknown --lr-scheduler {args.lr_scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+    if args.merge and not args.lora_r:
+        raise ValueError("--merge needs --lora-r > 0")
+    output = Path(args.output)
+    options = variant_options(args.variant_options)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    config = _config_of(args.model)
+    task = resolve_task(args, config)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with="tensorboard" if importlib.util.find_spec("tensorboard") else None,
+        project_dir=str(output),
+    )
+    set_seed(args.seed)
+    main = accelerator.is_main_process
+
+    raw_train = D.load_raw(args.data, args.text_column)
+    train_raw, eval_raw = D.split(raw_train, args.eval_fraction, args.eval_size, args.train_size)
+    if args.eval_data:
+        eval_raw = D.load_raw(args.eval_data, args.text_column)
+    labels = D.label_list(train_raw, args.label_column) if task in ("seq-cls", "image-cls") else None
+    load_kwargs: dict[str, Any] = {"output_loading_info": True}
+    if labels is not None:
+        load_kwargs["num_labels"] = args.num_labels or len(labels)
+        if args.num_labels is not None and args.num_labels < len(labels):
+            raise ValueError(f"--num-labels {args.num_labels} but the data has {len(labels)} labels: {labels[:20]}")
+    (model, info), processor = load(args.model, dtype=args.dtype, model_class=AUTO_CLASSES[task], **load_kwargs)
+    if task == "image-cls":
+        processor = image_processor(args.model, model.config)
+    elif processor is None:
+        raise ValueError(f"{args.model!r} has no tokenizer; {task} needs one")
+    if args.variant:
+        hf_relattn.convert(model, args.variant, layers=layers, **options)
+    new = new_parameter_names(model, set(info.get("missing_keys", ())))
+    trainable = select_trainable(model, args.train, new)
+    if args.lora_r:
+        model = apply_lora(model, args, new)
+
+    train_ds = D.prepare(task, train_raw, processor, args, model.config, labels)
+    eval_ds = D.prepare(task, eval_raw, processor, args, model.config, labels) if eval_raw is not None else None
+    collate = D.collator(task, processor, args.mlm_probability)
+    sampler = EpochSampler(len(train_ds), args.seed)
+    train_dl = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    if len(train_dl) == 0:
+        raise ValueError(f"{len(train_ds)} training examples make no full batch of {args.batch_size}")
+    eval_dl = DataLoader(eval_ds, batch_size=args.batch_size, collate_fn=collate) if eval_ds is not None else None
+
+    per_step = args.batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    if args.max_steps is not None:
+        total_steps = args.max_steps
+    elif args.train_tokens is not None:
+        if task not in ("causal-lm", "masked-lm"):
+            raise ValueError("--train-tokens applies to causal-lm and masked-lm; use --max-steps")
+        total_steps = math.ceil(args.train_tokens / (per_step * args.block_size))
+    else:
+        total_steps = args.num_epochs * len(train_dl) // (args.gradient_accumulation_steps * accelerator.num_processes)
+    if total_steps <= 0:
+        raise ValueError("Nothing to train: the step budget is 0")
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
+    model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
+
+    step = 0
+    if args.resume:
+        ckpt = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
+        if not (ckpt / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume {ckpt}: not a finetune checkpoint (no {STATE_FILE})")
+        accelerator.load_state(str(ckpt))
+        step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+
+    if accelerator.log_with:
+        accelerator.init_trackers("finetune", config={k: v for k, v in dataclasses.asdict(args).items() if v is not None})
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+    log_path = output / "metrics.jsonl"
+    last_good: Path | None = None
+    start_time, tokens_per_step = time.perf_counter(), per_step * (args.block_size if task in ("causal-lm", "masked-lm") else 0)
+    progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="finetune")
+
+    def log(record: dict[str, Any]) -> None:
+        if main:
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if accelerator.log_with:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    model.train()
+    micro_per_epoch = len(train_dl)
+    running, running_n, last_loss = 0.0, 0, float("nan")
+    while step < total_steps:
+        micro = step * args.gradient_accumulation_steps
+        epoch, offset = divmod(micro, micro_per_epoch)
+        sampler.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_dl, offset) if offset else train_dl
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                if not bool(torch.isfinite(accelerator.gather(loss.detach()[None])).all()):
+                    where = f"; last good checkpoint: {last_good}" if last_good else " (no checkpoint was saved)"
+                    raise FloatingPointError(f"Loss became {loss.item()} at step {step + 1}: training stopped{where}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running += float(accelerator.gather(loss.detach()[None]).mean())
+            running_n += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            last_loss = running / running_n
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if step % args.logging_steps == 0 or step == total_steps:
+                log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                     "tokens": step * tokens_per_step, "elapsed_s": round(time.perf_counter() - start_time, 2)})
+            running, running_n = 0.0, 0
+            if eval_dl is not None and args.eval_steps and step % args.eval_steps == 0 and step != total_steps:
+                log({"step": step, **evaluate(model, eval_dl, accelerator, task, args.eval_batches)})
+            if args.save_steps and step % args.save_steps == 0:
+                ckpt = output / "checkpoints" / f"step-{step}"
+                accelerator.save_state(str(ckpt))
+                if main:
+                    (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "loss": last_loss}))
+                accelerator.wait_for_everyone()
+                last_good = ckpt
+            if step >= total_steps:
+                break
+    progress.close()
+
+    metrics: dict[str, Any] = {"train_loss": last_loss, "steps": step, "train_seconds": round(time.perf_counter() - start_time, 2)}
+    # One checksum of the trained weights per process: DDP replicas must agree.
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()[None].to(accelerator.device)
+    metrics["processes"] = accelerator.num_processes
+    metrics["weight_checksums"] = accelerator.gather(checksum).tolist()
+    if tokens_per_step:
+        metrics["train_tokens"] = step * tokens_per_step
+    if eval_dl is not None:
+        metrics.update(evaluate(model, eval_dl, accelerator, task, args.eval_batches))
+        log({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
+    save(accelerator, model, processor, args, metrics, trainable, output)
+    accelerator.end_training()
+    return metrics
+
+
+def save(accelerator: Accelerator, model: torch.nn.Module, processor: Any, args: FinetuneArguments,
+         metrics: dict[str, Any], trainable: list[str], output: Path) -> None:
+    """A normal checkpoint folder: weights + config, tokenizer/processor, args, metrics."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    model = accelerator.unwrap_model(model)
+    if args.lora_r and args.merge:
+        model = model.merge_and_unload()
+    elif args.lora_r:
+        # PEFT adapter in OUTPUT, the converted base model it applies to in OUTPUT/base_model.
+        import copy
+
+        base = copy.deepcopy(model).unload()
+        base.save_pretrained(output / "base_model")
+        model.peft_config["default"].base_model_name_or_path = str((output / "base_model").resolve())
+    model.save_pretrained(output)
+    processor.save_pretrained(output)
+    (output / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    (output / "final_metrics.json").write_text(json.dumps({**metrics, "trainable_parameters": len(trainable)}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        metrics = run(parse_args(argv))
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        print(f"hf_relattn.finetune: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics))
+    return 0
