@@ -54,7 +54,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def load_raw(path: str, text_column: str) -> datasets.Dataset:
+def load_raw(path: str) -> datasets.Dataset:
     """Load one data source as a `datasets.Dataset` (no processing yet)."""
     fmt = data_format(path)
     if fmt != "hub" and fmt != "disk" and os.path.getsize(path) == 0:
@@ -67,7 +67,7 @@ def load_raw(path: str, text_column: str) -> datasets.Dataset:
         # pieces of ~200 lines keep tokenisation batched without losing line breaks
         lines = text.splitlines(keepends=True)
         pieces = ["".join(lines[i : i + 200]) for i in range(0, len(lines), 200)]
-        return datasets.Dataset.from_dict({text_column: pieces})
+        return datasets.Dataset.from_dict({"text": pieces})
     if fmt == "mnist":
         images = Path(path)
         labels = images.with_name(images.name.replace("images-idx3", "labels-idx1"))

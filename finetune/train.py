@@ -72,10 +72,11 @@ def _config_of(source: str) -> Any:
     if source in PRESETS:
         from hf_relattn.presets import preset_folder
 
-        folder = preset_folder(source)
-        if PRESETS[source].gguf_file:
-            return transformers.AutoConfig.from_pretrained(folder, gguf_file=PRESETS[source].gguf_file)
-        return transformers.AutoConfig.from_pretrained(folder)
+        preset = PRESETS[source]
+        extra = {"gguf_file": preset.gguf_file} if preset.gguf_file else {}
+        config = transformers.AutoConfig.from_pretrained(preset_folder(source), **extra)
+        config.architectures = config.architectures or [preset.model_class]  # GGUF files name none
+        return config
     return transformers.AutoConfig.from_pretrained(source)
 
 
@@ -218,10 +219,10 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     set_seed(args.seed)
     main = accelerator.is_main_process
 
-    raw_train = D.load_raw(args.data, args.text_column)
+    raw_train = D.load_raw(args.data)
     train_raw, eval_raw = D.split(raw_train, args.eval_fraction, args.eval_size, args.train_size)
     if args.eval_data:
-        eval_raw = D.load_raw(args.eval_data, args.text_column)
+        eval_raw = D.load_raw(args.eval_data)
     labels = D.label_list(train_raw, args.label_column) if task in ("seq-cls", "image-cls") else None
     load_kwargs: dict[str, Any] = {"output_loading_info": True}
     if labels is not None:

@@ -1,0 +1,253 @@
+"""`hf_relattn.finetune`: real Accelerate runs on tiny models and real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from pydoc_data.topics import topics
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import hf_relattn.finetune as finetune_pkg
+from hf_relattn.finetune import main, run
+from hf_relattn.finetune.args import parse_args
+
+from conftest import DATA, tiny_llama
+
+RECIPES = Path(finetune_pkg.__file__).parent / "recipes"
+CONFIGS = Path(finetune_pkg.__file__).parent / "accelerate_configs"
+TEXT = "\n".join(topics[k] for k in sorted(topics))[:80_000]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA with a byte-level BPE tokenizer trained here on the same text."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=97, special_tokens=["<pad>", "<unk>"], show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    model = tiny_llama(heads=4)
+    model.resize_token_embeddings(len(fast))  # the text has more distinct bytes than 97
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def lm_args(llama_dir: Path, text_file: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(llama_dir), "--data", str(text_file), "--output", str(output),
+        "--block-size", "32", "--batch-size", "4", "--learning-rate", "3e-3", "--logging-steps", "1",
+        "--eval-fraction", "0.1", "--eval-batches", "4", *extra,
+    ]
+
+
+def losses(output: Path) -> list[float]:
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_causal_lm_loss_decreases_and_output_is_a_checkpoint(llama_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    metrics = run(parse_args(lm_args(llama_dir, text_file, out, "--variant", "gqa", "--variant-options", "num_key_value_heads=2,init=mean", "--max-steps", "20")))
+    trace = losses(out)
+    assert len(trace) == 20
+    assert sum(trace[-5:]) / 5 < sum(trace[:5]) / 5 - 0.2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_key_value_heads == 2  # GQA on every LLaMA layer stays native
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["variant"] == "gqa" and args["max_steps"] == 20
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["steps"] == 20 and final["train_tokens"] == 20 * 4 * 32
+    assert final["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(llama_dir, text_file, tmp_path):
+    full = tmp_path / "full"
+    common = ("--variant", "mqa", "--max-steps", "8", "--warmup-steps", "2")
+    run(parse_args(lm_args(llama_dir, text_file, full, *common, "--save-steps", "4")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = tmp_path / "resumed"
+    run(parse_args(lm_args(llama_dir, text_file, resumed, *common, "--resume", str(full / "checkpoints" / "step-4"))))
+    assert losses(resumed) == losses(full)[4:]
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_cpu_ddp(llama_dir, text_file, tmp_path):
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [
+        str(accelerate), "launch", "--config_file", str(CONFIGS / "cpu_ddp2.yaml"), "--main_process_port", str(_free_port()),
+        "-m", "hf_relattn.finetune", *lm_args(llama_dir, text_file, out, "--variant", "gqa", "--variant-options", "num_key_value_heads=2", "--max-steps", "4"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["processes"] == 2
+    checksums = final["weight_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert final["train_tokens"] == 4 * 2 * 4 * 32  # steps x processes x batch x block
+
+
+def test_lora_merge_equals_unmerged_peft_model(llama_dir, text_file, tmp_path, ids):
+    from peft import PeftModel
+
+    common = ("--variant", "gqa", "--variant-options", "num_key_value_heads=2", "--layers", "0", "--lora-r", "4", "--max-steps", "5")
+    run(parse_args(lm_args(llama_dir, text_file, tmp_path / "adapter", *common)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(parse_args(lm_args(llama_dir, text_file, tmp_path / "merged", *common, "--merge")))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base_model").eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()  # injects LoRA into base
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == "RelattnLlamaForCausalLM"  # partial GQA: an adapted checkpoint
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=0)
+        # LoRA really trained: the merged model differs from the converted base
+        assert (base_logits - expected).abs().max() > 1e-4
+
+
+def test_train_attention_only_leaves_mlp_untouched(llama_dir, text_file, tmp_path):
+    out = tmp_path / "attn"
+    run(parse_args(lm_args(llama_dir, text_file, out, "--train", "attention", "--max-steps", "3")))
+    before = load_file(llama_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    for name, value in after.items():
+        if ".self_attn." in name:
+            assert not torch.equal(value, before[name]), name
+        else:
+            assert torch.equal(value, before[name]), name
+
+
+def test_bf16_mixed_precision_trains(llama_dir, text_file, tmp_path):
+    metrics = run(parse_args(lm_args(llama_dir, text_file, tmp_path / "bf16", "--mixed-precision", "bf16", "--max-steps", "3")))
+    assert torch.isfinite(torch.tensor(metrics["train_loss"]))
+
+
+SST2 = DATA / "sst2" / "train_full.tsv"
+MNIST = DATA / "mnist" / "t10k-images-idx3-ubyte.gz"
+
+
+@pytest.mark.skipif(not SST2.exists(), reason="../shared/data/sst2 absent")
+def test_bert_sequence_classification_runs(tmp_path):
+    out = tmp_path / "bert"
+    metrics = run(parse_args([
+        "--model", "minilm-l6", "--task", "seq-cls", "--data", str(SST2), "--train-size", "64", "--eval-data", str(DATA / "sst2" / "dev.tsv"),
+        "--eval-batches", "2", "--output", str(out), "--variant", "gqa", "--variant-options", '{"num_key_value_heads": 4}',
+        "--train", "new", "--max-length", "32", "--batch-size", "8", "--max-steps", "3", "--logging-steps", "1",
+    ]))
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "relattn_bert"
+    assert AutoConfig.from_pretrained(out).num_labels == 2
+    assert config["architectures"] == ["RelattnBertForSequenceClassification"]
+    # --train new: only the new classification head trained
+    assert json.loads((out / "final_metrics.json").read_text())["trainable_parameters"] == 2
+
+
+@pytest.mark.skipif(not MNIST.exists(), reason="../shared/data/mnist absent")
+def test_vit_image_classification_runs(tmp_path):
+    out = tmp_path / "vit"
+    metrics = run(parse_args([
+        "--model", "vit-mnist-tiny", "--task", "image-cls", "--data", str(MNIST), "--train-size", "1024", "--eval-size", "256",
+        "--output", str(out), "--variant", "alibi", "--batch-size", "32", "--learning-rate", "1e-3", "--max-steps", "40", "--logging-steps", "1",
+    ]))
+    assert metrics["eval_accuracy"] > 0.15  # 10 balanced classes: above chance after 40 steps from scratch
+    trace = losses(out)
+    assert sum(trace[-5:]) / 5 < sum(trace[:5]) / 5 - 0.05
+    assert (out / "preprocessor_config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "relattn_vit"
+
+
+def test_recipes_parse_and_flags_override():
+    for recipe in sorted(RECIPES.glob("*.yaml")):
+        args = parse_args(["--config", str(recipe), "--max-steps", "3"])
+        assert args.model and args.data and args.output and args.max_steps == 3
+        assert (Path(__file__).resolve().parents[1] / args.data).exists() or not DATA.exists(), recipe
+    args = parse_args(["--config", str(RECIPES / "gqa_uptrain.yaml")])
+    assert args.variant == "mqa" and json.loads(args.variant_options) == {"init": "mean"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task", "image-cls"], "--task image-cls is not available for llama models; valid: causal-lm, seq-cls"),
+        (["--data", "/no/such/file.txt"], "not found"),
+        (["--block-size", "100000"], "exceeds the model's maximum"),
+        (["--task", "seq-cls"], "Column 'label' not found in the data (columns: ['text']); set --label-column"),
+        (["--train", "new", "--variant", "gqa", "--variant-options", "num_key_value_heads=2"], "add no new parameters"),
+        (["--variant", "gqa", "--variant-options", "num_key_value_heads=3"], "does not divide"),
+        (["--lr-scheduler", "bogus"], "valid: cosine, linear, constant"),
+    ],
+)
+def test_bad_input_gives_clear_errors(llama_dir, text_file, tmp_path, capsys, extra, message):
+    args = lm_args(llama_dir, text_file, tmp_path / "o", "--max-steps", "2")
+    if "--data" in extra:
+        args[args.index("--data") + 1] = extra[extra.index("--data") + 1]
+        extra = [e for i, e in enumerate(extra) if i not in (extra.index("--data"), extra.index("--data") + 1)]
+    assert main(args + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_data_file(llama_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["--model", str(llama_dir), "--data", str(empty), "--output", str(tmp_path / "o")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def test_seq_cls_columns_from_jsonl(llama_dir, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"example {i}", "y": i % 2}) for i in range(40)))
+    assert main(["--model", str(llama_dir), "--task", "seq-cls", "--data", str(rows), "--output", str(tmp_path / "o"), "--text-column", "text"]) == 2
+    err = capsys.readouterr().err
+    assert "Column 'label' not found" in err and "['text', 'y']" in err and "--label-column" in err
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(llama_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(lm_args(llama_dir, text_file, out, "--learning-rate", "1e30", "--lr-scheduler", "constant", "--max-grad-norm", "0", "--save-steps", "1", "--max-steps", "6"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "training stopped; last good checkpoint:" in err
+    good = Path(err.split("last good checkpoint: ")[1].split()[0])
+    assert (good / "finetune_state.json").is_file()
+    assert torch.isfinite(torch.tensor(json.loads((good / "finetune_state.json").read_text())["loss"]))
+    assert not (out / "model.safetensors").exists()  # no final checkpoint from a diverged run
