@@ -93,6 +93,8 @@ def load_raw(path: str) -> datasets.Dataset:
 def split(ds: datasets.Dataset, eval_fraction: float, eval_size: int | None, train_size: int | None):
     """Deterministic split: evaluation examples are the last ones, training the first."""
     n_eval = eval_size if eval_size is not None else int(round(len(ds) * eval_fraction))
+    if eval_size is None and eval_fraction > 0:
+        n_eval = max(1, n_eval)  # a requested evaluation never silently vanishes on small data
     if not 0 <= n_eval < len(ds):
         _fail(f"Cannot hold out {n_eval} of {len(ds)} examples for evaluation")
     train = ds.select(range(len(ds) - n_eval))

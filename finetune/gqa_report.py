@@ -1,12 +1,13 @@
 """The GQA/MQA uptraining result: WikiText-2 test perplexity of SmolLM2 before and after.
 
     python -m hf_relattn.finetune.gqa_report --uptrained runs/smollm2-mqa-uptrain \\
-        [--data ../shared/data/wikitext-2-raw/wiki.test.raw] [--context 512] [--windows 40]
+        [--data ../shared/data/wikitext-2-raw/wiki.test.raw] [--context 512] [--stride 256] [--tokens 8192]
 
 Rows: the original model (GQA-3), MQA right after conversion with each of Ainslie et al.'s
 initialisations (mean, first, random) and, if given, the uptrained MQA checkpoint. Perplexity
-is exp(mean NLL) over consecutive non-overlapping windows of `--context` tokens (fixed
-context, stride = context) from the start of the text.
+is the standard sliding-window one (`hf_relattn.bench.perplexity`, the "perplexity" Evaluate
+module): windows of `--context` tokens every `--stride`, each token scored once, over the first
+`--tokens` tokens of the text.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 import hf_relattn
-from hf_relattn.demo import perplexity
+from hf_relattn.bench import perplexity
 from hf_relattn.presets import load
 
 
@@ -30,12 +31,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--uptrained", default=None, help="finetune output folder of the uptrained MQA model")
     parser.add_argument("--data", default="../shared/data/wikitext-2-raw/wiki.test.raw")
     parser.add_argument("--context", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--stride", type=int, default=256)
+    parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args(argv)
 
     base, tokenizer = load(args.model)
     base.eval()
-    ids = torch.tensor(tokenizer(Path(args.data).read_text(encoding="utf-8")).input_ids)
+    ids = torch.tensor(tokenizer(Path(args.data).read_text(encoding="utf-8")).input_ids)[: args.tokens + 1]
     rows = {"GQA-3 (original)": lambda: base}
     for init in ("mean", "first", "random"):
         rows[f"MQA, init={init}, no training"] = lambda init=init: hf_relattn.convert(copy.deepcopy(base), "mqa", init=init)
@@ -43,14 +45,13 @@ def main(argv: list[str] | None = None) -> None:
         meta = json.loads((Path(args.uptrained) / "final_metrics.json").read_text())
         label = f"MQA mean + uptraining ({meta.get('train_tokens', '?')} tokens, {meta['train_seconds'] / 60:.0f} min)"
         rows[label] = lambda: load(args.uptrained)[0].eval()
-    n_tokens = min(ids.numel() - 1, args.context * args.windows)
-    print(f"WikiText-2 test perplexity, {n_tokens} tokens ({args.windows} windows of {args.context}), {args.data}")
+    print(f"Perplexity of {args.data}: first {ids.numel() - 1} tokens, context {args.context}, stride {args.stride}")
     print(f"| {'model':<58} | {'perplexity':>10} |")
     print(f"|{'-' * 60}|{'-' * 12}|")
     for name, make in rows.items():
         torch.manual_seed(0)  # init="random" draws from the global generator
         start = time.perf_counter()
-        value = perplexity(make(), ids, args.context, args.windows)
+        value = perplexity(make(), ids, args.context, args.stride)["perplexity"]
         print(f"| {name:<58} | {value:>10.2f} |  ({time.perf_counter() - start:.0f}s)", flush=True)
 
 

@@ -1,7 +1,9 @@
-"""Command line: `hf-relattn variants` and `hf-relattn convert SRC OUT --variant NAME [options]`.
+"""Command line: `hf-relattn variants`, `hf-relattn convert SRC OUT --variant NAME [options]`,
+`hf-relattn bench --model SRC --variants SPEC [...]` and `hf-relattn bench kernels [...]`.
 
-Variant options become flags automatically from the variants' option dataclasses
-(`num_key_value_heads` -> `--num-key-value-heads`).
+Variant options of `convert` become flags automatically from the variants' option dataclasses
+(`num_key_value_heads` -> `--num-key-value-heads`). `bench` takes them inside its variant
+entries (`gqa:num_key_value_heads=1`); see `hf_relattn.bench` and `hf_relattn.kernels`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + field.replace("_", "-"), dest="opt_" + field, type=_value, default=None,
             help=f"option of {', '.join(owners)}",
         )
+
+    # imported here, not at the top: bench imports `_value` from this module
+    from . import bench, kernels
+
+    bench_parser = sub.add_parser(
+        "bench",
+        help="quality + speed + memory of variants against the unmodified model (or `bench kernels`)",
+        description=bench.description() + "\n\nAttention-op microbenchmarks: hf-relattn bench kernels -h",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(bench_parser)
+    modes = bench_parser.add_subparsers(dest="bench_mode", metavar="{kernels}")  # optional: plain `bench` runs the model bench
+    kernels_parser = modes.add_parser("kernels", help="attention-op microbenchmarks on random q/k/v", description=kernels.__doc__.split("\n\n")[0])
+    kernels.add_arguments(kernels_parser)
     return parser
 
 
@@ -94,6 +110,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
     _step(f"Saved in {time.perf_counter() - start:.1f}s: {args.output} ({type(model).__name__})")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from . import bench, kernels
+
+    if args.bench_mode == "kernels":
+        given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(bench.BenchConfig) if getattr(args, f.name, None) is not None]
+        if given or args.config:
+            raise ValueError(f"`bench kernels` takes no model-bench flags ({', '.join(given or ['--config'])}); put them after `bench` without `kernels`")
+        kernels.run_from_args(args)
+    else:
+        bench.run_bench(bench.config_from_args(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -101,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_variants()
         elif args.command == "convert":
             cmd_convert(args)
+        elif args.command == "bench":
+            cmd_bench(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"hf-relattn: error: {err}", file=sys.stderr)
         return 2
