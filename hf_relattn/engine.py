@@ -175,6 +175,12 @@ def dense_attention(
     batch, num_heads, q_len, _ = query.shape
     k_len = key.shape[2]
     gqa = key.shape[1] != num_heads
+    if gqa and query.device.type == "cpu" and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        # torch 2.13's CPU SDPA backward with enable_gqa is ~20x slower than with repeated K/V
+        # heads (hf-relattn bench kernels); repeating costs O(H K D) memory, once per call.
+        key = key.repeat_interleave(num_heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(num_heads // value.shape[1], dim=1)
+        gqa = False
     chunk = max(1, CHUNK_ELEMENTS // max(1, batch * num_heads * k_len))
     outs = []
     for start in range(0, q_len, chunk):

@@ -51,9 +51,9 @@ from .bench import (
     summarize,
 )
 from .engine import ENGINE_NAME, force_implementation, relattn_attention
+from .presets import DTYPES
 from .variants.base import VARIANTS, Variant, attach
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKWARD_FACTOR = 3.5  # fwd + bwd FLOPs / fwd FLOPs (backward = 2.5x forward)
 
 
