@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
+
+from hf_relattn.cli import read_settings_file
 
 TASKS = ("causal-lm", "masked-lm", "seq-cls", "image-cls")
 TRAIN_SELECTIONS = ("all", "attention", "new")
@@ -84,18 +85,6 @@ def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
     parser = HfArgumentParser(FinetuneArguments, prog="hf_relattn.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="YAML/JSON recipe; command-line flags override it.")
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            raise SystemExit(f"hf_relattn.finetune: recipe {known.config!r} not found")
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(path.read_text()) or {}
-        else:
-            values = json.loads(path.read_text())
-        names = {f for f in FinetuneArguments.__dataclass_fields__}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise SystemExit(f"hf_relattn.finetune: unknown key(s) {unknown} in {known.config}; valid: {', '.join(sorted(names))}")
+        values = read_settings_file(known.config, list(FinetuneArguments.__dataclass_fields__))
         parser.set_defaults(**{k: _options_text(v) for k, v in values.items()})
     return parser.parse_args_into_dataclasses(args=rest)[0]

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from . import __version__, convert
-from .cli import _value
+from .cli import _value, read_settings_file
 from .modeling import SPEC_KEY, is_adapted
 from .patches import get_adapter
 from .variants.base import VARIANTS
@@ -266,23 +266,7 @@ class BenchConfig:
 
 def load_config_file(path: str) -> dict[str, Any]:
     """Keys of a YAML/JSON bench config (dashes or underscores), checked against BenchConfig."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config {path!r} not found")
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(file.read_text()) or {}
-    else:
-        values = json.loads(file.read_text())
-    if not isinstance(values, dict):  # a user's file, reported like every other bad input
-        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(values).__name__}")  # noqa: TRY004
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    names = [f.name for f in dataclasses.fields(BenchConfig)]
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ValueError(f"Unknown key(s) {unknown} in --config {path}; valid: {', '.join(names)}")
-    return values
+    return read_settings_file(path, [f.name for f in dataclasses.fields(BenchConfig)])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -578,23 +562,9 @@ def perplexity(
 
 
 @torch.inference_mode()
-def classification_accuracy(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], metric: Any = None, step: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Accuracy (hf_relattn.metrics "accuracy") of argmax logits over prepared labelled batches."""
-    metric = metric or _metric("accuracy")
-    device = next(model.parameters()).device
-    for batch in batches:
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        predictions = model(**inputs).logits.argmax(-1)
-        metric.add_batch(predictions=predictions.cpu().tolist(), references=batch["labels"].tolist())
-        if step:
-            step()
-    return metric.compute()
-
-
-@torch.inference_mode()
-def masked_accuracy(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], metric: Any = None, step: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Masked-token accuracy (hf_relattn.metrics "masked_accuracy"; labels -100 are not scored)."""
-    metric = metric or _metric("masked_accuracy")
+def accuracy(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], metric: Any, step: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Argmax accuracy over prepared labelled batches with an accuracy-type metrics module:
+    "accuracy" (one label per example) or "masked_accuracy" (per token; labels -100 skipped)."""
     device = next(model.parameters()).device
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -853,10 +823,8 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
         bar.set_postfix_str(f"{entry.label}: {work.quality_info['metric']}", refresh=False)
         if task == "causal-lm":
             quality = perplexity(entry.model, work.ids, cfg.context, cfg.stride, metric, bar.update)
-        elif task == "masked-lm":
-            quality = masked_accuracy(entry.model, work.quality_batches, metric, bar.update)
         else:
-            quality = classification_accuracy(entry.model, work.quality_batches, metric, bar.update)
+            quality = accuracy(entry.model, work.quality_batches, metric, bar.update)
         entry.record["quality"] = {k: (float(v) if isinstance(v, float) else v) for k, v in quality.items()}
         entry.record["parameters"] = parameter_count(entry.model)
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import convert, variants
@@ -31,6 +33,26 @@ def _value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+def read_settings_file(path: str, valid: Sequence[str]) -> dict[str, Any]:
+    """A YAML or JSON mapping of settings (keys with dashes or underscores), checked against `valid`."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {path!r} not found")
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(file.read_text()) or {}
+    else:
+        values = json.loads(file.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(values).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in --config {path}; valid: {', '.join(valid)}")
+    return values
 
 
 def _layers(text: str) -> list[int]:
