@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -348,7 +349,13 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         metrics.update(evaluate(model, eval_dl, accelerator, task, args.eval_batches))
         log({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
     save(accelerator, model, processor, args, metrics, trainable, output)
-    accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # Keep the process group alive: main() leaves with os._exit (see there), because
+        # freeing DDP after the group is destroyed can hang in gloo's destructor.
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
     return metrics
 
 
@@ -377,8 +384,16 @@ def save(accelerator: Accelerator, model: torch.nn.Module, processor: Any, args:
 def main(argv: list[str] | None = None) -> int:
     try:
         metrics = run(parse_args(argv))
+        print(json.dumps(metrics))
+        code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"hf_relattn.finetune: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(metrics))
-    return 0
+        code = 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo's process-group destructor can hang at interpreter exit once a peer has gone
+        # (seen here: ~ProcessGroupGloo joining its threads). Every rank has finished and
+        # passed the barrier in save(), and rank 0 wrote the outputs, so leave without teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -156,7 +156,8 @@ def _additive_mask(
         return mask
     if mask is None:
         return bias[None].to(dtype)
-    return bias[None].masked_fill(~mask, torch.finfo(torch.float32).min).to(dtype)
+    # fill after the cast: float32's minimum would round to -inf in bfloat16/float16
+    return bias[None].to(dtype).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def dense_attention(

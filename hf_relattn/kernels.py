@@ -10,7 +10,7 @@ Cases, each at every sequence length, forward only and forward + backward:
   which must dispatch to transformers' sdpa function: its dispatch overhead;
 - `engine gqa G=g`: the same with g < H K/V heads (what a GQA/MQA-converted model runs);
 - `engine <variant> (dense|reference)` for every registered variant that acts inside attention
-  (axis other than "structure"; today ALiBi): the engine's chunked SDPA-with-bias path and its
+  (parameter-free, axis other than "structure"; today ALiBi): the engine's chunked SDPA-with-bias path and its
   materialised reference formula, forced with `hf_relattn.force_implementation`.
 The engine is called exactly as transformers calls it, with a small stand-in for the attention
 module carrying what the engine reads (`config._attn_implementation`, `is_causal`, `scaling`,
@@ -98,10 +98,13 @@ def _sdpa_repeat(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 def in_attention_variants() -> list[tuple[str, Variant]]:
-    """Registered variants acting inside attention (not weight surgery) that build with defaults."""
+    """Registered parameter-free variants acting inside attention that build with defaults.
+
+    Variants with learned tables (e.g. t5_bias) need a converted model to hold them; their
+    attention op is the same engine path as a parameter-free variant of the same axis."""
     found = []
     for name, cls in sorted(VARIANTS.items()):
-        if cls.axis == "structure":
+        if cls.axis == "structure" or not cls.flag:
             continue
         try:
             found.append((name, cls.from_options({})))

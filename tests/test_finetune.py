@@ -268,3 +268,15 @@ def test_masked_lm_from_a_save_to_disk_folder(tmp_path):
     # masked-token accuracy is measured only on the masked positions (labels != -100)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["eval_loss"] > 0
     assert json.loads((out / "config.json").read_text())["architectures"] == ["RelattnBertForMaskedLM"]
+
+
+def test_train_new_trains_only_the_variant_tables(llama_dir, text_file, tmp_path):
+    out = tmp_path / "t5"
+    run(parse_args(lm_args(llama_dir, text_file, out, "--variant", "t5_bias", "--variant-options", "num_buckets=8,max_distance=16",
+                           "--train", "new", "--max-steps", "3")))
+    before = load_file(llama_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    tables = [name for name in after if "relattn_t5_bias" in name]
+    assert len(tables) == 2 and all(after[name].abs().sum() > 0 for name in tables)  # zero-init, then trained
+    assert all(torch.equal(after[name], before[name]) for name in after if name not in tables)
+    assert json.loads((out / "final_metrics.json").read_text())["trainable_parameters"] == 2
