@@ -51,17 +51,21 @@ from .bench import (
     summarize,
 )
 from .engine import ENGINE_NAME, force_implementation, relattn_attention
+from .patches import get_adapter
 from .presets import DTYPES
 from .variants.base import VARIANTS, Variant, attach
+from .variants.relational import RelationTables
+from .variants.shaw import Shaw
 
 BACKWARD_FACTOR = 3.5  # fwd + bwd FLOPs / fwd FLOPs (backward = 2.5x forward)
 
 
 def attention_stub(num_heads: int, num_kv_heads: int, head_dim: int, variants: Sequence[Variant] = (), causal: bool = True) -> nn.Module:
     """A stand-in for an attention module: the attributes the engine (and transformers' sdpa
-    function it dispatches to) read, with `variants` attached as `convert` would."""
+    function it dispatches to) read, with `variants` attached as `convert` would (a LLaMA-like
+    1-D sequence model for variants that ask the family adapter)."""
     module = nn.Module()
-    module.config = SimpleNamespace(_attn_implementation=ENGINE_NAME, relattn=None)
+    module.config = SimpleNamespace(_attn_implementation=ENGINE_NAME, relattn=None, model_type="llama")
     module.is_causal = causal
     module.scaling = head_dim**-0.5
     module.num_key_value_groups = num_heads // num_kv_heads
@@ -79,6 +83,10 @@ class Case:
     kv_heads: int
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     check: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # independent expected output
+    baseline: str = "sdpa"  # the case its time and memory ratios are taken against
+    causal: bool = True
+    # bytes the case is known to need at a length (fwd or fwd+bwd), checked against --max-memory-gb
+    needs: Callable[[int, bool], int] | None = None
 
 
 def _engine(module: nn.Module, implementation: str = "auto") -> Callable[..., torch.Tensor]:
@@ -127,6 +135,45 @@ def build_cases(heads: int, head_dim: int, kv_heads: Sequence[int]) -> list[Case
         cases.append(Case(f"engine {name} (dense)", heads, _engine(module, "dense"), reference))
         cases.append(Case(f"engine {name} (reference)", heads, reference))
     return cases
+
+
+def shaw_stub(heads: int, head_dim: int, causal: bool, max_distance: int = 16, seed: int = 0) -> nn.Module:
+    """An attention stub converted to Shaw (keys + values, shared tables) with random tables."""
+    variant = Shaw(max_distance=max_distance)
+    module = attention_stub(heads, heads, head_dim, [variant], causal)
+    tables = RelationTables(variant.num_labels(get_adapter(module.config)), head_dim, None, values=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for table in (tables.key, tables.value):
+            table.copy_(0.1 * torch.randn(table.shape, generator=generator))
+    setattr(module, variant.module_name(), tables)
+    return module
+
+
+def naive_relative_bytes(length: int, head_dim: int, backward: bool) -> int:
+    """Lower bound of the naive path's memory: the gathered a^K and a^V tables, T x T x d floats
+    each (and as much again for their gradients in the backward pass)."""
+    return 2 * length * length * head_dim * 4 * (2 if backward else 1)
+
+
+def build_relative_cases(heads: int, head_dim: int) -> list[Case]:
+    """Shaw (keys + values, k=16) in the engine and materialised as transformers v4 BERT's
+    relative_key did, against plain SDPA without relative terms, causal and bidirectional."""
+    cases = []
+    for causal in (True, False):
+        mode = "causal" if causal else "bidir"
+        module = shaw_stub(heads, head_dim, causal).to(torch.float32)
+        naive = _engine(module, "reference")
+        cases += [
+            Case(f"sdpa {mode}", heads, lambda q, k, v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c), causal=causal),
+            Case(f"shaw {mode}", heads, _engine(module), naive, baseline=f"sdpa {mode}", causal=causal),
+            Case(f"shaw naive {mode}", heads, naive, baseline=f"sdpa {mode}", causal=causal,
+                 needs=lambda length, backward: naive_relative_bytes(length, head_dim, backward)),
+        ]
+    return cases
+
+
+SUITES = ("attention", "relative")
 
 
 def matmul_gflops(size: int = 2048, reps: int = 3, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -185,8 +232,15 @@ def run_kernels(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    suite: str = "attention",
+    max_memory_gb: float = 8.0,
 ) -> dict[str, Any]:
-    """Run every case at every length (forward and forward+backward); returns the results."""
+    """Run every case at every length (forward and forward+backward); returns the results.
+
+    suite "attention": SDPA, the engine, GQA and parameter-free variants (causal); "relative":
+    `build_relative_cases`. A case whose known need exceeds `max_memory_gb` is reported, not run."""
+    if suite not in SUITES:
+        raise ValueError(f"Unknown --suite {suite!r}; valid: {', '.join(SUITES)}")
     if dtype not in DTYPES:
         raise ValueError(f"Unknown --dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if heads <= 0 or head_dim <= 0 or batch <= 0 or reps <= 0 or matmul_size <= 0 or not lengths or min(lengths) <= 0:
@@ -200,7 +254,8 @@ def run_kernels(
         raise ValueError(f"--kv-heads {bad} must divide --heads {heads}; valid: {[g for g in range(1, heads + 1) if heads % g == 0]}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = DTYPES[dtype]
-    cases = build_cases(heads, head_dim, kv_heads)
+    cases = build_cases(heads, head_dim, kv_heads) if suite == "attention" else build_relative_cases(heads, head_dim)
+    budget = int(max_memory_gb * 2**30)
     ceiling = matmul_gflops(matmul_size, reps=3, device=dev)
 
     from tqdm.auto import tqdm
@@ -208,7 +263,6 @@ def run_kernels(
     bar = tqdm(total=len(cases) * len(lengths) * 2 * (warmup + reps), desc="kernels", unit="run", file=sys.stderr, disable=not progress)
     rows: list[dict[str, Any]] = []
     for length in lengths:
-        flops = 2.0 * batch * heads * head_dim * length * (length + 1)  # causal half of QK^T and PV
         # correctness first: each engine case against an independent computation
         checks = {}
         with torch.no_grad():
@@ -217,12 +271,14 @@ def run_kernels(
                     q, k, v = _qkv(batch, heads, case.kv_heads, min(length, 256), head_dim, torch.float32, dev, False, seed)
                     checks[case.name] = (case.run(q, k, v).float() - case.check(q, k, v).float()).abs().max().item()
         for backward in (False, True):
-            inputs = {case.name: _qkv(batch, heads, case.kv_heads, length, head_dim, torch_dtype, dev, backward, seed) for case in cases}
-            times: dict[str, list[float]] = {c.name: [] for c in cases}
+            needs = {c.name: c.needs(length, backward) * batch for c in cases if c.needs is not None}
+            running = [c for c in cases if needs.get(c.name, 0) <= budget]
+            inputs = {case.name: _qkv(batch, heads, case.kv_heads, length, head_dim, torch_dtype, dev, backward, seed) for case in running}
+            times: dict[str, list[float]] = {c.name: [] for c in running}
             memory: dict[str, int | None] = {}
             for rep in range(warmup + reps):
-                shift = rep % len(cases)  # rotate the order so drift hits every case alike
-                for case in cases[shift:] + cases[:shift]:
+                shift = rep % len(running)  # rotate the order so drift hits every case alike
+                for case in running[shift:] + running[:shift]:
                     bar.set_postfix_str(f"L={length} {case.name}{' fwd+bwd' if backward else ''}", refresh=False)
                     if rep < warmup:
                         with PeakMemory(dev) as pm:
@@ -231,22 +287,30 @@ def run_kernels(
                     else:
                         times[case.name].append(_one(case, *inputs[case.name], backward, dev))
                     bar.update()
-            base = statistics.median(times["sdpa"])
             for case in cases:
+                row = {"case": case.name, "length": length, "pass": "fwd+bwd" if backward else "fwd", "kv_heads": case.kv_heads,
+                       "baseline": case.baseline, "max_abs_diff_vs_check": checks.get(case.name)}
+                if case not in running:
+                    rows.append({**row, "skipped": f"needs >= {needs[case.name] / 2**30:.1f} GB > --max-memory-gb {max_memory_gb:g}",
+                                 "needs_bytes": needs[case.name]})
+                    continue
+                # QK^T and PV: the causal half, or all pairs
+                flops = 2.0 * batch * heads * head_dim * length * ((length + 1) if case.causal else 2 * length)
                 stats = summarize(times[case.name])
                 work = flops * (BACKWARD_FACTOR if backward else 1.0)
+                base_memory = memory.get(case.baseline)
                 rows.append({
-                    "case": case.name, "length": length, "pass": "fwd+bwd" if backward else "fwd", "kv_heads": case.kv_heads,
-                    "seconds": stats, "gflops": work / stats["median"] / 1e9,
+                    **row, "seconds": stats, "gflops": work / stats["median"] / 1e9,
                     "fraction_of_matmul": work / stats["median"] / 1e9 / ceiling["gflops"],
-                    "vs_sdpa": stats["median"] / base, "peak_memory_bytes": memory.get(case.name),
-                    "max_abs_diff_vs_check": checks.get(case.name),
+                    "vs_sdpa": stats["median"] / statistics.median(times[case.baseline]), "peak_memory_bytes": memory.get(case.name),
+                    "memory_vs_baseline": memory[case.name] / base_memory if memory.get(case.name) and base_memory else None,
                 })
     bar.close()
     return {
         "tool": "hf_relattn.kernels",
-        "settings": {"lengths": list(lengths), "heads": heads, "head_dim": head_dim, "kv_heads": list(kv_heads), "reps": reps,
-                     "warmup": warmup, "batch": batch, "dtype": dtype, "matmul_size": matmul_size, "seed": seed},
+        "settings": {"suite": suite, "lengths": list(lengths), "heads": heads, "head_dim": head_dim, "kv_heads": list(kv_heads),
+                     "reps": reps, "warmup": warmup, "batch": batch, "dtype": dtype, "matmul_size": matmul_size, "seed": seed,
+                     "max_memory_gb": max_memory_gb},
         "environment": environment(dev),
         "matmul": ceiling,
         "results": rows,
@@ -255,16 +319,20 @@ def run_kernels(
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the kernel table."""
-    headers = ["case", "L", "pass", "ms (median)", "[min-max]", "x sdpa", "GFLOP/s", "% matmul", "peak mem", "check |diff|"]
+    headers = ["case", "L", "pass", "ms (median)", "[min-max]", "x baseline", "GFLOP/s", "% matmul", "peak mem", "mem x baseline", "check |diff|"]
     rows = []
     for r in results["results"]:
+        check = "-" if r["max_abs_diff_vs_check"] is None else f"{r['max_abs_diff_vs_check']:.1e}"
+        if "skipped" in r:
+            rows.append([r["case"], str(r["length"]), r["pass"], "not run", "", "", "", "", r["skipped"], "", check])
+            continue
         s = r["seconds"]
         mem = r["peak_memory_bytes"]
+        ratio = r.get("memory_vs_baseline")
         rows.append([
             r["case"], str(r["length"]), r["pass"], f"{s['median'] * 1e3:.2f}", f"[{s['min'] * 1e3:.2f}-{s['max'] * 1e3:.2f}]",
             f"{r['vs_sdpa']:.2f}", f"{r['gflops']:.1f}", f"{100 * r['fraction_of_matmul']:.0f}%",
-            "-" if mem is None else f"{mem / 2**20:.1f} MB",
-            "-" if r["max_abs_diff_vs_check"] is None else f"{r['max_abs_diff_vs_check']:.1e}",
+            "-" if mem is None else f"{mem / 2**20:.1f} MB", "-" if ratio is None or r["case"] == r["baseline"] else f"{ratio:.2f}", check,
         ])
     return headers, rows
 
@@ -275,8 +343,9 @@ def report(results: dict[str, Any], out: str | None = None) -> None:
     ceiling = (f"fp32 matmul ceiling: {m['gflops']:.1f} GFLOP/s ({m['size']}x{m['size']}, {m['seconds']['median'] * 1e3:.1f} ms) "
                f"on {env['cpu_model']} ({env['torch_threads']} threads, {env['device']})")
     print(ceiling)
-    title = (f"Attention ops: B={s['batch']}, H={s['heads']}, D={s['head_dim']}, {s['dtype']}, causal; "
-             f"median of {s['reps']} after {s['warmup']} warm-up")
+    mode = "causal" if s.get("suite", "attention") == "attention" else "causal and bidirectional (bidir)"
+    title = (f"Attention ops ({s.get('suite', 'attention')}): B={s['batch']}, H={s['heads']}, D={s['head_dim']}, {s['dtype']}, {mode}; "
+             f"median of {s['reps']} after {s['warmup']} warm-up; ratios against each case's baseline")
     headers, rows = table(results)
     print_table(title, headers, rows)
     if out:
@@ -307,6 +376,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dtype", dest="k_dtype", metavar="DTYPE", default="float32", help="float32, bfloat16 or float16 (default float32)")
     a("--matmul-size", dest="k_matmul_size", metavar="N", type=int, default=2048, help="matrix size of the matmul ceiling (default 2048)")
     a("--device", dest="k_device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--suite", dest="k_suite", metavar="NAME", default="attention",
+      help="attention (SDPA, engine, GQA, parameter-free variants) or relative (Shaw vs SDPA vs the naive T x T x d path)")
+    a("--max-memory-gb", dest="k_max_memory_gb", metavar="GB", type=float, default=8.0,
+      help="do not run a case known to need more than this (default 8; the naive relative path)")
     a("--out", dest="k_out", metavar="DIR", default=None, help="also write kernels.json and kernels.md into this folder")
 
 
@@ -315,6 +388,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
     results = run_kernels(
         lengths=args.k_lengths, heads=args.k_heads, head_dim=args.k_head_dim, kv_heads=args.k_kv_heads, reps=args.k_reps,
         warmup=args.k_warmup, batch=args.k_batch, dtype=args.k_dtype, matmul_size=args.k_matmul_size, device=args.k_device,
+        suite=args.k_suite, max_memory_gb=args.k_max_memory_gb,
     )
     report(results, args.k_out)
     return results

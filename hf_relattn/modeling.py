@@ -36,6 +36,10 @@ _config_classes: dict[str, type] = {}
 _model_classes: dict[type, type] = {}
 
 
+# Model inputs that variants read inside attention (passed through the models' **kwargs).
+ATTENTION_INPUTS = ("relation_ids",)
+
+
 def is_adapted(model_or_config: Any) -> bool:
     config = getattr(model_or_config, "config", model_or_config)
     return str(getattr(config, "model_type", "")).startswith(ADAPTED_PREFIX)
@@ -97,10 +101,17 @@ def adapted_class(base: type) -> type:
             )
         return base.get_correct_attn_implementation(self, requested, is_init_check)
 
+    def _validate_model_kwargs(self: PreTrainedModel, model_kwargs: dict[str, Any]) -> None:
+        # generate() rejects inputs missing from forward's signature; the `relation` variant's
+        # relation_ids reach attention through **kwargs (the engine cuts them to each step).
+        base._validate_model_kwargs(self, {k: v for k, v in model_kwargs.items() if k not in ATTENTION_INPUTS})
+
+    methods = {"_validate_model_kwargs": _validate_model_kwargs} if hasattr(base, "_validate_model_kwargs") else {}
     cls = type(
         "Relattn" + base.__name__,
         (base,),
         {
+            **methods,
             "config_class": config_cls,
             "__init__": __init__,
             "get_correct_attn_implementation": get_correct_attn_implementation,

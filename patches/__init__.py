@@ -10,7 +10,7 @@ adapted checkpoints stripped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -31,6 +31,8 @@ class FamilyAdapter:
     # True when the family's own config can say `num_key_value_heads` (e.g. LLaMA), so a
     # model whose every layer has G K/V heads is a plain native checkpoint.
     native_gqa: bool
+    # True when tokens are image patches on a 2-D grid (`token_grid` gives the geometry).
+    spatial: ClassVar[bool] = False
 
     def base_model(self, model: nn.Module) -> nn.Module:
         """The bare backbone (LlamaModel, BertModel, ViTModel) inside any task head."""
@@ -64,6 +66,10 @@ class FamilyAdapter:
         `num_key_value_groups` is what transformers' sdpa/eager functions read to repeat K/V.
         """
         attn.num_key_value_groups = self.num_heads(attn.config) // num_kv_heads
+
+    def token_grid(self, config: Any, num_tokens: int) -> tuple[int, int, int]:
+        """(prefix tokens, grid rows, grid columns) of a spatial family's token sequence."""
+        raise TypeError(f"{self.model_type} tokens are a sequence, not a 2-D grid")
 
     def set_config_kv_heads(self, config: Any, num_kv_heads: int) -> None:
         if not self.native_gqa:

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from torch import nn
 
 from . import FamilyAdapter, register_adapter
 
 
 class ViTAdapter(FamilyAdapter):
+    spatial = True
+
+    def token_grid(self, config: Any, num_tokens: int) -> tuple[int, int, int]:
+        # [CLS] then the patches in row-major order (ViTEmbeddings); the configured grid, or a
+        # square one for other image sizes (interpolate_pos_encoding).
+        patches = num_tokens - 1
+        image, patch = config.image_size, config.patch_size
+        height, width = image if isinstance(image, (tuple, list)) else (image, image)
+        patch_h, patch_w = patch if isinstance(patch, (tuple, list)) else (patch, patch)
+        rows, cols = height // patch_h, width // patch_w
+        if patches == rows * cols:
+            return 1, rows, cols
+        side = math.isqrt(max(patches, 0))
+        if side * side != patches:
+            raise ValueError(
+                f"Cannot place {patches} ViT patch tokens on a grid: expected {rows}x{cols} "
+                "(the configured image size) or another square number."
+            )
+        return 1, side, side
+
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
         # transformers 5.x: ViTModel.layers (no `encoder` wrapper any more)
         return list(self.base_model(model).layers)

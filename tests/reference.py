@@ -124,6 +124,19 @@ def attention_reference(record, heads, q, k, v, o=None, *, causal=False, rotary=
     return out if o is None else linear(out, *o)
 
 
+def run_with_attention(model, implementation, **inputs):
+    """The same model and weights with attention computed by the registered function
+    `implementation` (a test reference); logits for LMs, else the last hidden states."""
+    impl = model.config._attn_implementation
+    model.config._attn_implementation_internal = implementation  # bypass the adapted class's guard on purpose
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+        return out.logits if out.logits.dim() == 3 else out.hidden_states[-1]
+    finally:
+        model.config._attn_implementation_internal = impl
+
+
 # ------------------------------------------------------------------------------- hooks
 @contextlib.contextmanager
 def capture(modules):
@@ -197,3 +210,78 @@ def native_llama_with(src: LlamaForCausalLM, groups: int, kv_weights: dict[str, 
     state.update(kv_weights)
     native.load_state_dict(state, strict=True)
     return native
+
+
+# ---------------------------------------------------------------- relation-aware attention
+def clipped_relative_labels(q_len, k_len, max_distance):
+    """Shaw et al. 2018, eq. 5: label of (i, j) = clip(j - i, -k, k) + k, queries = the last q_len
+    of k_len positions; written with plain loops."""
+    labels = torch.empty(q_len, k_len, dtype=torch.long)
+    for a in range(q_len):
+        i = k_len - q_len + a
+        for j in range(k_len):
+            labels[a, j] = max(-max_distance, min(max_distance, j - i)) + max_distance
+    return labels
+
+
+def vit_grid_labels(num_tokens, cols, max_distance):
+    """ViT token pairs: token 0 is [CLS], token t >= 1 is patch t-1 at (row, col) = divmod(t-1, cols).
+    Patch pairs: (clip(dy) + k) * (2k + 1) + clip(dx) + k; then CLS->patch, patch->CLS, CLS->CLS
+    get (2k+1)^2, +1, +2 (BEiT's three extra labels). Plain loops."""
+    k = max_distance
+    width = 2 * k + 1
+    labels = torch.empty(num_tokens, num_tokens, dtype=torch.long)
+    for i in range(num_tokens):
+        for j in range(num_tokens):
+            if i == 0 and j == 0:
+                labels[i, j] = width * width + 2
+            elif i == 0:
+                labels[i, j] = width * width
+            elif j == 0:
+                labels[i, j] = width * width + 1
+            else:
+                (yi, xi), (yj, xj) = divmod(i - 1, cols), divmod(j - 1, cols)
+                dy, dx = max(-k, min(k, yj - yi)), max(-k, min(k, xj - xi))
+                labels[i, j] = (dy + k) * width + dx + k
+    return labels
+
+
+def gathered(table, labels):
+    """A (R, d) or per-head (H, R, d) table looked up at every pair: (B, 1 or H, Q, K, d) float64,
+    the T x T x d tensor of the paper's eqs. 3-4 (and of transformers v4 BERT's relative_key)."""
+    table = table.double()
+    if table.dim() == 2:
+        return table[labels][:, None]
+    return table[:, labels].transpose(0, 1)
+
+
+def relation_aware_attention(q, k, v, scale, terms=(), causal=False, key_mask=None, allowed=None):
+    """Shaw, Uszkoreit & Vaswani 2018, eqs. 3-4, materialised in float64:
+        e_ij = q_i . (k_j + a^K_{r_ij}) * scale,   z_i = sum_j softmax(e)_ij (v_j + a^V_{r_ij}),
+    with the a^K, a^V of every term summed. q (B, H, Q, D); k/v (B, G, K, D) (K/V heads repeated);
+    terms: (labels (1 or B, Q, K), a^K or None, a^V or None), tables (R, D) or (H, R, D);
+    masks as in `materialized_attention`."""
+    num_heads, groups = q.shape[1], k.shape[1]
+    src = torch.tensor([i // (num_heads // groups) for i in range(num_heads)])
+    q, k, v = q.double(), k[:, src].double(), v[:, src].double()
+    shape = (q.shape[0], num_heads, -1, -1, -1)
+    scores = q @ k.transpose(-1, -2)
+    for labels, a_key, _ in terms:
+        if a_key is not None:
+            scores = scores + torch.einsum("bhqd,bhqkd->bhqk", q, gathered(a_key, labels).expand(shape))
+    scores = scores * scale
+    q_len, k_len = q.shape[2], k.shape[2]
+    keep = torch.ones(q_len, k_len, dtype=torch.bool)
+    if causal:
+        keep = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
+    keep = keep[None, None]
+    if key_mask is not None:
+        keep = keep & key_mask.bool()[:, None, None, :]
+    if allowed is not None:
+        keep = keep & allowed
+    probs = torch.softmax(scores.masked_fill(~keep, torch.finfo(torch.float64).min), dim=-1)
+    out = probs @ v
+    for labels, _, a_value in terms:
+        if a_value is not None:
+            out = out + torch.einsum("bhqk,bhqkd->bhqd", probs, gathered(a_value, labels).expand(shape))
+    return out

@@ -54,8 +54,9 @@ def test_attention_names_are_exactly_the_registered_ones() -> None:
 
 def test_variants_listing() -> None:
     listing = hf_relattn.variants()
-    assert set(listing) == {"gqa", "mqa", "alibi", "t5_bias"}
-    papers = {"gqa": ["Ainslie", "2023"], "mqa": ["Shazeer", "2019"], "alibi": ["Press", "2022"], "t5_bias": ["Raffel", "2020"]}
+    assert set(listing) == {"gqa", "mqa", "alibi", "t5_bias", "shaw", "relation"}
+    papers = {"gqa": ["Ainslie", "2023"], "mqa": ["Shazeer", "2019"], "alibi": ["Press", "2022"], "t5_bias": ["Raffel", "2020"],
+              "shaw": ["Shaw", "2018"], "relation": ["Shaw", "2018"]}
     for name, text in listing.items():
         assert isinstance(text, str)
         description, _, paper = text.partition(" [")

@@ -13,6 +13,7 @@ import hf_relattn
 from hf_relattn.variants.t5_bias import relative_position_bucket
 
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
+from reference import run_with_attention
 
 REF = "t5_reference_for_tests"
 
@@ -55,14 +56,7 @@ def with_random_tables(model, seed=3):
 
 def run_reference(model, **inputs):
     """The same model and weights, attention computed by the reference function above."""
-    impl = model.config._attn_implementation
-    model.config._attn_implementation_internal = REF  # bypass the adapted class's guard on purpose
-    try:
-        with torch.no_grad():
-            out = model(**inputs, output_hidden_states=True)
-        return out.logits if out.logits.dim() == 3 else out.hidden_states[-1]
-    finally:
-        model.config._attn_implementation_internal = impl
+    return run_with_attention(model, REF, **inputs)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])

@@ -24,6 +24,29 @@ AXES = ("structure", "scores", "values", "sparsity", "gating")
 
 
 @dataclass
+class RelationTerm:
+    """A labelled relation over (query, key) pairs and what each label adds (Shaw et al. 2018).
+
+    With r_ij the label of pair (i, j), the engine computes
+        e_ij = q_i . (k_j + key[r_ij]) * scale + bias[h, r_ij],   z_i = sum_j a_ij (v_j + value[r_ij])
+    without materialising anything of size T x T x d: q @ key^T gives (B, H, Q, R) label scores
+    that are gathered by label, and the probabilities are summed per label before @ value.
+
+    Labels are either given for every pair (`labels`, (1 or B, Q, K) long), or are clipped
+    1-D relative positions r_ij = clip(j - i, -max_distance, max_distance) + max_distance,
+    computed by the engine from positions (cheaper, and what decoding needs).
+    Tables are (R, D) shared by all heads or (H, R, D) per head; `bias` is (H, R).
+    """
+
+    num_labels: int
+    labels: torch.Tensor | None = None
+    max_distance: int | None = None
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+@dataclass
 class Variant:
     """Base class: subclasses are dataclasses whose fields are the variant's options."""
 
@@ -83,6 +106,14 @@ class Variant:
         self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
     ) -> torch.Tensor | None:
         """Additive term on q.k/sqrt(d) for the scores axis: (num_heads, Q, K) float32, or None."""
+        return None
+
+    def relation_term(
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any]
+    ) -> RelationTerm | None:
+        """Learned relation-aware terms (keys, values, scalar bias by label), or None.
+
+        `inputs` are the extra keyword arguments of the model's forward (e.g. `relation_ids`)."""
         return None
 
 
