@@ -178,11 +178,34 @@ def parse_variants(text: str | Sequence[str] | None) -> list[VariantSpec]:
     return specs
 
 
+class SameTokenGraph:
+    """Stand-in relation graph with which the bench runs the `relation` variant (whose real
+    graphs come from the user's data): relation 1 joins two positions holding the same token,
+    0 is "no relation". A forward pre-hook: it adds `relation_ids` (B, Q, K) to every call that
+    has none, keeping the tokens of the KV cache to label decoding steps."""
+
+    def __init__(self) -> None:
+        self.tokens: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        ids = kwargs.get("input_ids")
+        if kwargs.get("relation_ids") is not None or ids is None:
+            return None
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        self.tokens = ids if past == 0 or self.tokens is None else torch.cat([self.tokens[:, :past], ids], dim=1)
+        kwargs["relation_ids"] = (ids[:, :, None] == self.tokens[:, None, :]).long()
+        return args, kwargs
+
+
 def build_variant(base: nn.Module, spec: VariantSpec) -> nn.Module:
-    """A fresh deep copy of `base` with every step of `spec` converted in order."""
+    """A fresh deep copy of `base` with every step of `spec` converted in order (a `relation`
+    step also gets the `SameTokenGraph` stand-in graph)."""
     model = copy.deepcopy(base)
     for step in spec.steps:
         convert(model, step.name, layers=None if step.layers is None else list(step.layers), **step.options)
+    if any(step.name == "relation" for step in spec.steps):
+        model.register_forward_pre_hook(SameTokenGraph(), with_kwargs=True)
     return model.eval()
 
 

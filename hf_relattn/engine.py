@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -35,7 +36,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .variants.base import ATTACHED, RelationTerm, Variant, get_variant_class
@@ -45,10 +45,10 @@ FLAG_PREFIX = "relattn_"
 IMPLEMENTATIONS = ("auto", "dense", "reference")
 # Largest additive bias materialised at once (floats); queries are processed in chunks below it.
 CHUNK_ELEMENTS = 1 << 24
-# Scores (B x H x rows x K) per chunk of the relational path: about five such temporaries live
-# at once (scores, probabilities and their gradients), so 8 MB chunks keep the extra memory
-# near that of the q/k/v gradients at T=4096.
-RELATION_CHUNK_ELEMENTS = 1 << 21
+# Scores per chunk of the relational path (one K/V head's query heads x rows x K): 1 MB chunks
+# keep its extra memory at that of SDPA at T=4096 and cost no speed (hf-relattn bench kernels
+# --suite relative).
+RELATION_CHUNK_ELEMENTS = 1 << 18
 
 _forced: list[str] = []
 
@@ -138,19 +138,26 @@ def relattn_attention(
     device = query.device
     k_pos = torch.arange(k_len, device=device)
     q_pos = k_pos[k_len - q_len:]
-    terms = [t for t in (v.relation_term(module, num_heads, q_pos, k_pos, kwargs) for v in variants) if t is not None]
+    term_of = {v.name: v.relation_term(module, num_heads, q_pos, k_pos, kwargs) for v in variants}
+    terms = [t for t in term_of.values() if t is not None]
     if kwargs.get("relation_ids") is not None and not _model_has(module.config, "relation"):
         raise ValueError(
             "relation_ids were passed but the model has no 'relation' variant: convert it first with "
             "hf_relattn.convert(model, 'relation', num_relations=N)."
         )
     for term in terms:
-        if term.labels is not None and term.labels.shape[0] not in (1, query.shape[0]):
+        if isinstance(term.labels, torch.Tensor) and term.labels.shape[0] not in (1, query.shape[0]):
             raise ValueError(
                 f"relation_ids has batch size {term.labels.shape[0]} but the input has {query.shape[0]}: expected "
                 f"shape (batch, query length, key length) = ({query.shape[0]}, {q_len}, {k_len})"
             )
     scorers = [v for v in variants if v.axis == "scores"]
+    if any(t.key is not None or t.value is not None for t in terms):
+        # the relational path: variants with a relation term (e.g. t5_bias's learned bias) act
+        # through it, with gradients; score_bias only for the others (static, e.g. ALiBi)
+        scorers = [v for v in scorers if term_of[v.name] is None]
+    else:
+        terms = []  # bias-only terms: their score_bias runs on the SDPA path
     impl = _forced[-1] if _forced else "auto"
     if not scorers and not terms and impl == "auto":
         return sdpa_attention_forward(
@@ -281,35 +288,19 @@ def reference_attention(
 # ----------------------------------------------------------------- relational path
 def term_labels(term: RelationTerm, q_pos: torch.Tensor, k_pos: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
     """Labels (1|B, c, K') of a term for the query rows `rows` and keys `k_pos`."""
+    if callable(term.labels):
+        return term.labels(q_pos[rows], k_pos)
     if term.labels is not None:
         return term.labels[:, rows, : k_pos.shape[0]]
     m = term.max_distance
     return ((k_pos[None, :] - q_pos[rows, None]).clamp(-m, m) + m)[None]
 
 
-def _label_scores(q: torch.Tensor, term: RelationTerm) -> torch.Tensor | None:
-    """What each label adds to each query's scores, (B, H, c, R) (q already scaled), or None."""
-    out = None
-    if term.key is not None:
-        table = term.key.to(q.dtype)
-        out = torch.matmul(q, table.t()) if table.dim() == 2 else torch.einsum("bhcd,hrd->bhcr", q, table)
-    if term.bias is not None:
-        bias = term.bias.to(q.dtype)[:, None, :]
-        out = bias.expand(q.shape[0], -1, q.shape[2], -1) if out is None else out + bias
-    return out
-
-
-def _mix_values(sums: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Probabilities summed per label (B, H, c, R) @ the value table -> (B, H, c, D)."""
-    table = table.to(sums.dtype)
-    return torch.matmul(sums, table) if table.dim() == 2 else torch.einsum("bhcr,hrd->bhcd", sums, table)
-
-
 class _Band:
-    """Clipped relative positions r = clip(j - i, -m, m) for c consecutive queries at positions
-    p0.. against keys 0..K'-1, split in three column ranges: keys before `lo` all have label -m,
-    keys from `hi` on all have label +m, and the window [lo, hi) (width c + 2m) holds the rest.
-    Relation terms then cost O(c (c + m)) gathers plus two broadcasts instead of O(c K') ones."""
+    """Clipped relative positions r = clip(j - i, -m, m) + m for c consecutive queries at
+    positions p0.. against keys 0..K'-1, in three column ranges: keys before `lo` all have label
+    0, keys from `hi` on all have label 2m, and the window [lo, hi) (width c + 2m) holds the
+    rest. Per-label values then cost O(c (c + m)) gathers plus two broadcasts, not O(c K')."""
 
     def __init__(self, q_first: int, rows: int, keys: int, m: int, device: torch.device) -> None:
         self.m = m
@@ -319,84 +310,227 @@ class _Band:
         qpos = torch.arange(q_first, q_first + rows, device=device)
         self.window = (cols[None, :] - qpos[:, None]).clamp(-m, m) + m  # (c, hi - lo)
 
-    def add_scores(self, scores: torch.Tensor, label_scores: torch.Tensor) -> torch.Tensor:
-        # softmax ignores a per-row constant: shifting by the label -m score empties the left range
-        shifted = label_scores - label_scores[..., :1]
-        index = self.window.expand(*scores.shape[:2], *self.window.shape)
-        scores[..., self.lo : self.hi] += shifted.gather(-1, index)
+    def add(self, scores: torch.Tensor, per_label: torch.Tensor, shift: bool) -> None:
+        """scores[..., j] += per_label[..., r_ij] in place. `shift`: leave out a per-row
+        constant (per_label[..., 0]), which a softmax ignores, so the left range costs nothing."""
+        if shift:
+            per_label = per_label - per_label[..., :1]
+        elif self.lo > 0:
+            scores[..., : self.lo] += per_label[..., :1]
+        index = self.window.expand(*per_label.shape[:2], *self.window.shape)
+        scores[..., self.lo : self.hi] += per_label.gather(-1, index)
         if self.hi < scores.shape[-1]:
-            scores[..., self.hi :] += shifted[..., 2 * self.m :]
-        return scores
+            scores[..., self.hi :] += per_label[..., 2 * self.m :]
 
-    def label_sums(self, probs: torch.Tensor) -> torch.Tensor:
+    def sums(self, x: torch.Tensor) -> torch.Tensor:
+        """sum_j x[..., j] per label: (B, H, c, 2m + 1)."""
         size = 2 * self.m + 1
-        index = self.window.expand(*probs.shape[:2], *self.window.shape)
-        sums = probs.new_zeros(*probs.shape[:3], size).scatter_add(-1, index, probs[..., self.lo : self.hi])
+        index = self.window.expand(*x.shape[:2], *self.window.shape)
+        out = x.new_zeros(*x.shape[:3], size).scatter_add_(-1, index, x[..., self.lo : self.hi])
         if self.lo > 0:
-            sums = sums + F.pad(probs[..., : self.lo].sum(-1, keepdim=True), (0, size - 1))
-        if self.hi < probs.shape[-1]:
-            sums = sums + F.pad(probs[..., self.hi :].sum(-1, keepdim=True), (size - 1, 0))
-        return sums
+            out[..., 0] += x[..., : self.lo].sum(-1)
+        if self.hi < x.shape[-1]:
+            out[..., -1] += x[..., self.hi :].sum(-1)
+        return out
 
 
-def _relational_chunk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    *,
-    q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
-    rows: slice,
-    bias_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None],
-    terms: Sequence[RelationTerm],
-    causal: bool,
-    scale: float,
-    dropout: float,
-) -> torch.Tensor:
-    """One chunk of queries q (B, H, c, D) against keys k_pos; see `relational_attention`."""
-    q = q * scale
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    qp = q_pos[rows]
-    shape = scores.shape
-    q_first = int(q_pos[0]) + rows.start
-    placed = []  # (term, band or expanded labels)
-    for term in terms:
-        if term.labels is None:
-            place = _Band(q_first, shape[2], shape[3], term.max_distance, q.device)
-        else:
-            place = term.labels[:, rows, : shape[3]][:, None].expand(shape)
-        placed.append((term, place))
-        label_scores = _label_scores(q, term)
-        if label_scores is None:
-            continue
-        if isinstance(place, _Band):
-            scores = place.add_scores(scores, label_scores)
-        else:
-            scores = scores + label_scores.gather(-1, place)
-    bias = bias_fn(qp, k_pos)
-    if mask is None and causal and bias is None:
-        # only the last c keys can lie after a query of this chunk
-        tail = slice(shape[3] - shape[2], shape[3])
-        future = k_pos[tail][None, :] > qp[:, None]
-        scores[..., tail] = scores[..., tail].masked_fill(future, torch.finfo(scores.dtype).min)
-    else:
-        add = _additive_mask(bias, mask, qp, k_pos, causal, scores.dtype)
-        if add is not None:
-            scores = scores.masked_fill(~add, torch.finfo(scores.dtype).min) if add.dtype == torch.bool else scores + add
-    probs = torch.softmax(scores, dim=-1)
-    if dropout > 0:
-        probs = F.dropout(probs, p=dropout)
-    out = torch.matmul(probs, v)
-    for term, place in placed:
-        if term.value is None:
-            continue
-        if isinstance(place, _Band):
-            sums = place.label_sums(probs)
-        else:
-            sums = probs.new_zeros(*shape[:3], term.num_labels).scatter_add(-1, place, probs)
-        out = out + _mix_values(sums, term.value)
-    return out
+class _Labels:
+    """Arbitrary labels (1|B, c, K'): gathers and scatter-adds over every pair."""
+
+    def __init__(self, labels: torch.Tensor, shape: torch.Size, num_labels: int) -> None:
+        self.index = labels[:, None].expand(shape)
+        self.num_labels = num_labels
+
+    def add(self, scores: torch.Tensor, per_label: torch.Tensor, shift: bool) -> None:
+        scores += per_label.expand(*scores.shape[:3], -1).gather(-1, self.index)
+
+    def sums(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:3], self.num_labels).scatter_add_(-1, self.index, x)
+
+
+def _project(x: torch.Tensor, table: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """(B, H, c, D) x table (R, D) or (H, R, D): x @ table^T -> (B, H, c, R) if `transpose`,
+    else x (B, H, c, R) @ table -> (B, H, c, D)."""
+    if table.dim() == 2:
+        return torch.matmul(x, table.t() if transpose else table)
+    return torch.einsum("bhcd,hrd->bhcr" if transpose else "bhcr,hrd->bhcd", x, table)
+
+
+def _table_grad(sums: torch.Tensor, x: torch.Tensor, per_head: bool) -> torch.Tensor:
+    """Gradient of a (R, D) or (H, R, D) table: sum over batch and rows of sums (B, H, c, R)
+    times x (B, H, c, D)."""
+    return torch.einsum("bhcr,bhcd->hrd" if per_head else "bhcr,bhcd->rd", sums, x)
+
+
+@dataclass
+class _Plan:
+    """Everything but the differentiable tensors: what the chunks of one call compute.
+
+    A chunk is one K/V head with the G query heads that read it and c consecutive queries:
+    its scores are one (G*c, D) @ (D, K') matmul per batch entry (grouped heads share K
+    without repeating it; G*c rows keep the matmul efficient even when c is small)."""
+
+    terms: Sequence[RelationTerm]
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    mask: torch.Tensor | None
+    bias_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]
+    causal: bool
+    scale: float
+    dropout: float
+    step: int
+    groups: int
+    seed: int = 0
+
+    def chunks(self, kv_heads: int) -> Iterator[tuple[int, slice, slice, int]]:
+        """(K/V head, its query heads, query rows, number of keys they can see) per chunk;
+        positions are contiguous, so a causal chunk sees keys up to its last query's position."""
+        q_len, k_len = self.q_pos.shape[0], self.k_pos.shape[0]
+        for start in range(0, q_len, self.step):
+            stop = min(q_len, start + self.step)
+            keys = k_len - q_len + stop if self.causal else k_len
+            for kv in range(kv_heads):
+                yield kv, slice(kv * self.groups, (kv + 1) * self.groups), slice(start, stop), keys
+
+    def probabilities(
+        self, qs: torch.Tensor, k: torch.Tensor, heads: slice, rows: slice, keys: int, tables: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[_Band | _Labels]]:
+        """softmax of one chunk's scores (B, G, c, K'): qs = its scaled queries (B, G, c, D),
+        k = its K/V head's keys (B, K', D)."""
+        batch, groups, rows_n, dim = qs.shape
+        scores = torch.matmul(qs.reshape(batch, groups * rows_n, dim), k.transpose(-1, -2)).view(batch, groups, rows_n, keys)
+        q_first = self.k_pos.shape[0] - self.q_pos.shape[0] + rows.start
+        places: list[_Band | _Labels] = []
+        for term, tab in zip(self.terms, tables):
+            if term.labels is None:
+                place: _Band | _Labels = _Band(q_first, rows_n, keys, term.max_distance, qs.device)
+            else:
+                place = _Labels(term_labels(term, self.q_pos, self.k_pos[:keys], rows), scores.shape, term.num_labels)
+            places.append(place)
+            per_label = None
+            if "key" in tab:
+                per_label = _project(qs, _heads(tab["key"], heads), transpose=True)
+            if "bias" in tab:
+                bias = tab["bias"][heads][None, :, None, :]
+                per_label = bias if per_label is None else per_label + bias
+            if per_label is not None:
+                place.add(scores, per_label, shift=True)
+        qp, kp = self.q_pos[rows], self.k_pos[:keys]
+        bias = self.bias_fn(qp, kp)
+        if bias is not None:
+            scores += bias[heads].to(scores.dtype)
+        mask = self.mask
+        if mask is not None:
+            mask = mask[..., :keys] if mask.shape[-2] == 1 else mask[..., rows, :keys]
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+            else:
+                scores += mask
+        elif self.causal:
+            # only the last c keys can lie after a query of this chunk
+            future = kp[keys - rows_n :][None, :] > qp[:, None]
+            scores[..., keys - rows_n :].masked_fill_(future, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1), places
+
+    def keep(self, kv: int, rows: slice, like: torch.Tensor) -> torch.Tensor | None:
+        """Dropout's scaled keep mask for a chunk, regenerated identically in the backward pass."""
+        if self.dropout <= 0:
+            return None
+        generator = torch.Generator(device=like.device).manual_seed(self.seed + rows.start * 4099 + kv)
+        kept = torch.rand(like.shape, generator=generator, device=like.device) >= self.dropout
+        return kept.to(like.dtype).div_(1 - self.dropout)
+
+
+def _heads(table: torch.Tensor, heads: slice) -> torch.Tensor:
+    """A (R, D) table shared by all heads, or the given heads of a per-head (H, R, D) one."""
+    return table if table.dim() == 2 else table[heads]
+
+
+def _tables(terms: Sequence[RelationTerm], flat: Sequence[torch.Tensor | None]) -> list[dict[str, torch.Tensor]]:
+    """The flat (key, value, bias) list of every term, as one dict per term (present tables only)."""
+    return [
+        {name: t for name, t in zip(("key", "value", "bias"), flat[3 * i : 3 * i + 3]) if t is not None}
+        for i in range(len(terms))
+    ]
+
+
+class _RelationalAttention(torch.autograd.Function):
+    """Shaw et al. 2018, eqs. 3-4, in chunks (see `_Plan`) with a hand-written backward pass
+    that recomputes each chunk's probabilities (Rabe & Staats 2021; FlashAttention's recipe), so
+    memory stays O(chunk) in training too: out, dq, dk, dv and the tables' gradients are the
+    only full-size tensors."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, *flat: torch.Tensor | None) -> torch.Tensor:
+        tables = _tables(plan.terms, flat)
+        batch, heads, q_len, _ = q.shape
+        # (B, Q, H, D) storage: the layout transformers wants back, so no copy follows
+        out = q.new_empty(batch, q_len, heads, v.shape[-1]).transpose(1, 2)
+        for kv, hs, rows, keys in plan.chunks(k.shape[1]):
+            qs = q[:, hs, rows] * plan.scale
+            probs, places = plan.probabilities(qs, k[:, kv, :keys], hs, rows, keys, tables)
+            keep = plan.keep(kv, rows, probs)
+            if keep is not None:
+                probs.mul_(keep)
+            b, g, c, _ = probs.shape
+            o = torch.matmul(probs.view(b, g * c, keys), v[:, kv, :keys]).view(b, g, c, -1)
+            for tab, place in zip(tables, places):
+                if "value" in tab:
+                    o += _project(place.sums(probs), _heads(tab["value"], hs), transpose=False)
+            out[:, hs, rows] = o
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, out, *flat)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, *flat = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        tables = _tables(plan.terms, flat)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dtables = [{name: torch.zeros_like(t) for name, t in tab.items()} for tab in tables]
+        for kv, hs, rows, keys in plan.chunks(k.shape[1]):
+            qs = q[:, hs, rows] * plan.scale
+            probs, places = plan.probabilities(qs, k[:, kv, :keys], hs, rows, keys, tables)
+            b, g, c, _ = probs.shape
+            do = grad_out[:, hs, rows]
+            do_flat = do.reshape(b, g * c, -1)
+            keep = plan.keep(kv, rows, probs)
+            dropped = probs if keep is None else probs * keep
+            # value side: out = dropped @ (v + A^V)
+            dprobs = torch.matmul(do_flat, v[:, kv, :keys].transpose(-1, -2)).view(b, g, c, keys)
+            dv[:, kv, :keys].baddbmm_(dropped.view(b, g * c, keys).transpose(-1, -2), do_flat)
+            for tab, dtab, place in zip(tables, dtables, places):
+                if "value" in tab:
+                    table = _heads(tab["value"], hs)
+                    place.add(dprobs, _project(do, table, transpose=True), shift=False)
+                    grad = _table_grad(place.sums(dropped), do, table.dim() == 3)
+                    _heads(dtab["value"], hs).add_(grad)
+            if keep is not None:
+                dprobs.mul_(keep)
+                row_dot = (probs * dprobs).sum(-1, keepdim=True)
+            else:
+                row_dot = (do * out[:, hs, rows]).sum(-1, keepdim=True)  # = sum_j P_ij dP_ij
+            dscores = dprobs.sub_(row_dot).mul_(probs)
+            del probs, dropped
+            # score side: scores = qs @ (k + A^K)^T + bias
+            ds_flat = dscores.view(b, g * c, keys)
+            dqs = torch.matmul(ds_flat, k[:, kv, :keys]).view(b, g, c, -1)
+            dk[:, kv, :keys].baddbmm_(ds_flat.transpose(-1, -2), qs.reshape(b, g * c, -1))
+            for tab, dtab, place in zip(tables, dtables, places):
+                if "key" in tab or "bias" in tab:
+                    sums = place.sums(dscores)
+                    if "key" in tab:
+                        table = _heads(tab["key"], hs)
+                        dqs += _project(sums, table, transpose=False)
+                        _heads(dtab["key"], hs).add_(_table_grad(sums, qs, table.dim() == 3))
+                    if "bias" in tab:
+                        dtab["bias"][hs] += sums.sum(dim=(0, 2))
+            dq[:, hs, rows] = dqs * plan.scale
+        grads: list[torch.Tensor | None] = []
+        for i, tab in enumerate(dtables):
+            grads += [tab.get(name) if flat[3 * i + j] is not None else None for j, name in enumerate(("key", "value", "bias"))]
+        return (dq, dk, dv, None, *grads)
 
 
 def relational_attention(
@@ -414,34 +548,19 @@ def relational_attention(
 ) -> torch.Tensor:
     """Relation-aware attention (Shaw et al. 2018, eqs. 3-4) in query chunks; (B, Hq, Q, D).
 
-    Per chunk of c queries: scores q k^T * scale (B, H, c, K') plus the gathered label scores,
-    mask, softmax, probs @ v plus (probs summed per label) @ A^V. Causal chunks stop at their
-    last query's position (K' <= K). With gradients each chunk is checkpointed: the backward
-    pass recomputes it, so no chunk's scores outlive it. Low-precision inputs run in float32.
+    Per chunk of c queries: scores q k^T * scale (B, H, c, K') plus each label's score gathered
+    by label (clipped relative positions: a band, see `_Band`), static biases, mask, softmax,
+    probs @ v plus (probs summed per label) @ A^V. Causal chunks stop at their last query's
+    position (K' <= K); grouped K/V heads are never repeated. The backward pass is written out
+    (`_RelationalAttention`). Low-precision inputs run in float32.
     """
     batch, num_heads, q_len, _ = query.shape
-    groups = num_heads // key.shape[1]
     dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
-    q = query.to(dtype)
-    k = key.repeat_interleave(groups, dim=1).to(dtype) if groups > 1 else key.to(dtype)
-    v = value.repeat_interleave(groups, dim=1).to(dtype) if groups > 1 else value.to(dtype)
-    k_len = k.shape[2]
-    step = max(1, min(q_len, RELATION_CHUNK_ELEMENTS // max(1, batch * num_heads * k_len)))
-    tables = [t for term in terms for t in (term.key, term.value, term.bias) if t is not None]
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *tables))
-    outs = []
-    for start in range(0, q_len, step):
-        stop = min(q_len, start + step)
-        # positions are contiguous: a causal chunk's last query sits at key index k_len - q_len + stop - 1
-        k_stop = k_len - q_len + stop if causal else k_len
-        m = None
-        if mask is not None:
-            m = mask[..., :k_stop] if mask.shape[-2] == 1 else mask[..., start:stop, :k_stop]
-        fn = partial(
-            _relational_chunk, q_pos=q_pos, k_pos=k_pos[:k_stop], rows=slice(start, stop), bias_fn=bias_fn,
-            terms=terms, causal=causal, scale=scale, dropout=dropout,
-        )
-        args = (q[:, :, start:stop], k[:, :, :k_stop], v[:, :, :k_stop], m)
-        outs.append(checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    k_len, groups = key.shape[2], num_heads // key.shape[1]
+    step = max(1, min(q_len, RELATION_CHUNK_ELEMENTS // max(1, batch * groups * k_len)))
+    flat = [t if t is None else t.to(dtype) for term in terms for t in (term.key, term.value, term.bias)]
+    plan = _Plan(terms, q_pos, k_pos, mask, bias_fn, causal, scale, dropout, step, groups)
+    if dropout > 0:
+        plan.seed = int(torch.randint(0, 2**62, (), device="cpu"))
+    out = _RelationalAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), plan, *flat)
     return out.to(query.dtype)

@@ -158,14 +158,18 @@ def naive_relative_bytes(length: int, head_dim: int, backward: bool) -> int:
 
 def build_relative_cases(heads: int, head_dim: int) -> list[Case]:
     """Shaw (keys + values, k=16) in the engine and materialised as transformers v4 BERT's
-    relative_key did, against plain SDPA without relative terms, causal and bidirectional."""
+    relative_key did, against plain SDPA without relative terms (transformers' sdpa attention
+    function, output in the model's layout like the others), causal and bidirectional."""
     cases = []
     for causal in (True, False):
         mode = "causal" if causal else "bidir"
         module = shaw_stub(heads, head_dim, causal).to(torch.float32)
         naive = _engine(module, "reference")
         cases += [
-            Case(f"sdpa {mode}", heads, lambda q, k, v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c), causal=causal),
+            # what a model without relative terms runs: transformers' sdpa function (SDPA, then
+            # the (B, L, H, D) layout transformers expects), reached through the engine
+            Case(f"sdpa {mode}", heads, _engine(attention_stub(heads, heads, head_dim, causal=causal)),
+                 baseline=f"sdpa {mode}", causal=causal),
             Case(f"shaw {mode}", heads, _engine(module), naive, baseline=f"sdpa {mode}", causal=causal),
             Case(f"shaw naive {mode}", heads, naive, baseline=f"sdpa {mode}", causal=causal,
                  needs=lambda length, backward: naive_relative_bytes(length, head_dim, backward)),

@@ -86,6 +86,14 @@ def assert_same_state(before: dict[str, torch.Tensor], model: torch.nn.Module) -
         assert torch.equal(after[key], value), key
 
 
+@pytest.fixture(params=[1 << 21, 96], ids=["one-chunk", "small-chunks"])
+def chunking(request, monkeypatch):
+    """Also run with chunks of a few query rows, so the relative-position bands move across chunks."""
+    from hf_relattn import engine
+
+    monkeypatch.setattr(engine, "RELATION_CHUNK_ELEMENTS", request.param)
+
+
 @pytest.fixture
 def ids() -> torch.Tensor:
     torch.manual_seed(1)

@@ -255,12 +255,12 @@ def gathered(table, labels):
     return table[:, labels].transpose(0, 1)
 
 
-def relation_aware_attention(q, k, v, scale, terms=(), causal=False, key_mask=None, allowed=None):
+def relation_aware_attention(q, k, v, scale, terms=(), causal=False, key_mask=None, allowed=None, bias=None):
     """Shaw, Uszkoreit & Vaswani 2018, eqs. 3-4, materialised in float64:
         e_ij = q_i . (k_j + a^K_{r_ij}) * scale,   z_i = sum_j softmax(e)_ij (v_j + a^V_{r_ij}),
     with the a^K, a^V of every term summed. q (B, H, Q, D); k/v (B, G, K, D) (K/V heads repeated);
     terms: (labels (1 or B, Q, K), a^K or None, a^V or None), tables (R, D) or (H, R, D);
-    masks as in `materialized_attention`."""
+    bias: added to the scaled scores; masks as in `materialized_attention`."""
     num_heads, groups = q.shape[1], k.shape[1]
     src = torch.tensor([i // (num_heads // groups) for i in range(num_heads)])
     q, k, v = q.double(), k[:, src].double(), v[:, src].double()
@@ -270,6 +270,8 @@ def relation_aware_attention(q, k, v, scale, terms=(), causal=False, key_mask=No
         if a_key is not None:
             scores = scores + torch.einsum("bhqd,bhqkd->bhqk", q, gathered(a_key, labels).expand(shape))
     scores = scores * scale
+    if bias is not None:
+        scores = scores + bias.double()
     q_len, k_len = q.shape[2], k.shape[2]
     keep = torch.ones(q_len, k_len, dtype=torch.bool)
     if causal:

@@ -11,7 +11,7 @@ import hf_relattn
 
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
 from reference import run_with_attention
-from test_shaw import FAMILIES, REF, chunking, inputs_of, randomize, valid_rows  # noqa: F401  (fixture)
+from test_shaw import FAMILIES, REF, inputs_of, randomize, valid_rows
 
 NUM = 5
 

@@ -86,3 +86,45 @@ def test_random_shapes_and_masks(batch, kv_heads, groups, q_len, extra_keys, dim
 def test_long_sequence_across_many_chunks(causal):
     # 300 queries in chunks of 16 rows: bands start, sit inside and leave the key range
     run_case(1, 3, 3, 300, 300, 16, 7, causal, 0, False, False, True, 3 * 300 * 16, seed=0)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["band", "labels"])
+def test_dropout_gradients_match_finite_differences(graph):
+    """Attention dropout regenerates the same keep mask in the backward pass: the written-out
+    gradient equals central differences of the loss (same seed before every call), in float64."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    a_key = torch.randn(4, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    a_value = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (2, 9, 9), generator=gen) if graph else None
+    weights = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64)
+    positions = torch.arange(9)
+
+    def loss():
+        torch.manual_seed(11)  # the engine draws the dropout seed from the global generator
+        term = RelationTerm(5, labels=labels, max_distance=None if graph else 2, key=a_key, value=a_value)
+        out = engine.relational_attention(q, k, v, None, lambda qp, kp: None, positions, positions, True, 0.3, 0.4, terms=[term])
+        return (out * weights).sum()
+
+    leaves = (q, k, v, a_key, a_value)
+    grads = torch.autograd.grad(loss(), leaves)
+    directions = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in leaves]
+    eps = 1e-6
+    with torch.no_grad():
+        for t, d in zip(leaves, directions):
+            t += eps * d
+        plus = loss()
+        for t, d in zip(leaves, directions):
+            t -= 2 * eps * d
+        minus = loss()
+        for t, d in zip(leaves, directions):
+            t += eps * d
+    numeric = (plus - minus) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(grads, directions))
+    torch.testing.assert_close(analytic, numeric, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        assert loss() == loss()  # same seed: same mask
+        torch.manual_seed(12)
+        term = RelationTerm(5, labels=labels, max_distance=None if graph else 2, key=a_key, value=a_value)
+        other = engine.relational_attention(q, k, v, None, lambda qp, kp: None, positions, positions, True, 0.3, 0.4, terms=[term])
+        assert (other * weights).sum() != loss()  # another seed: another dropout mask

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForImageClassification
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.t5.modeling_t5 import T5Attention
 
 import hf_relattn
-from hf_relattn import engine
 
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
 from reference import clipped_relative_labels, relation_aware_attention, run_with_attention, vit_grid_labels
@@ -20,7 +20,7 @@ FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "vit": tiny_vit}
 
 def relational_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Eqs. 3-4 of Shaw et al. with the labels written in tests/reference.py and the module's tables
-    (the terms of `shaw` and `relation` summed when both are attached)."""
+    (the terms of `shaw` and `relation` summed when both are attached, plus a T5 bias)."""
     q_len, k_len = query.shape[2], key.shape[2]
     names = {v.name: v for v in getattr(module, "relattn_variants", ())}
     terms = []
@@ -39,7 +39,14 @@ def relational_reference(module, query, key, value, attention_mask, dropout=0.0,
             return None if t is None else torch.cat([torch.zeros_like(t[..., :1, :]), t], dim=-2)
 
         terms.append((ids[:, k_len - q_len : k_len, :k_len], with_label_zero(tables.key), with_label_zero(tables.value)))
-    out = relation_aware_attention(query, key, value, scaling, terms, causal=module.is_causal, allowed=attention_mask)
+    bias = None
+    if "t5_bias" in names:  # T5 buckets from transformers' own T5 code
+        spec = names["t5_bias"]
+        buckets = T5Attention._relative_position_bucket(
+            torch.arange(k_len)[None, :] - torch.arange(k_len - q_len, k_len)[:, None],
+            bidirectional=not module.is_causal, num_buckets=spec.num_buckets, max_distance=spec.max_distance)
+        bias = module.relattn_t5_bias.weight[buckets].permute(2, 0, 1)
+    out = relation_aware_attention(query, key, value, scaling, terms, causal=module.is_causal, allowed=attention_mask, bias=bias)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -77,12 +84,6 @@ def valid_rows(family, out):
     return [out]
 
 
-@pytest.fixture(params=[1 << 21, 96], ids=["one-chunk", "small-chunks"])
-def chunking(request, monkeypatch):
-    """Also run with chunks of a few query rows, so the relative-position bands move across chunks."""
-    monkeypatch.setattr(engine, "RELATION_CHUNK_ELEMENTS", request.param)
-
-
 @pytest.mark.parametrize("family", ["llama", "bert", "vit"])
 def test_zero_initialised_tables_leave_outputs_unchanged(family, ids, pixels):
     model = FAMILIES[family]()
@@ -116,9 +117,14 @@ def test_matches_paper_equations(family, values, per_head, ids, pixels, chunking
     torch.testing.assert_close(naive[0], model(**inputs).logits[0], atol=2e-5, rtol=1e-5)
 
 
-def test_gradients_match_the_reference(ids, chunking):
-    """Gradients of the checkpointed, chunked path equal those of the materialised formula."""
-    model = randomize(hf_relattn.convert(tiny_llama(), "shaw", max_distance=2, per_head=True)).train()
+@pytest.mark.parametrize("with_t5", [False, True], ids=["shaw", "shaw+t5_bias"])
+def test_gradients_match_the_reference(ids, chunking, with_t5):
+    """Gradients of the chunked path's written-out backward equal those of the materialised
+    formula (autograd), for every weight; with a T5 bias as well, its table's too."""
+    model = hf_relattn.convert(tiny_llama(), "shaw", max_distance=2, per_head=True)
+    if with_t5:
+        hf_relattn.convert(model, "t5_bias", num_buckets=8, max_distance=12)
+    randomize(model).train()
     inputs = inputs_of("llama", ids, None)
     labels = ids.clone()
     labels[1, :4] = -100  # logits at padded positions 0-2 (predicting tokens 1-3) are undefined
@@ -135,8 +141,8 @@ def test_gradients_match_the_reference(ids, chunking):
 
     got, expected = grads(), grads(REF)
     assert got.keys() == expected.keys()
-    tables = [n for n in got if "relattn_shaw" in n]
-    assert len(tables) == 4 and all(got[n].abs().sum() > 0 for n in tables)
+    tables = [n for n in got if "relattn_" in n]
+    assert len(tables) == (6 if with_t5 else 4) and all(got[n].abs().sum() > 0 for n in tables)
     for name in got:
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -32,14 +33,15 @@ class RelationTerm:
     without materialising anything of size T x T x d: q @ key^T gives (B, H, Q, R) label scores
     that are gathered by label, and the probabilities are summed per label before @ value.
 
-    Labels are either given for every pair (`labels`, (1 or B, Q, K) long), or are clipped
-    1-D relative positions r_ij = clip(j - i, -max_distance, max_distance) + max_distance,
-    computed by the engine from positions (cheaper, and what decoding needs).
+    Labels are given for every pair (`labels`: a (1 or B, Q, K) long tensor, or a function of
+    (query positions, key positions) giving one, evaluated chunk by chunk), or are clipped 1-D
+    relative positions r_ij = clip(j - i, -max_distance, max_distance) + max_distance, computed
+    by the engine from positions (cheapest, and what decoding needs).
     Tables are (R, D) shared by all heads or (H, R, D) per head; `bias` is (H, R).
     """
 
     num_labels: int
-    labels: torch.Tensor | None = None
+    labels: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     max_distance: int | None = None
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None

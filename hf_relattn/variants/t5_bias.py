@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .base import Variant, attach, register_variant
+from .base import RelationTerm, Variant, attach, register_variant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -80,6 +80,17 @@ class T5Bias(Variant):
                 nn.init.zeros_(table.weight)
             setattr(attn, MODULE_NAME, table)
             attach(attn, self)
+
+    def relation_term(
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any]
+    ) -> RelationTerm:
+        # Used when the layer also has Shaw/relation terms: the bias is then one more label table.
+        bidirectional = not getattr(module, "is_causal", False)
+
+        def buckets(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
+            return relative_position_bucket(kp[None, :] - qp[:, None], bidirectional, self.num_buckets, self.max_distance)[None]
+
+        return RelationTerm(self.num_buckets, labels=buckets, bias=getattr(module, MODULE_NAME).weight.t())
 
     def score_bias(
         self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
