@@ -59,7 +59,7 @@ def relation_graph(tokenizer) -> tuple[dict, torch.Tensor]:
     owner = []  # per token: ("q", word index) or ("s", item index) or None for special tokens
     for (start, end), part in zip(offsets, seq):
         if part == 0:
-            owner.append(("q", next(i for i, (a, b, _) in enumerate(words) if a <= start < b)))
+            owner.append(("q", next((i for i, (a, b, _) in enumerate(words) if a <= start < b), None)))
         elif part == 1:
             owner.append(("s", next((i for i, it in enumerate(items) if it["span"][0] <= start < it["span"][1]), None)))
         else:

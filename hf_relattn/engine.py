@@ -363,6 +363,18 @@ def _table_grad(sums: torch.Tensor, x: torch.Tensor, per_head: bool) -> torch.Te
 
 
 @dataclass
+class _Rows:
+    """What one chunk of query rows shares across heads: its key count, label placements,
+    static bias (H, c, K') and mask (bool: True = masked; float: additive)."""
+
+    rows: slice
+    keys: int
+    places: list[_Band | _Labels]
+    bias: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+@dataclass
 class _Plan:
     """Everything but the differentiable tensors: what the chunks of one call compute.
 
@@ -382,31 +394,46 @@ class _Plan:
     groups: int
     seed: int = 0
 
-    def chunks(self, kv_heads: int) -> Iterator[tuple[int, slice, slice, int]]:
-        """(K/V head, its query heads, query rows, number of keys they can see) per chunk;
-        positions are contiguous, so a causal chunk sees keys up to its last query's position."""
+    def chunks(self, batch: int, kv_heads: int) -> Iterator[tuple[int, slice, _Rows]]:
+        """(K/V head, its query heads, the rows' shared context) per chunk; row chunks outside,
+        so what does not depend on the head (labels, masks, static biases) is built once."""
         q_len, k_len = self.q_pos.shape[0], self.k_pos.shape[0]
         for start in range(0, q_len, self.step):
-            stop = min(q_len, start + self.step)
-            keys = k_len - q_len + stop if self.causal else k_len
+            rows = self._rows(slice(start, min(q_len, start + self.step)), batch)
             for kv in range(kv_heads):
-                yield kv, slice(kv * self.groups, (kv + 1) * self.groups), slice(start, stop), keys
+                yield kv, slice(kv * self.groups, (kv + 1) * self.groups), rows
+
+    def _rows(self, rows: slice, batch: int) -> _Rows:
+        q_len, k_len = self.q_pos.shape[0], self.k_pos.shape[0]
+        # positions are contiguous: a causal chunk sees keys up to its last query's position
+        keys = k_len - q_len + rows.stop if self.causal else k_len
+        count = rows.stop - rows.start
+        qp, kp = self.q_pos[rows], self.k_pos[:keys]
+        shape = (batch, self.groups, count, keys)
+        places: list[_Band | _Labels] = []
+        for term in self.terms:
+            if term.labels is None:
+                places.append(_Band(k_len - q_len + rows.start, count, keys, term.max_distance, qp.device))
+            else:
+                places.append(_Labels(term_labels(term, self.q_pos, kp, rows), shape, term.num_labels))
+        mask = self.mask
+        if mask is not None:
+            mask = mask[..., :keys] if mask.shape[-2] == 1 else mask[..., rows, :keys]
+            mask = ~mask if mask.dtype == torch.bool else mask
+        elif self.causal:
+            # only the last c keys can lie after a query of this chunk
+            mask = kp[keys - count :][None, :] > qp[:, None]
+        return _Rows(rows, keys, places, self.bias_fn(qp, kp), mask)
 
     def probabilities(
-        self, qs: torch.Tensor, k: torch.Tensor, heads: slice, rows: slice, keys: int, tables: list[dict[str, torch.Tensor]]
-    ) -> tuple[torch.Tensor, list[_Band | _Labels]]:
+        self, qs: torch.Tensor, k: torch.Tensor, heads: slice, rows: _Rows, tables: list[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
         """softmax of one chunk's scores (B, G, c, K'): qs = its scaled queries (B, G, c, D),
         k = its K/V head's keys (B, K', D)."""
-        batch, groups, rows_n, dim = qs.shape
-        scores = torch.matmul(qs.reshape(batch, groups * rows_n, dim), k.transpose(-1, -2)).view(batch, groups, rows_n, keys)
-        q_first = self.k_pos.shape[0] - self.q_pos.shape[0] + rows.start
-        places: list[_Band | _Labels] = []
-        for term, tab in zip(self.terms, tables):
-            if term.labels is None:
-                place: _Band | _Labels = _Band(q_first, rows_n, keys, term.max_distance, qs.device)
-            else:
-                place = _Labels(term_labels(term, self.q_pos, self.k_pos[:keys], rows), scores.shape, term.num_labels)
-            places.append(place)
+        batch, groups, count, dim = qs.shape
+        keys = rows.keys
+        scores = torch.matmul(qs.reshape(batch, groups * count, dim), k.transpose(-1, -2)).view(batch, groups, count, keys)
+        for place, tab in zip(rows.places, tables):
             per_label = None
             if "key" in tab:
                 per_label = _project(qs, _heads(tab["key"], heads), transpose=True)
@@ -415,22 +442,17 @@ class _Plan:
                 per_label = bias if per_label is None else per_label + bias
             if per_label is not None:
                 place.add(scores, per_label, shift=True)
-        qp, kp = self.q_pos[rows], self.k_pos[:keys]
-        bias = self.bias_fn(qp, kp)
-        if bias is not None:
-            scores += bias[heads].to(scores.dtype)
-        mask = self.mask
+        if rows.bias is not None:
+            scores += rows.bias[heads].to(scores.dtype)
+        mask = rows.mask
         if mask is not None:
-            mask = mask[..., :keys] if mask.shape[-2] == 1 else mask[..., rows, :keys]
-            if mask.dtype == torch.bool:
-                scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
-            else:
+            if mask.dtype != torch.bool:
                 scores += mask
-        elif self.causal:
-            # only the last c keys can lie after a query of this chunk
-            future = kp[keys - rows_n :][None, :] > qp[:, None]
-            scores[..., keys - rows_n :].masked_fill_(future, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim=-1), places
+            elif self.mask is None:  # causal, no mask given: the masked part of the last c keys
+                scores[..., keys - count :].masked_fill_(mask, torch.finfo(scores.dtype).min)
+            else:
+                scores.masked_fill_(mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1)
 
     def keep(self, kv: int, rows: slice, like: torch.Tensor) -> torch.Tensor | None:
         """Dropout's scaled keep mask for a chunk, regenerated identically in the backward pass."""
@@ -466,9 +488,10 @@ class _RelationalAttention(torch.autograd.Function):
         batch, heads, q_len, _ = q.shape
         # (B, Q, H, D) storage: the layout transformers wants back, so no copy follows
         out = q.new_empty(batch, q_len, heads, v.shape[-1]).transpose(1, 2)
-        for kv, hs, rows, keys in plan.chunks(k.shape[1]):
+        for kv, hs, chunk in plan.chunks(batch, k.shape[1]):
+            rows, keys, places = chunk.rows, chunk.keys, chunk.places
             qs = q[:, hs, rows] * plan.scale
-            probs, places = plan.probabilities(qs, k[:, kv, :keys], hs, rows, keys, tables)
+            probs = plan.probabilities(qs, k[:, kv, :keys], hs, chunk, tables)
             keep = plan.keep(kv, rows, probs)
             if keep is not None:
                 probs.mul_(keep)
@@ -489,9 +512,10 @@ class _RelationalAttention(torch.autograd.Function):
         tables = _tables(plan.terms, flat)
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dtables = [{name: torch.zeros_like(t) for name, t in tab.items()} for tab in tables]
-        for kv, hs, rows, keys in plan.chunks(k.shape[1]):
+        for kv, hs, chunk in plan.chunks(q.shape[0], k.shape[1]):
+            rows, keys, places = chunk.rows, chunk.keys, chunk.places
             qs = q[:, hs, rows] * plan.scale
-            probs, places = plan.probabilities(qs, k[:, kv, :keys], hs, rows, keys, tables)
+            probs = plan.probabilities(qs, k[:, kv, :keys], hs, chunk, tables)
             b, g, c, _ = probs.shape
             do = grad_out[:, hs, rows]
             do_flat = do.reshape(b, g * c, -1)

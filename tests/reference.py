@@ -56,6 +56,20 @@ def expand_heads(weight: torch.Tensor, num_heads: int, groups: int) -> torch.Ten
 
 
 # --------------------------------------------------------------------------- attention
+def kept_pairs(q_len, k_len, causal=False, key_mask=None, allowed=None):
+    """(B or 1, 1, Q, K) True where query i (the last Q of K positions) may attend key j:
+    j <= i if causal, the key not padding (key_mask (B, K)), and `allowed` (B, 1, Q, K)."""
+    keep = torch.ones(q_len, k_len, dtype=torch.bool)
+    if causal:
+        keep = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
+    keep = keep[None, None]
+    if key_mask is not None:
+        keep = keep & key_mask.bool()[:, None, None, :]
+    if allowed is not None:
+        keep = keep & allowed
+    return keep
+
+
 def materialized_attention(q, k, v, scale, causal=False, key_mask=None, bias=None, allowed=None):
     """softmax(q k^T * scale + bias + mask) v in float64, K/V heads repeated; q (B,H,Q,D), k/v (B,G,K,D).
 
@@ -71,15 +85,7 @@ def materialized_attention(q, k, v, scale, causal=False, key_mask=None, bias=Non
     scores = q @ k.transpose(-1, -2) * scale
     if bias is not None:
         scores = scores + bias
-    q_len, k_len = q.shape[2], k.shape[2]
-    keep = torch.ones(q_len, k_len, dtype=torch.bool)
-    if causal:
-        keep = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
-    keep = keep[None, None]
-    if key_mask is not None:
-        keep = keep & key_mask.bool()[:, None, None, :]
-    if allowed is not None:
-        keep = keep & allowed
+    keep = kept_pairs(q.shape[2], k.shape[2], causal, key_mask, allowed)
     scores = scores.masked_fill(~keep, torch.finfo(torch.float64).min)
     return torch.softmax(scores, dim=-1) @ v
 
@@ -272,15 +278,7 @@ def relation_aware_attention(q, k, v, scale, terms=(), causal=False, key_mask=No
     scores = scores * scale
     if bias is not None:
         scores = scores + bias.double()
-    q_len, k_len = q.shape[2], k.shape[2]
-    keep = torch.ones(q_len, k_len, dtype=torch.bool)
-    if causal:
-        keep = torch.arange(k_len)[None, :] <= torch.arange(k_len - q_len, k_len)[:, None]
-    keep = keep[None, None]
-    if key_mask is not None:
-        keep = keep & key_mask.bool()[:, None, None, :]
-    if allowed is not None:
-        keep = keep & allowed
+    keep = kept_pairs(q.shape[2], k.shape[2], causal, key_mask, allowed)
     probs = torch.softmax(scores.masked_fill(~keep, torch.finfo(torch.float64).min), dim=-1)
     out = probs @ v
     for labels, _, a_value in terms:

@@ -424,3 +424,52 @@ def test_table_printing_with_and_without_rich(monkeypatch, capsys):
     bench.print_table("title", headers, rows)
     fancy = capsys.readouterr().out
     assert "[9-11]" in fancy and "mqa+alibi" in fancy and "tok/s [min-max]" in fancy  # brackets are text, not markup
+
+
+# ------------------------------------------------------------- relative / relation-aware
+def test_bench_reports_shaw_and_relation_beside_the_baseline(llama_dir, text_file, tmp_path):
+    out = tmp_path / "rel"
+    assert main(["bench", "--model", str(llama_dir), "--data", str(text_file), "--out", str(out),
+                 "--variants", "shaw:max_distance=8,relation:num_relations=2", "--context", "64", "--stride", "32",
+                 "--max-tokens", "200", "--contexts", "32", "--decode-contexts", "32", "--new-tokens", "2", "--no-plots", *FAST]) == 0
+    res = {r["label"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert set(res) == {"baseline", "shaw:max_distance=8", "relation:num_relations=2"}
+    base = res["baseline"]["quality"]["perplexity"]
+    for label in ("shaw:max_distance=8", "relation:num_relations=2"):  # zero-initialised tables: the same model
+        assert res[label]["quality"]["perplexity"] == pytest.approx(base, rel=1e-5)
+        assert res[label]["parameters"] > res["baseline"]["parameters"]
+        assert res[label]["decode"] and res[label]["prefill"]
+
+
+def test_same_token_graph_feeds_prefill_and_decoding():
+    model = hf_relattn.convert(tiny_llama(), "relation", num_relations=2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relattn_relation" in name:
+                param.normal_()
+    ids = torch.tensor([[5, 7, 5, 9, 7, 5, 11, 9]])
+    graph = torch.tensor([[[int(a == b) for b in row] for a in row] for row in ids.tolist()])  # written out here
+    with torch.no_grad():
+        full = model(ids, relation_ids=graph).logits
+        model.register_forward_pre_hook(bench.SameTokenGraph(), with_kwargs=True)
+        out = model(input_ids=ids[:, :5], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for t in range(5, 8):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], atol=1e-5, rtol=1e-5)
+
+
+def test_bench_kernels_relative_suite(tmp_path):
+    assert main(["bench", "kernels", "--suite", "relative", "--lengths", "16,48", "--heads", "4", "--head-dim", "8",
+                 "--reps", "1", "--matmul-size", "128", "--max-memory-gb", "0.0002", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "kernels.json").read_text())
+    rows = {(r["case"], r["length"], r["pass"]): r for r in res["results"]}
+    assert {case for case, _, _ in rows} == {f"{c} {m}" for c in ("sdpa", "shaw", "shaw naive") for m in ("causal", "bidir")}
+    # the naive path's T x T x d tables: 2 * 48^2 * 8 * 4 bytes = 147 kB (x2 with gradients) vs 0.0002 GB = 215 kB
+    assert "skipped" not in rows[("shaw naive causal", 16, "fwd")]
+    assert rows[("shaw naive bidir", 48, "fwd+bwd")]["needs_bytes"] == 2 * 48 * 48 * 8 * 4 * 2
+    assert "skipped" in rows[("shaw naive bidir", 48, "fwd+bwd")]
+    for (case, _, _), r in rows.items():
+        if case.startswith("shaw ") and "naive" not in case:
+            assert r["max_abs_diff_vs_check"] < 1e-4 and r["baseline"] == "sdpa " + case.split()[-1]

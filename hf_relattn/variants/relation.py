@@ -77,14 +77,15 @@ class Relation(RelationalVariant):
             )
         # every layer sees the same tensor: check its range once (per tensor object and version)
         checked = self._checked
-        if checked is None or checked[0]() is not ids or checked[1] != ids._version:
+        version = -1 if ids.is_inference() else ids._version  # inference tensors have no version counter
+        if checked is None or checked[0]() is not ids or checked[1] != version or version == -1:
             low, high = int(ids.min()), int(ids.max())
             if low < 0 or high >= self.num_relations:
                 raise ValueError(
                     f"relation_ids must lie in [0, {self.num_relations}) (num_relations={self.num_relations}), "
                     f"got values in [{low}, {high}]"
                 )
-            self._checked = (weakref.ref(ids), ids._version)
+            self._checked = (weakref.ref(ids), version)
         if (rows, cols) != (q_len, k_len):
             ids = ids[:, k_len - q_len : k_len, :k_len]
         return ids.to(device=device, dtype=torch.long)
