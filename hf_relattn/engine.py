@@ -159,6 +159,9 @@ def relattn_attention(
     else:
         terms = []  # bias-only terms: their score_bias runs on the SDPA path
     impl = _forced[-1] if _forced else "auto"
+    sparse = [v for v in variants if v.axis == "sparsity"]
+    if sparse:
+        return _sparse(module, sparse, scorers or terms, query, key, value, attention_mask, dropout, scaling, impl, q_pos, k_pos, kwargs)
     if not scorers and not terms and impl == "auto":
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -178,6 +181,37 @@ def relattn_attention(
     else:
         run = dense_attention
     out = run(query, key, value, attention_mask, bias_fn, q_pos, k_pos, causal, scale, dropout if module.training else 0.0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _key_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, K) True for keys some query may attend (not padding), from a boolean mask."""
+    return mask.any(dim=-2)[:, 0] if mask is not None and mask.dtype == torch.bool else None
+
+
+def _sparse(
+    module: nn.Module, sparse: list[Variant], others: list[Any], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, impl: str, q_pos: torch.Tensor,
+    k_pos: torch.Tensor, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    """The sparsity axis: the block-sparse path, or the dense masked reference."""
+    if len(sparse) > 1 or others:
+        names = [v.name for v in sparse] + [getattr(v, "name", "relation term") for v in others]
+        raise ValueError(f"A sparse variant acts alone inside attention (with gqa); this layer has {names}")
+    variant = sparse[0]
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    drop = dropout if module.training else 0.0
+    if impl == "reference":
+        pattern = variant.dense_mask(module, q_pos, k_pos, query, key, _key_valid(attention_mask))
+        if pattern is not None and attention_mask is not None:
+            pattern = pattern & attention_mask
+        out = reference_attention(query, key, value, attention_mask if pattern is None else pattern,
+                                  lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
+        return out.transpose(1, 2).contiguous(), None
+    out = block_sparse_attention(query, key, value, attention_mask, variant, module, q_pos, k_pos, causal, scale, drop)
+    if out is None:  # a dense layer of the pattern
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -588,3 +622,113 @@ def relational_attention(
         plan.seed = int(torch.randint(0, 2**62, (), device="cpu"))
     out = _RelationalAttention.apply(query.to(dtype), key.to(dtype), value.to(dtype), plan, *flat)
     return out.to(query.dtype)
+
+
+# -------------------------------------------------------------------- block-sparse path
+# Scores (and gathered K/V) per chunk of query blocks in the block-sparse path.
+SPARSE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _selected_blocks(token_blocks: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of queries, the union of its tokens' key blocks as index lists.
+
+    token_blocks (Bs, Hs, Q, N) bool -> (indices (Bs, Hs, nq, S) ascending, valid (Bs, Hs, nq, S)),
+    S = the largest union; shorter lists are padded with block 0, marked invalid."""
+    bs, hs, q_len, num = token_blocks.shape
+    nq = -(-q_len // block)
+    padded = F.pad(token_blocks, (0, 0, 0, nq * block - q_len))
+    union = padded.view(bs, hs, nq, block, num).any(3)
+    counts = union.sum(-1)
+    width = max(1, int(counts.max()))
+    order = torch.argsort((~union).to(torch.uint8), dim=-1, stable=True)[..., :width]
+    valid = torch.arange(width, device=union.device) < counts[..., None]
+    return torch.where(valid, order, 0), valid
+
+
+def block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    variant: Any,
+    module: nn.Module,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    causal: bool,
+    scale: float,
+    dropout: float,
+) -> torch.Tensor | None:
+    """Attention computed only on the key blocks a sparse variant keeps; (B, Hq, Q, D), or None
+    when the variant leaves this layer dense.
+
+    Queries go in blocks of the variant's key-block size. For each query block, the key blocks
+    any of its tokens may read are gathered (K/V heads shared by a group of query heads are
+    gathered once, unless the choice differs per head, as MoBA's), and SDPA runs on them with
+    the exact token-level mask: the pattern's rule, the token's own block choice, causality,
+    padding. Compute and memory are proportional to the gathered blocks; autograd flows
+    through the gathers. Chunks of query blocks keep the gathered K/V under
+    SPARSE_CHUNK_ELEMENTS floats."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    block = variant.key_block(module)
+    num_blocks = -(-k_len // block)
+    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, _key_valid(mask))
+    if chosen is None:
+        return None
+    if causal:
+        chosen = chosen & (torch.arange(num_blocks, device=q_pos.device)[None, :] <= (q_pos // block)[:, None])
+    per_head = chosen.shape[1] > 1
+    sel, sel_valid = _selected_blocks(chosen, block)
+    nq, width = sel.shape[2], sel.shape[3]
+    pad_keys = num_blocks * block - k_len
+    kb = F.pad(key, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_blocks, block, -1)
+    vb = F.pad(value, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_blocks, block, -1)
+    if per_head:  # each query head chooses its own blocks: index K/V by query head
+        kb, vb = kb.repeat_interleave(groups, dim=1), vb.repeat_interleave(groups, dim=1)
+    hx, gx = kb.shape[1], (1 if per_head else groups)
+    q = F.pad(query, (0, 0, 0, nq * block - q_len)).view(batch, hx, gx, nq, block, dim)
+    qp = F.pad(q_pos, (0, nq * block - q_len), value=int(q_pos[-1])).view(nq, block)
+    chosen_rows = F.pad(chosen, (0, 0, 0, nq * block - q_len)).view(*chosen.shape[:2], nq, block, num_blocks)
+    offsets = torch.arange(block, device=query.device)
+    b_idx = torch.arange(batch, device=query.device)[:, None, None, None]
+    h_idx = torch.arange(hx, device=query.device)[None, :, None, None]
+    step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(block * gx, dim)))
+    outs = []
+    for a in range(0, nq, step):
+        c = slice(a, min(nq, a + step))
+        idx = sel[..., c, :].expand(batch, hx, -1, -1)  # (B, hx, n, S)
+        n = idx.shape[2]
+        k_sel = kb[b_idx, h_idx, idx].reshape(batch, hx, n, width * block, -1)
+        v_sel = vb[b_idx, h_idx, idx].reshape(batch, hx, n, width * block, -1)
+        kpos = (idx[..., None] * block + offsets).reshape(batch, hx, n, 1, width * block)
+        rows = qp[c][None, None, :, :, None]  # (1, 1, n, bq, 1)
+        keep = (sel_valid[..., c, :, None].expand(-1, -1, -1, -1, block).reshape(*sel_valid.shape[:2], n, 1, width * block)
+                & (kpos < k_len))
+        # each token reads only its own choice of blocks (the union of the query block may hold more)
+        own = chosen_rows[..., c, :, :].expand(batch, hx, -1, -1, -1)
+        own = own.gather(-1, idx[:, :, :, None, :].expand(-1, -1, -1, block, -1))
+        keep = keep & own.repeat_interleave(block, dim=-1)
+        rule = variant.allowed(module, rows, kpos, k_len)
+        if rule is not None:
+            keep = keep & rule
+        if causal:
+            keep = keep & (kpos <= rows)
+        if mask is not None:
+            m = F.pad(mask, (0, 0, 0, nq * block - q_len)).view(mask.shape[0], 1, nq, block, k_len)[:, :, c]
+            cols = kpos.clamp(max=k_len - 1).expand(batch, hx, n, block, width * block)
+            m = m.expand(batch, hx, -1, -1, -1).gather(-1, cols) if m.dtype == torch.bool else m.expand(batch, hx, -1, -1, -1).gather(-1, cols) == 0
+            keep = keep & m
+        # grouped query heads share the gathered K/V: (G * bq) rows per query block
+        keep = keep.expand(batch, hx, n, block, width * block)
+        if gx > 1:
+            keep = keep[:, :, :, None].expand(-1, -1, -1, gx, -1, -1).reshape(batch, hx, n, gx * block, width * block)
+        bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, torch.finfo(query.dtype).min)
+        qc = q[:, :, :, c].permute(0, 1, 3, 2, 4, 5).reshape(batch * hx * n, gx * block, dim)
+        out = F.scaled_dot_product_attention(
+            qc, k_sel.reshape(batch * hx * n, width * block, -1), v_sel.reshape(batch * hx * n, width * block, -1),
+            attn_mask=bias.reshape(batch * hx * n, gx * block, width * block), dropout_p=dropout, scale=scale,
+        )
+        outs.append(out.view(batch, hx, n, gx, block, -1).permute(0, 1, 3, 2, 4, 5))
+    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+    return out.reshape(batch, heads, nq * block, -1)[:, :, :q_len]

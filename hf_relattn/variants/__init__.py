@@ -1,6 +1,6 @@
 """One module per attention variant; importing this package registers them all."""
 
-from . import alibi, gqa, relation, shaw, t5_bias  # noqa: F401
+from . import alibi, fixed, gqa, moba, power, relation, shaw, sliding_window, strided, t5_bias  # noqa: F401
 from .base import VARIANTS, Variant, get_variant_class, register_variant
 
 __all__ = ["VARIANTS", "Variant", "get_variant_class", "register_variant"]

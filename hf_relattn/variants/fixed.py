@@ -1,0 +1,51 @@
+"""Fixed sparse attention: Child, Gray, Radford & Sutskever 2019, "Generating Long Sequences
+with Sparse Transformers", section 4.2.
+
+Query i attends its own block of `block` tokens (floor(j / block) == floor(i / block)) and the
+last `summary` tokens of every block (j mod block >= block - summary): of the earlier blocks
+for decoders (causal), of all blocks for encoders. Parameter-free (flag or convert). The engine
+reads key blocks of gcd(block, summary) tokens, so it reads exactly the own block and the
+summaries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import register_variant
+from .sparse_base import SparseVariant, check_positive
+
+
+@register_variant
+@dataclass
+class Fixed(SparseVariant):
+    block: int = 128
+    summary: int = 16
+
+    name = "fixed"
+    flag = True
+    description = "Own block of `block` tokens plus the last `summary` tokens of every block (Sparse Transformer, fixed)."
+    paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
+
+    def validate(self, model, adapter, layers) -> None:
+        check_positive(self, "block", "summary")
+        if self.summary > self.block:
+            raise ValueError(f"fixed: summary ({self.summary}) must not exceed block ({self.block})")
+        super().validate(model, adapter, layers)
+
+    def key_block(self, module) -> int:
+        return math.gcd(self.block, self.summary)
+
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+        g = self.key_block(module)
+        start = torch.arange(num_blocks, device=q_pos.device)[None, :] * g
+        own = start // self.block == (q_pos // self.block)[:, None]
+        summary = torch.remainder(start, self.block) >= self.block - self.summary
+        return (own | summary)[None, None]
+
+    def allowed(self, module, q_pos, k_pos, num_keys):
+        own = torch.div(k_pos, self.block, rounding_mode="floor") == torch.div(q_pos, self.block, rounding_mode="floor")
+        return own | (torch.remainder(k_pos, self.block) >= self.block - self.summary)

@@ -1,0 +1,68 @@
+"""Sliding-window (local) attention: each query attends the `window` nearest keys.
+
+Decoders: query i attends keys i - window < j <= i (as Mistral's and transformers'
+`sliding_window`); encoders: |i - j| < window. ViT: a 2-D neighbourhood, patches whose row and
+column each differ by less than `window` (blocked local attention as in HaloNet, Vaswani et al.
+2021, and neighbourhood attention, Hassani et al. 2023), with [CLS] global (it attends and is
+attended by every token). Local attention in transformers goes back to Parmar et al. 2018
+(Image Transformer) and Child et al. 2019; Beltagy et al. 2020 (Longformer) for encoders.
+Parameter-free: by flag (`attn_implementation="relattn_sliding_window"`) or `convert`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..patches import get_adapter
+from .base import register_variant
+from .sparse_base import SparseVariant, block_range, check_positive
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..patches import FamilyAdapter
+
+
+@register_variant
+@dataclass
+class SlidingWindow(SparseVariant):
+    window: int = 512
+    block_size: int = 64
+
+    name = "sliding_window"
+    flag = True
+    description = "Each query attends its `window` nearest keys (causal: the previous ones; ViT: a 2-D patch neighbourhood, CLS global)."
+    paper = "Child et al. 2019; Beltagy et al. 2020 (Longformer); Vaswani et al. 2021 (HaloNet)"
+
+    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        check_positive(self, "window")
+        super().validate(model, adapter, layers)
+
+    def _grid(self, module: nn.Module, num_tokens: int) -> tuple[int, int, int] | None:
+        adapter = get_adapter(module.config)
+        return adapter.token_grid(module.config, num_tokens) if adapter.spatial else None
+
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+        w, block = self.window, self.block_size
+        grid = self._grid(module, key.shape[2])
+        if grid is not None:
+            prefix, _, cols = grid
+            first = torch.where(q_pos < prefix, 0, q_pos - (w - 1) * cols - (cols - 1))
+            last = torch.where(q_pos < prefix, key.shape[2] - 1, q_pos + (w - 1) * cols + (cols - 1))
+            return (block_range(first, last, num_blocks, block) | (torch.arange(num_blocks, device=q_pos.device) < -(-prefix // block)))[None, None]
+        last = q_pos if getattr(module, "is_causal", False) else q_pos + w - 1
+        return block_range(q_pos - w + 1, last, num_blocks, block)[None, None]
+
+    def allowed(self, module, q_pos, k_pos, num_keys):
+        grid = self._grid(module, num_keys)
+        if grid is not None:
+            prefix, _, cols = grid
+            qp, kp = (q_pos - prefix).clamp(min=0), (k_pos - prefix).clamp(min=0)
+            near = ((qp // cols - kp // cols).abs() < self.window) & ((qp % cols - kp % cols).abs() < self.window)
+            return near | (q_pos < prefix) | (k_pos < prefix)
+        if getattr(module, "is_causal", False):
+            return k_pos > q_pos - self.window
+        return (k_pos - q_pos).abs() < self.window

@@ -1,0 +1,85 @@
+"""Shared contract of the sparse-attention variants (the "sparsity" axis of DESIGN.md).
+
+A sparse variant says, for each query token, which key blocks it may read (`token_blocks`,
+blocks of `block_size()` keys aligned to absolute key positions) and which tokens inside
+those blocks it may attend (`allowed`). The engine's block-sparse path
+(`hf_relattn.engine.block_sparse_attention`) takes, for each block of queries, the union of
+its tokens' key blocks, gathers only those, and applies the exact token-level mask (the
+pattern, causality, padding) inside them: compute and memory follow the kept blocks. Because
+the choice is per token at absolute positions, decoding with a KV cache reads the same blocks
+as the full forward does for that token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import Variant
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..patches import FamilyAdapter
+
+
+def check_positive(variant: Variant, *options: str, minimum: int = 1) -> None:
+    for option in options:
+        value = getattr(variant, option)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{variant.name}: {option} must be an integer >= {minimum}, got {value!r}")
+
+
+def block_range(first: torch.Tensor, last: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
+    """(Q, num_blocks) True for the key blocks overlapping token positions [first, last] (per query)."""
+    blocks = torch.arange(num_blocks, device=first.device)
+    return (blocks[None, :] >= first.clamp(min=0)[:, None] // block) & (blocks[None, :] <= last[:, None] // block)
+
+
+@dataclass
+class SparseVariant(Variant):
+    """Base of the block-sparse variants; subclasses define the pattern."""
+
+    axis = "sparsity"
+
+    def key_block(self, module: nn.Module) -> int:
+        """Tokens per key block (blocks start at absolute key position 0)."""
+        return self.block_size
+
+    def token_blocks(
+        self, module: nn.Module, q_pos: torch.Tensor, num_blocks: int, query: torch.Tensor, key: torch.Tensor,
+        key_valid: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """(1|B, 1|H, Q, num_blocks) bool: the key blocks each query may read (causality is added
+        by the engine). None: this layer attends densely (e.g. MoBA's `dense_layers`)."""
+        raise NotImplementedError
+
+    def allowed(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, num_keys: int) -> torch.Tensor | None:
+        """Token-level rule inside the read blocks, broadcast over q_pos (..., 1) and k_pos
+        (..., 1, K'), `num_keys` keys in all; None: every token of a read block (causality and
+        padding are the engine's)."""
+        return None
+
+    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        if hasattr(self, "block_size"):
+            check_positive(self, "block_size")
+        attached = [v for v in getattr(adapter.attention_modules(model)[layers[0]], "relattn_variants", ()) if v.name != self.name]
+        clash = [v.name for v in attached if v.axis in ("scores", "sparsity")]
+        if clash:
+            raise ValueError(f"{self.name} cannot be combined with {clash} in the same layer (yet); valid: gqa")
+
+    def dense_mask(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                   key_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """The pattern as a dense (1|B, 1|H, Q, K) bool mask (without causality/padding), for the
+        reference path; None = dense layer."""
+        block = self.key_block(module)
+        num_blocks = -(-k_pos.shape[0] // block)
+        blocks = self.token_blocks(module, q_pos, num_blocks, query, key, key_valid)
+        if blocks is None:
+            return None
+        keep = blocks[..., k_pos // block]
+        rule = self.allowed(module, q_pos[:, None], k_pos[None, :], k_pos.shape[0])
+        return keep if rule is None else keep & rule
+

@@ -1,0 +1,51 @@
+"""Strided sparse attention: Child, Gray, Radford & Sutskever 2019, "Generating Long Sequences
+with Sparse Transformers", section 4.2 (one head type mixing both components).
+
+Query i attends the previous `stride` tokens (i - stride < j <= i) and every stride-th token
+before it ((i - j) mod stride == 0). Encoders get the symmetric version (|i - j| < stride, or
+i - j a multiple of stride). Parameter-free (flag or convert). The engine reads key blocks of
+`block_size` tokens: the local part touches about stride / block_size + 1 blocks, the strided
+part one key per stride, so a key block is skipped only when stride > block_size (choose
+block_size < stride for a real saving; the result is exact either way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import register_variant
+from .sparse_base import SparseVariant, check_positive
+
+
+@register_variant
+@dataclass
+class Strided(SparseVariant):
+    stride: int = 128
+    block_size: int = 64
+
+    name = "strided"
+    flag = True
+    description = "Previous `stride` tokens plus every stride-th token (Sparse Transformer, strided)."
+    paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
+
+    def validate(self, model, adapter, layers) -> None:
+        check_positive(self, "stride")
+        super().validate(model, adapter, layers)
+
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+        l, bs = self.stride, self.block_size
+        start = torch.arange(num_blocks, device=q_pos.device)[None, :] * bs  # (1, N)
+        i = q_pos[:, None]
+        local = (start <= i + (0 if getattr(module, "is_causal", False) else l - 1)) & (start + bs - 1 > i - l)
+        # the first key at or after the block start with j = i (mod l)
+        first = start + torch.remainder(i - start, l)
+        strided = first <= start + bs - 1
+        if getattr(module, "is_causal", False):
+            strided = strided & (first <= i)
+        return (local | strided)[None, None]
+
+    def allowed(self, module, q_pos, k_pos, num_keys):
+        near = (q_pos - k_pos).abs() < self.stride
+        return near | (torch.remainder(q_pos - k_pos, self.stride) == 0)
