@@ -112,7 +112,7 @@ def in_attention_variants() -> list[tuple[str, Variant]]:
     attention op is the same engine path as a parameter-free variant of the same axis."""
     found = []
     for name, cls in sorted(VARIANTS.items()):
-        if cls.axis == "structure" or not cls.flag:
+        if cls.axis != "scores" or not cls.flag:  # sparse variants: --suite sparse
             continue
         try:
             found.append((name, cls.from_options({})))

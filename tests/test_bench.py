@@ -347,7 +347,7 @@ def test_variant_option_values_are_checked_by_convert(llama_dir, tmp_path, capsy
 
 
 def test_parse_variants_raises_value_error():
-    with pytest.raises(ValueError, match="valid variants: alibi, gqa, mqa"):
+    with pytest.raises(ValueError, match="valid variants: " + ", ".join(sorted(VARIANTS))):
         bench.parse_variants("alibi,relative")
 
 

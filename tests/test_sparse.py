@@ -1,0 +1,254 @@
+"""Sparse attention variants against masks written here with plain loops over (i, j) from the
+papers' definitions, and a naive MoBA; block-sparse path vs the materialised formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import hf_relattn
+
+from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
+from reference import materialized_attention, run_with_attention
+
+REF = "sparse_reference_for_tests"
+
+
+def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None):
+    """(Q, K) bool: may query i attend key j, by the paper's definition (causality included)."""
+    keep = torch.zeros(len(q_positions), k_len, dtype=torch.bool)
+    for a, i in enumerate(q_positions):
+        for j in range(k_len):
+            if causal and j > i:
+                continue
+            if name == "sliding_window":
+                if vit_cols is not None:  # token 0 = [CLS], global; patches on a grid
+                    if i == 0 or j == 0:
+                        ok = True
+                    else:
+                        (ri, ci), (rj, cj) = divmod(i - 1, vit_cols), divmod(j - 1, vit_cols)
+                        ok = abs(ri - rj) < o["window"] and abs(ci - cj) < o["window"]
+                else:
+                    ok = i - j < o["window"] if causal else abs(i - j) < o["window"]
+            elif name == "strided":  # Child et al. 2019: local + every stride-th
+                ok = abs(i - j) < o["stride"] or (i - j) % o["stride"] == 0
+            elif name == "fixed":  # own block + last `summary` of every block
+                ok = j // o["block"] == i // o["block"] or j % o["block"] >= o["block"] - o["summary"]
+            elif name == "power":  # blocks at power-of-two distance, local window blocks, sink block
+                bs = o["block_size"]
+                qb, kb = i // bs, j // bs
+                d = qb - kb if causal else abs(qb - kb)
+                local = kb * bs + bs - 1 > i - o["window"] and (kb <= qb if causal else kb * bs < i + o["window"] or kb <= qb)
+                ok = kb == qb or kb == 0 or (d > 0 and (d & (d - 1)) == 0) or local
+            else:
+                raise AssertionError(name)
+            keep[a, j] = ok
+    return keep
+
+
+def naive_moba_mask(q, k, q_positions, block, top_k, key_valid):
+    """MoBA (Lu et al. 2025) per token and head: own block, plus the top_k - 1 earlier blocks by
+    q . mean(key block) (padding keys left out of the means), causal. (B, H, Q, K) bool."""
+    batch, heads, _, _ = q.shape
+    groups = heads // k.shape[1]
+    k_len = k.shape[2]
+    keep = torch.zeros(batch, heads, len(q_positions), k_len, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            for a, i in enumerate(q_positions):
+                own = i // block
+                scores = []
+                for blk in range(own):
+                    members = [j for j in range(blk * block, (blk + 1) * block) if key_valid[b, j]]
+                    if members:
+                        mean = k[b, h // groups, members].double().mean(0)
+                        scores.append((float(q[b, h, a].detach().double() @ mean.detach()), blk))
+                chosen = {own} | {blk for _, blk in sorted(scores, reverse=True)[: top_k - 1]}
+                for j in range(i + 1):
+                    keep[b, h, a, j] = j // block in chosen
+    return keep
+
+
+def sparse_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    variant = next(v for v in module.relattn_variants if v.axis == "sparsity")
+    q_len, k_len = query.shape[2], key.shape[2]
+    q_positions = list(range(k_len - q_len, k_len))
+    causal = module.is_causal
+    if variant.name == "moba":
+        valid = attention_mask.any(-2)[:, 0] if attention_mask is not None else torch.ones(query.shape[0], k_len, dtype=torch.bool)
+        dense = variant.dense_layers and module.layer_idx >= module.config.num_hidden_layers - variant.dense_layers
+        allowed = None if dense else naive_moba_mask(query, key, q_positions, variant.block_size, variant.top_k, valid)
+    else:
+        cols = module.config.image_size // module.config.patch_size if hasattr(module.config, "patch_size") else None
+        allowed = pattern_mask(variant.name, variant.options(), q_positions, k_len, causal, cols)[None, None]
+    if attention_mask is not None:
+        allowed = attention_mask if allowed is None else allowed & attention_mask
+    out = materialized_attention(query, key, value, scaling, causal=causal, allowed=allowed)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(REF, sparse_reference)
+AttentionMaskInterface.register(REF, sdpa_mask)
+
+CASES = [
+    ("sliding_window", {"window": 7, "block_size": 4}),
+    ("sliding_window", {"window": 3, "block_size": 8}),
+    ("strided", {"stride": 5, "block_size": 4}),
+    ("strided", {"stride": 4, "block_size": 8}),
+    ("fixed", {"block": 8, "summary": 2}),
+    ("fixed", {"block": 6, "summary": 4}),
+    ("power", {"block_size": 4, "window": 6}),
+    ("power", {"block_size": 3, "window": 1}),
+]
+
+
+def padded(family, ids):
+    mask = torch.ones_like(ids)
+    if family == "llama":
+        mask[1, :5] = 0
+        return mask, [(0, slice(None)), (1, slice(5, None))]
+    mask[1, 30:] = 0
+    return mask, [(0, slice(None)), (1, slice(0, 30))]
+
+
+@pytest.fixture
+def long_ids():
+    torch.manual_seed(2)
+    return torch.randint(3, 97, (2, 37))
+
+
+@pytest.mark.parametrize("name, options", CASES, ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in CASES])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_patterns_match_loop_masks(name, options, family, long_ids):
+    model = tiny_llama() if family == "llama" else tiny_bert()
+    if family == "llama":
+        hf_relattn.convert(model, "gqa", num_key_value_heads=2)
+    hf_relattn.convert(model, name, **options)
+    mask, rows = padded(family, long_ids)
+    with torch.no_grad():
+        got = model(input_ids=long_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    expected = run_with_attention(model, REF, input_ids=long_ids, attention_mask=mask)
+    expected = expected if family == "bert" else run_hidden(model, long_ids, mask)
+    for b, r in rows:
+        torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)
+
+
+def run_hidden(model, ids, mask):
+    impl = model.config._attn_implementation
+    model.config._attn_implementation_internal = REF
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    finally:
+        model.config._attn_implementation_internal = impl
+
+
+@pytest.mark.parametrize("options", [{"block_size": 4, "top_k": 3}, {"block_size": 5, "top_k": 2}, {"block_size": 4, "top_k": 3, "dense_layers": 1}])
+def test_moba_matches_naive_moba(options, long_ids):
+    model = hf_relattn.convert(hf_relattn.convert(tiny_llama(), "gqa", num_key_value_heads=2), "moba", **options)
+    mask, rows = padded("llama", long_ids)
+    with torch.no_grad():
+        got = model(input_ids=long_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    expected = run_hidden(model, long_ids, mask)
+    for b, r in rows:
+        torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)
+
+
+def test_vit_two_d_neighbourhood_with_global_cls(pixels):
+    model = hf_relattn.convert(tiny_vit(), "sliding_window", window=2, block_size=3)
+    with torch.no_grad():
+        got = model(pixels, output_hidden_states=True).hidden_states[-1]
+    expected = run_with_attention(model, REF, pixel_values=pixels)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert (got - tiny_vit()(pixels, output_hidden_states=True).hidden_states[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name, options", CASES[::2] + [("moba", {"block_size": 4, "top_k": 2})])
+def test_gradients_match_the_reference(name, options, long_ids):
+    model = hf_relattn.convert(tiny_llama(), name, **options).train()
+    mask, _ = padded("llama", long_ids)
+    labels = long_ids.clone()
+    labels[1, :6] = -100  # logits at padded positions are undefined
+
+    def grads(implementation=None):
+        model.zero_grad()
+        if implementation:
+            model.config._attn_implementation_internal = implementation
+        try:
+            model(input_ids=long_ids, attention_mask=mask, labels=labels).loss.backward()
+        finally:
+            model.config._attn_implementation_internal = "relattn"
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got, expected = grads(), grads(REF)
+    for n in got:
+        torch.testing.assert_close(got[n], expected[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name, options", [c for c in CASES[::2]] + [("moba", {"block_size": 4, "top_k": 2})])
+def test_kv_cache_decoding_equals_full_forward(name, options, long_ids):
+    model = hf_relattn.convert(tiny_llama(), name, **options)
+    ids = long_ids[:1]
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :9], use_cache=True)
+        logits = [out.logits[:, -1]]
+        for t in range(9, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(logits, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
+    generated = model.generate(ids[:, :9], max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(model(generated[:, :-1]).logits[:, 8:].argmax(-1), generated[:, 9:])
+
+
+def test_flag_with_options_from_the_config(tmp_path, long_ids):
+    tiny_llama().save_pretrained(tmp_path)
+    flagged = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="relattn_sliding_window",
+                                                   relattn={"window": 5, "block_size": 4}).eval()
+    converted = hf_relattn.convert(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), "sliding_window", window=5, block_size=4)
+    with torch.no_grad():
+        torch.testing.assert_close(flagged(long_ids).logits, converted(long_ids).logits, atol=0, rtol=0)
+        assert (flagged(long_ids).logits - tiny_llama()(long_ids).logits).abs().max() > 1e-3
+
+
+def test_save_load_round_trip(tmp_path, long_ids):
+    model = hf_relattn.convert(hf_relattn.convert(tiny_llama(), "moba", block_size=4, top_k=2), "gqa", num_key_value_heads=1)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert_same_state(state_copy(model), loaded)
+    assert loaded.config.relattn["variants"][0]["name"] == "moba"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(long_ids).logits, model(long_ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("sliding_window", {"window": 0}, "window must be an integer >= 1"),
+    ("sliding_window", {"window": 4, "block_size": -2}, "block_size must be an integer >= 1"),
+    ("moba", {"top_k": 0}, "top_k must be an integer >= 1"),
+    ("moba", {"dense_layers": 5}, r"dense_layers \(5\) exceeds the model's 2 layers"),
+    ("fixed", {"block": 4, "summary": 6}, r"summary \(6\) must not exceed block \(4\)"),
+    ("strided", {"stride": 0}, "stride must be an integer >= 1"),
+    ("power", {"window": 0}, "window must be an integer >= 1"),
+    ("power", {"size": 3}, r"Unknown option\(s\) \['size'\]"),
+])
+def test_bad_options_leave_the_model_unchanged(name, options, message):
+    model = tiny_llama()
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=message):
+        hf_relattn.convert(model, name, **options)
+    assert_same_state(before, model)
+    assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_moba_needs_a_decoder_and_sparse_variants_do_not_stack():
+    with pytest.raises(ValueError, match="needs a causal decoder"):
+        hf_relattn.convert(tiny_bert(), "moba")
+    model = hf_relattn.convert(tiny_llama(), "sliding_window", window=4)
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=r"cannot be combined with \['sliding_window'\]"):
+        hf_relattn.convert(model, "power")
+    assert_same_state(before, model)
