@@ -206,6 +206,8 @@ def _sparse(
         pattern = variant.dense_mask(module, q_pos, k_pos, query, key, _key_valid(attention_mask))
         if pattern is not None and attention_mask is not None:
             pattern = pattern & attention_mask
+        elif pattern is not None and causal:
+            pattern = pattern & (k_pos[None, :] <= q_pos[:, None])
         out = reference_attention(query, key, value, attention_mask if pattern is None else pattern,
                                   lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
         return out.transpose(1, 2).contiguous(), None
@@ -627,6 +629,20 @@ def relational_attention(
 # -------------------------------------------------------------------- block-sparse path
 # Scores (and gathered K/V) per chunk of query blocks in the block-sparse path.
 SPARSE_CHUNK_ELEMENTS = 1 << 22
+# Query rows per block of the block-sparse path (a multiple of the key block): each query block
+# copies its key blocks once, so taller query blocks copy less per FLOP.
+SPARSE_QUERY_TOKENS = 128
+
+
+def _pattern_keep(
+    keep: torch.Tensor | None, variant: Any, module: nn.Module, rows: torch.Tensor, kpos: torch.Tensor, k_len: int, causal: bool
+) -> torch.Tensor | None:
+    """`keep` (None = all) and the variant's token rule and causality, for query positions
+    `rows` (..., 1) and key positions `kpos` (..., 1, K')."""
+    for extra in (variant.allowed(module, rows, kpos, k_len), (kpos <= rows) if causal else None):
+        if extra is not None:
+            keep = extra if keep is None else keep & extra
+    return keep
 
 
 def _selected_blocks(token_blocks: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -678,57 +694,150 @@ def block_sparse_attention(
         return None
     if causal:
         chosen = chosen & (torch.arange(num_blocks, device=q_pos.device)[None, :] <= (q_pos // block)[:, None])
+    if variant.choice == "token":
+        return _per_token_blocks(query, key, value, mask, chosen, variant, module, q_pos, k_pos, causal, scale, dropout)
     per_head = chosen.shape[1] > 1
-    sel, sel_valid = _selected_blocks(chosen, block)
+    # query rows per block: taller blocks copy K/V less per FLOP, but when the choice of key
+    # blocks varies by query block (power, MoBA) a taller block reads the union of more choices
+    qb = block * max(1, SPARSE_QUERY_TOKENS // block) if variant.choice == "rule" else block
+    qb = min(qb, q_len)  # decoding: a block of the new tokens only
+    sel, sel_valid = _selected_blocks(chosen, qb)
     nq, width = sel.shape[2], sel.shape[3]
     pad_keys = num_blocks * block - k_len
     kb = F.pad(key, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_blocks, block, -1)
     vb = F.pad(value, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_blocks, block, -1)
-    if per_head:  # each query head chooses its own blocks: index K/V by query head
-        kb, vb = kb.repeat_interleave(groups, dim=1), vb.repeat_interleave(groups, dim=1)
-    hx, gx = kb.shape[1], (1 if per_head else groups)
-    q = F.pad(query, (0, 0, 0, nq * block - q_len)).view(batch, hx, gx, nq, block, dim)
-    qp = F.pad(q_pos, (0, nq * block - q_len), value=int(q_pos[-1])).view(nq, block)
-    chosen_rows = F.pad(chosen, (0, 0, 0, nq * block - q_len)).view(*chosen.shape[:2], nq, block, num_blocks)
+    # each query head choosing its own blocks (per_head) indexes K/V through its K/V head
+    hx, gx = (heads, 1) if per_head else (kv_heads, groups)
+    q = F.pad(query, (0, 0, 0, nq * qb - q_len)).view(batch, hx, gx, nq, qb, dim)
+    qp = F.pad(q_pos, (0, nq * qb - q_len), value=int(q_pos[-1])).view(nq, qb)
+    chosen_rows = F.pad(chosen, (0, 0, 0, nq * qb - q_len)).view(*chosen.shape[:2], nq, qb, num_blocks)
     offsets = torch.arange(block, device=query.device)
     b_idx = torch.arange(batch, device=query.device)[:, None, None, None]
-    h_idx = torch.arange(hx, device=query.device)[None, :, None, None]
-    step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(block * gx, dim)))
+    h_idx = (torch.arange(hx, device=query.device) // (groups if per_head else 1))[None, :, None, None]
+    step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(qb * gx, dim)))
     outs = []
+    # the union of a query block's choices may hold blocks some of its tokens did not choose
+    aligned = (k_len - q_len) % block == 0
+    own_needed = variant.choice == "token" or (variant.choice == "block" and not (qb == 1 or aligned and qb == block))
+    if not own_needed and sel.shape[:2] == (1, 1) and bool(((sel[..., 1:] - sel[..., :-1] == 1) | ~sel_valid[..., 1:]).all()):
+        # every query block reads one run of consecutive key blocks (e.g. a sliding window):
+        # attend on slices of K/V, no copies
+        outs = []
+        for i in range(nq):
+            first, count = int(sel[0, 0, i, 0]), int(sel_valid[0, 0, i].sum())
+            k0, k1 = first * block, min(k_len, (first + count) * block)
+            kpos, rows = k_pos[k0:k1][None, :], qp[i][:, None]
+            keep = _pattern_keep(torch.ones(1, 1, qb, k1 - k0, dtype=torch.bool, device=query.device),
+                                 variant, module, rows, kpos, k_len, causal)
+            if mask is not None:
+                m = F.pad(mask, (0, 0, 0, nq * qb - q_len))[:, :, i * qb : (i + 1) * qb, k0:k1]
+                keep = keep & (m if m.dtype == torch.bool else m == 0)
+            if gx > 1:
+                keep = keep[:, :, None].expand(-1, -1, gx, -1, -1).reshape(keep.shape[0], 1, gx * qb, k1 - k0)
+            bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, torch.finfo(query.dtype).min)
+            qc = q[:, :, :, i].reshape(batch, hx, gx * qb, dim)
+            out = F.scaled_dot_product_attention(qc, key[:, :, k0:k1], value[:, :, k0:k1], attn_mask=bias, dropout_p=dropout, scale=scale)
+            outs.append(out.view(batch, hx, gx, 1, qb, -1))
+        return torch.cat(outs, dim=3).reshape(batch, heads, nq * qb, -1)[:, :, :q_len]
     for a in range(0, nq, step):
         c = slice(a, min(nq, a + step))
-        idx = sel[..., c, :].expand(batch, hx, -1, -1)  # (B, hx, n, S)
-        n = idx.shape[2]
-        k_sel = kb[b_idx, h_idx, idx].reshape(batch, hx, n, width * block, -1)
-        v_sel = vb[b_idx, h_idx, idx].reshape(batch, hx, n, width * block, -1)
-        kpos = (idx[..., None] * block + offsets).reshape(batch, hx, n, 1, width * block)
+        sidx = sel[..., c, :]  # (Bs, Hs, n, S): Bs, Hs are 1 unless the choice depends on them
+        n = sidx.shape[2]
+        idx = sidx.expand(batch, hx, -1, -1)
+        k_sel = kb[b_idx, h_idx, idx].reshape(batch * hx, n, width * block, -1)
+        v_sel = vb[b_idx, h_idx, idx].reshape(batch * hx, n, width * block, -1)
+        # the token-level mask, as small as its dependencies allow: (1|B, 1|hx, n, bq, S * bs)
+        kpos = (sidx[..., None] * block + offsets).reshape(*sidx.shape[:2], n, 1, width * block)
         rows = qp[c][None, None, :, :, None]  # (1, 1, n, bq, 1)
-        keep = (sel_valid[..., c, :, None].expand(-1, -1, -1, -1, block).reshape(*sel_valid.shape[:2], n, 1, width * block)
-                & (kpos < k_len))
-        # each token reads only its own choice of blocks (the union of the query block may hold more)
-        own = chosen_rows[..., c, :, :].expand(batch, hx, -1, -1, -1)
-        own = own.gather(-1, idx[:, :, :, None, :].expand(-1, -1, -1, block, -1))
-        keep = keep & own.repeat_interleave(block, dim=-1)
-        rule = variant.allowed(module, rows, kpos, k_len)
-        if rule is not None:
-            keep = keep & rule
-        if causal:
-            keep = keep & (kpos <= rows)
+        keep = sel_valid[..., c, :].repeat_interleave(block, dim=-1)[..., None, :] & (kpos < k_len)
+        if own_needed:
+            own = chosen_rows[..., c, :, :].gather(-1, sidx[..., None, :].expand(-1, -1, -1, qb, -1))
+            keep = keep & own.repeat_interleave(block, dim=-1)
+        keep = _pattern_keep(keep, variant, module, rows, kpos, k_len, causal)
         if mask is not None:
-            m = F.pad(mask, (0, 0, 0, nq * block - q_len)).view(mask.shape[0], 1, nq, block, k_len)[:, :, c]
-            cols = kpos.clamp(max=k_len - 1).expand(batch, hx, n, block, width * block)
-            m = m.expand(batch, hx, -1, -1, -1).gather(-1, cols) if m.dtype == torch.bool else m.expand(batch, hx, -1, -1, -1).gather(-1, cols) == 0
-            keep = keep & m
-        # grouped query heads share the gathered K/V: (G * bq) rows per query block
-        keep = keep.expand(batch, hx, n, block, width * block)
-        if gx > 1:
-            keep = keep[:, :, :, None].expand(-1, -1, -1, gx, -1, -1).reshape(batch, hx, n, gx * block, width * block)
+            m = F.pad(mask, (0, 0, 0, nq * qb - q_len)).view(mask.shape[0], 1, nq, qb, k_len)[:, :, c]
+            if m.dtype != torch.bool:
+                m = m == 0
+            cols = kpos.clamp(max=k_len - 1).expand(m.shape[0], -1, -1, qb, -1)
+            keep = keep & m.expand(-1, cols.shape[1], -1, -1, -1).gather(-1, cols)
+        if gx > 1:  # grouped query heads share the gathered K/V: (G * bq) rows per query block
+            keep = keep[:, :, :, None].expand(-1, -1, -1, gx, -1, -1).reshape(*keep.shape[:3], gx * qb, width * block)
         bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, torch.finfo(query.dtype).min)
-        qc = q[:, :, :, c].permute(0, 1, 3, 2, 4, 5).reshape(batch * hx * n, gx * block, dim)
-        out = F.scaled_dot_product_attention(
-            qc, k_sel.reshape(batch * hx * n, width * block, -1), v_sel.reshape(batch * hx * n, width * block, -1),
-            attn_mask=bias.reshape(batch * hx * n, gx * block, width * block), dropout_p=dropout, scale=scale,
-        )
-        outs.append(out.view(batch, hx, n, gx, block, -1).permute(0, 1, 3, 2, 4, 5))
+        if bias.shape[:2] == (1, 1):
+            bias = bias[0]  # (1, n, rows, S * bs): broadcast over batch and heads
+        else:
+            bias = bias.expand(batch, hx, -1, -1, -1).reshape(batch * hx, n, gx * qb, width * block)
+        qc = q[:, :, :, c].permute(0, 1, 3, 2, 4, 5).reshape(batch * hx, n, gx * qb, dim)
+        out = F.scaled_dot_product_attention(qc, k_sel, v_sel, attn_mask=bias, dropout_p=dropout, scale=scale)
+        outs.append(out.view(batch, hx, n, gx, qb, -1).permute(0, 1, 3, 2, 4, 5))
     out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
-    return out.reshape(batch, heads, nq * block, -1)[:, :, :q_len]
+    return out.reshape(batch, heads, nq * qb, -1)[:, :, :q_len]
+
+
+def _per_token_blocks(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, chosen: torch.Tensor,
+    variant: Any, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, scale: float, dropout: float,
+) -> torch.Tensor:
+    """Key-block-major attention for choices made per token (MoBA): for each (batch, head, key
+    block), the queries that chose the block attend it, giving a partial output and its
+    log-sum-exp; each query then merges its partials (at most its number of chosen blocks).
+    Exactly the chosen (token, block) pairs are computed, whether or not neighbouring tokens
+    agree, as MoBA's own implementation does with variable-length kernels."""
+    batch, heads, q_len, dim = query.shape
+    groups = heads // key.shape[1]
+    k_len = key.shape[2]
+    block = variant.key_block(module)
+    chosen = chosen.expand(batch, heads, -1, -1)
+    width = max(1, int(chosen.sum(-1).max()))  # partials per token, at most
+    slot = chosen.cumsum(-1) - 1  # rank of each chosen block among the token's choices
+    places: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
+    # pairs grouped by (batch, head, block): nonzero of (B, H, N, Q) is sorted that way
+    num_blocks = chosen.shape[-1]
+    kv_heads = key.shape[1]
+    # pairs sorted by (batch, head, block, query); one gather of their queries and one of the
+    # groups' K/V blocks, split into views (per-group indexing would cost a full-size gradient
+    # buffer per group in the backward pass)
+    pairs = chosen.transpose(-1, -2).nonzero()
+    group_ids, counts = torch.unique_consecutive((pairs[:, 0] * heads + pairs[:, 1]) * num_blocks + pairs[:, 2], return_counts=True)
+    g_b, g_h, g_j = group_ids // (heads * num_blocks), group_ids // num_blocks % heads, group_ids % num_blocks
+    counts_list = counts.tolist()
+    q_parts = torch.split(query.reshape(-1, dim)[(pairs[:, 0] * heads + pairs[:, 1]) * q_len + pairs[:, 3]], counts_list)
+    pad_keys = num_blocks * block - k_len
+    kv_index = (g_b * kv_heads + g_h // groups) * num_blocks + g_j
+    k_parts = F.pad(key, (0, 0, 0, pad_keys)).reshape(-1, block, dim)[kv_index].unbind(0)
+    v_parts = F.pad(value, (0, 0, 0, pad_keys)).reshape(-1, block, value.shape[-1])[kv_index].unbind(0)
+    row_parts = torch.split(pairs[:, 3], counts_list)
+    lowest = torch.finfo(query.dtype).min
+    for g, (b, h, j) in enumerate(zip(g_b.tolist(), g_h.tolist(), g_j.tolist())):
+        rows = row_parts[g]
+        k0 = j * block
+        kpos, qpos = (k0 + torch.arange(block, device=query.device))[None, :], q_pos[rows][:, None]
+        scores = torch.matmul(q_parts[g] * scale, k_parts[g].transpose(0, 1))
+        # rows ascend: causality matters only for a block reaching past the first query
+        keep = _pattern_keep((kpos < k_len) if k0 + block > k_len else None, variant, module, qpos, kpos, k_len,
+                             causal and k0 + block - 1 > int(q_pos[rows[0]]))
+        if mask is not None:
+            cols = kpos.clamp(max=k_len - 1).expand(rows.shape[0], -1)
+            m = (mask[b, 0][rows] if mask.shape[-2] > 1 else mask[b, 0, :1].expand(rows.shape[0], -1)).gather(-1, cols)
+            m = m if m.dtype == torch.bool else m == 0
+            keep = m if keep is None else keep & m
+        if keep is not None:
+            scores = scores.masked_fill(~keep, lowest)
+        top = scores.amax(dim=-1, keepdim=True)
+        probs = torch.exp(scores - top)
+        total = probs.sum(dim=-1, keepdim=True)
+        part_lse = (top + total.log()).squeeze(-1)
+        probs = probs / total
+        if dropout > 0:  # dropping the block's share of a row = dropping the row's probabilities
+            probs = F.dropout(probs, p=dropout)
+        places.append(((b * heads + h) * q_len + rows) * width + slot[b, h, rows, j])
+        outs.append(torch.matmul(probs, v_parts[g]))
+        lses.append(part_lse)
+    # one scatter of all partials: (B, H, Q, slots) outputs and log-sum-exps, then the merge
+    where = torch.cat(places)
+    partial = query.new_zeros(batch * heads * q_len * width, value.shape[-1]).index_put((where,), torch.cat(outs))
+    lse = query.new_full((batch * heads * q_len * width,), float("-inf")).index_put((where,), torch.cat(lses))
+    weights = torch.softmax(lse.view(batch, heads, q_len, width), dim=-1).nan_to_num(0.0)
+    return (weights[..., None] * partial.view(batch, heads, q_len, width, -1)).sum(-2)

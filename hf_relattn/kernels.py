@@ -50,12 +50,17 @@ from .bench import (
     print_table,
     summarize,
 )
-from .engine import ENGINE_NAME, force_implementation, relattn_attention
+from .engine import ENGINE_NAME, SPARSE_QUERY_TOKENS, _selected_blocks, force_implementation, relattn_attention
 from .patches import get_adapter
 from .presets import DTYPES
 from .variants.base import VARIANTS, Variant, attach
+from .variants.fixed import Fixed
+from .variants.moba import MoBA
+from .variants.power import Power
 from .variants.relational import RelationTables
 from .variants.shaw import Shaw
+from .variants.sliding_window import SlidingWindow
+from .variants.strided import Strided
 
 BACKWARD_FACTOR = 3.5  # fwd + bwd FLOPs / fwd FLOPs (backward = 2.5x forward)
 
@@ -87,6 +92,8 @@ class Case:
     causal: bool = True
     # bytes the case is known to need at a length (fwd or fwd+bwd), checked against --max-memory-gb
     needs: Callable[[int, bool], int] | None = None
+    # forward FLOPs per batch entry and head, when not the causal or full QK^T and PV
+    work: float | None = None
 
 
 def _engine(module: nn.Module, implementation: str = "auto") -> Callable[..., torch.Tensor]:
@@ -177,7 +184,47 @@ def build_relative_cases(heads: int, head_dim: int) -> list[Case]:
     return cases
 
 
-SUITES = ("attention", "relative")
+def computed_pairs(module: nn.Module, variant: Variant, q: torch.Tensor, k: torch.Tensor) -> float:
+    """(query, key) pairs the block-sparse path computes per batch entry and head, averaged over
+    heads: the gathered key blocks (whole blocks, as computed) times the query rows reading them."""
+    length = q.shape[2]
+    block = variant.key_block(module)
+    num_blocks = -(-length // block)
+    positions = torch.arange(length)
+    chosen = variant.token_blocks(module, positions, num_blocks, q, k, None)
+    chosen = chosen & (torch.arange(num_blocks)[None, :] <= (positions // block)[:, None])
+    if variant.choice == "token":
+        return float(chosen.sum()) * block / (chosen.shape[0] * chosen.shape[1])
+    rows = block * max(1, SPARSE_QUERY_TOKENS // block) if variant.choice == "rule" else block
+    _, valid = _selected_blocks(chosen, rows)
+    return float(valid.sum()) * block * rows / (valid.shape[0] * valid.shape[1])
+
+
+def build_sparse_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, k: torch.Tensor) -> list[Case]:
+    """Dense causal SDPA (transformers' sdpa function) against the block-sparse variants at one
+    length: sliding window T/8, MoBA (block 512, top-3; per-token and per-block gate), strided,
+    fixed and PowerAttention with about the same reach. `work` counts the computed pairs."""
+    variants = [
+        SlidingWindow(window=length // 8, block_size=64),
+        MoBA(block_size=512, top_k=3),
+        MoBA(block_size=512, top_k=3, gate="block"),
+        Strided(stride=256, block_size=64),
+        Fixed(block=length // 8, summary=64),
+        Power(block_size=64, window=length // 16),
+    ]
+    dense = attention_stub(heads, heads, head_dim)
+    cases = [Case("sdpa causal", heads, _engine(dense), baseline="sdpa causal", work=2.0 * head_dim * length * (length + 1))]
+    for variant in variants:
+        module = attention_stub(heads, heads, head_dim, [variant])
+        module.config.num_hidden_layers = 1
+        options = ",".join(f"{key}={value}" for key, value in variant.options().items() if key != "dense_layers")
+        pairs = computed_pairs(module, variant, q, k)
+        cases.append(Case(f"{variant.name}({options})", heads, _engine(module), _engine(module, "reference"),
+                          baseline="sdpa causal", work=4.0 * head_dim * pairs))
+    return cases
+
+
+SUITES = ("attention", "relative", "sparse")
 
 
 def matmul_gflops(size: int = 2048, reps: int = 3, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -258,15 +305,21 @@ def run_kernels(
         raise ValueError(f"--kv-heads {bad} must divide --heads {heads}; valid: {[g for g in range(1, heads + 1) if heads % g == 0]}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = DTYPES[dtype]
-    cases = build_cases(heads, head_dim, kv_heads) if suite == "attention" else build_relative_cases(heads, head_dim)
+    if suite == "attention":
+        cases = build_cases(heads, head_dim, kv_heads)
+    elif suite == "relative":
+        cases = build_relative_cases(heads, head_dim)
     budget = int(max_memory_gb * 2**30)
     ceiling = matmul_gflops(matmul_size, reps=3, device=dev)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(cases) * len(lengths) * 2 * (warmup + reps), desc="kernels", unit="run", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=(7 if suite == "sparse" else len(cases)) * len(lengths) * 2 * (warmup + reps), desc="kernels", unit="run", file=sys.stderr, disable=not progress)
     rows: list[dict[str, Any]] = []
     for length in lengths:
+        if suite == "sparse":  # patterns scale with the length
+            q, k, _ = _qkv(batch, heads, heads, length, head_dim, torch.float32, torch.device("cpu"), False, seed)
+            cases = build_sparse_cases(heads, head_dim, length, q, k)
         # correctness first: each engine case against an independent computation
         checks = {}
         with torch.no_grad():
@@ -298,8 +351,8 @@ def run_kernels(
                     rows.append({**row, "skipped": f"needs >= {needs[case.name] / 2**30:.1f} GB > --max-memory-gb {max_memory_gb:g}",
                                  "needs_bytes": needs[case.name]})
                     continue
-                # QK^T and PV: the causal half, or all pairs
-                flops = 2.0 * batch * heads * head_dim * length * ((length + 1) if case.causal else 2 * length)
+                # QK^T and PV: the causal half, all pairs, or the pairs a sparse case computes
+                flops = batch * heads * (case.work or 2.0 * head_dim * length * ((length + 1) if case.causal else 2 * length))
                 stats = summarize(times[case.name])
                 work = flops * (BACKWARD_FACTOR if backward else 1.0)
                 base_memory = memory.get(case.baseline)
@@ -347,7 +400,7 @@ def report(results: dict[str, Any], out: str | None = None) -> None:
     ceiling = (f"fp32 matmul ceiling: {m['gflops']:.1f} GFLOP/s ({m['size']}x{m['size']}, {m['seconds']['median'] * 1e3:.1f} ms) "
                f"on {env['cpu_model']} ({env['torch_threads']} threads, {env['device']})")
     print(ceiling)
-    mode = "causal" if s.get("suite", "attention") == "attention" else "causal and bidirectional (bidir)"
+    mode = "causal and bidirectional (bidir)" if s.get("suite") == "relative" else "causal"
     title = (f"Attention ops ({s.get('suite', 'attention')}): B={s['batch']}, H={s['heads']}, D={s['head_dim']}, {s['dtype']}, {mode}; "
              f"median of {s['reps']} after {s['warmup']} warm-up; ratios against each case's baseline")
     headers, rows = table(results)
@@ -381,7 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--matmul-size", dest="k_matmul_size", metavar="N", type=int, default=2048, help="matrix size of the matmul ceiling (default 2048)")
     a("--device", dest="k_device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda when available)")
     a("--suite", dest="k_suite", metavar="NAME", default="attention",
-      help="attention (SDPA, engine, GQA, parameter-free variants) or relative (Shaw vs SDPA vs the naive T x T x d path)")
+      help="attention (SDPA, engine, GQA, parameter-free variants), relative (Shaw vs SDPA vs the naive T x T x d path) "
+           "or sparse (block-sparse variants vs dense causal SDPA)")
     a("--max-memory-gb", dest="k_max_memory_gb", metavar="GB", type=float, default=8.0,
       help="do not run a case known to need more than this (default 8; the naive relative path)")
     a("--out", dest="k_out", metavar="DIR", default=None, help="also write kernels.json and kernels.md into this folder")

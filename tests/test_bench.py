@@ -473,3 +473,15 @@ def test_bench_kernels_relative_suite(tmp_path):
     for (case, _, _), r in rows.items():
         if case.startswith("shaw ") and "naive" not in case:
             assert r["max_abs_diff_vs_check"] < 1e-4 and r["baseline"] == "sdpa " + case.split()[-1]
+
+
+def test_bench_kernels_sparse_suite(tmp_path):
+    assert main(["bench", "kernels", "--suite", "sparse", "--lengths", "128", "--heads", "3", "--head-dim", "8",
+                 "--reps", "1", "--matmul-size", "64", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "kernels.json").read_text())
+    names = {r["case"].split("(")[0] for r in res["results"]}
+    assert names == {"sdpa causal", "sliding_window", "moba", "strided", "fixed", "power"}
+    for r in res["results"]:
+        assert r["baseline"] == "sdpa causal" and r["gflops"] > 0
+        if r["case"] != "sdpa causal":  # each sparse case against the materialised masked formula
+            assert r["max_abs_diff_vs_check"] < 1e-4, r["case"]

@@ -48,10 +48,18 @@ def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None):
     return keep
 
 
-def naive_moba_mask(q, k, q_positions, block, top_k, key_valid):
+def naive_moba_mask(q, k, q_positions, block, top_k, key_valid, per_block=False):
     """MoBA (Lu et al. 2025) per token and head: own block, plus the top_k - 1 earlier blocks by
-    q . mean(key block) (padding keys left out of the means), causal. (B, H, Q, K) bool."""
+    q . mean(key block) (padding keys left out of the means), causal. (B, H, Q, K) bool.
+    per_block: every token gates with the mean query of its block (among these queries)."""
     batch, heads, _, _ = q.shape
+    if per_block:
+        src, q = q, q.clone()
+        for b in range(batch):
+            for h in range(heads):
+                for a, i in enumerate(q_positions):
+                    same = [x for x, p in enumerate(q_positions) if p // block == i // block]
+                    q[b, h, a] = src[b, h, same].mean(0)
     groups = heads // k.shape[1]
     k_len = k.shape[2]
     keep = torch.zeros(batch, heads, len(q_positions), k_len, dtype=torch.bool)
@@ -79,7 +87,8 @@ def sparse_reference(module, query, key, value, attention_mask, dropout=0.0, sca
     if variant.name == "moba":
         valid = attention_mask.any(-2)[:, 0] if attention_mask is not None else torch.ones(query.shape[0], k_len, dtype=torch.bool)
         dense = variant.dense_layers and module.layer_idx >= module.config.num_hidden_layers - variant.dense_layers
-        allowed = None if dense else naive_moba_mask(query, key, q_positions, variant.block_size, variant.top_k, valid)
+        allowed = None if dense else naive_moba_mask(query.detach(), key, q_positions, variant.block_size, variant.top_k, valid,
+                                                     per_block=variant.gate == "block")
     else:
         cols = module.config.image_size // module.config.patch_size if hasattr(module.config, "patch_size") else None
         allowed = pattern_mask(variant.name, variant.options(), q_positions, k_len, causal, cols)[None, None]
@@ -145,7 +154,8 @@ def run_hidden(model, ids, mask):
         model.config._attn_implementation_internal = impl
 
 
-@pytest.mark.parametrize("options", [{"block_size": 4, "top_k": 3}, {"block_size": 5, "top_k": 2}, {"block_size": 4, "top_k": 3, "dense_layers": 1}])
+@pytest.mark.parametrize("options", [{"block_size": 4, "top_k": 3}, {"block_size": 5, "top_k": 2}, {"block_size": 4, "top_k": 3, "dense_layers": 1},
+                                     {"block_size": 4, "top_k": 3, "gate": "block"}, {"block_size": 6, "top_k": 2, "gate": "block"}])
 def test_moba_matches_naive_moba(options, long_ids):
     model = hf_relattn.convert(hf_relattn.convert(tiny_llama(), "gqa", num_key_value_heads=2), "moba", **options)
     mask, rows = padded("llama", long_ids)
@@ -230,6 +240,7 @@ def test_save_load_round_trip(tmp_path, long_ids):
     ("sliding_window", {"window": 4, "block_size": -2}, "block_size must be an integer >= 1"),
     ("moba", {"top_k": 0}, "top_k must be an integer >= 1"),
     ("moba", {"dense_layers": 5}, r"dense_layers \(5\) exceeds the model's 2 layers"),
+    ("moba", {"gate": "head"}, "gate must be one of token, block"),
     ("fixed", {"block": 4, "summary": 6}, r"summary \(6\) must not exceed block \(4\)"),
     ("strided", {"stride": 0}, "stride must be an integer >= 1"),
     ("power", {"window": 0}, "window must be an integer >= 1"),

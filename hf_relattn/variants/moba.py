@@ -8,6 +8,13 @@ from the current keys (padding keys excluded from the means), so a decoding step
 blocks from the KV cache exactly as the full forward does for that token: decoding is sparse
 too. The engine gathers, per block of queries, the union of its tokens' choices and masks each
 token to its own. `dense_layers=N` keeps the last N layers full (the paper's hybrid).
+
+`gate="token"` (default) is the paper's per-token gate: exact, and decoding equals the full
+forward; the engine computes exactly the chosen (token, block) pairs, key block by key block.
+`gate="block"` gates a whole query block (aligned to the key blocks) by its mean query, so all
+its tokens read the same top_k blocks and the block-sparse path runs fused SDPA on them; a
+decoding step is then a query block of one token (its own gate), so decoding is not the same
+computation as the full forward.
 Parameter-free: the gate has no weights (flag or convert). Decoder-only (causal).
 """
 
@@ -21,20 +28,30 @@ from .base import register_variant
 from .sparse_base import SparseVariant, check_positive
 
 
+GATES = ("token", "block")
+
+
 @register_variant
 @dataclass
 class MoBA(SparseVariant):
     block_size: int = 512
     top_k: int = 3
     dense_layers: int = 0
+    gate: str = "token"
 
     name = "moba"
     flag = True
+
+    @property
+    def choice(self) -> str:  # type: ignore[override]
+        return "token" if self.gate == "token" else "block"
     description = "Each token reads its own key block and the top_k-1 earlier blocks whose mean key matches its query best (MoBA)."
     paper = "Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs"
 
     def validate(self, model, adapter, layers) -> None:
         check_positive(self, "top_k")
+        if self.gate not in GATES:
+            raise ValueError(f"moba: gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         check_positive(self, "dense_layers", minimum=0)
         modules = adapter.attention_modules(model)
         if not getattr(modules[layers[0]], "is_causal", False):
@@ -56,8 +73,14 @@ class MoBA(SparseVariant):
         counts = torch.nn.functional.pad(weights, (0, num_blocks * bs - k_len)).view(batch, num_blocks, bs).sum(-1)
         means = padded.view(batch, kv_heads, num_blocks, bs, dim).sum(3) / counts.clamp(min=1)[:, None, :, None]
         means = means.repeat_interleave(heads // kv_heads, dim=1)
-        gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q, N)
         own = (q_pos // bs)[:, None]
+        if self.gate == "block":
+            # one gate per query block: its mean query (over this call's queries in the block)
+            slots = (q_pos // bs) - int(q_pos[0]) // bs
+            sums = query.new_zeros(batch, heads, int(slots[-1]) + 1, dim).index_add_(2, slots, query)
+            sizes = torch.bincount(slots).to(query.dtype)[None, None, :, None]
+            query = (sums / sizes)[:, :, slots]
+        gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q, N)
         blocks = torch.arange(num_blocks, device=q_pos.device)[None, :]
         earlier = (blocks < own)[None, None] & (counts > 0)[:, None, None, :]
         chosen = blocks == own

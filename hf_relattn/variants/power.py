@@ -26,6 +26,7 @@ class Power(SparseVariant):
 
     name = "power"
     flag = True
+    choice = "block"
     description = "Key blocks at power-of-two block distances, a local window and the sink block (PowerAttention)."
     paper = "Chen et al. 2025, PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention"
 

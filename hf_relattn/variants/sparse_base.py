@@ -13,7 +13,7 @@ as the full forward does for that token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -43,6 +43,11 @@ class SparseVariant(Variant):
     """Base of the block-sparse variants; subclasses define the pattern."""
 
     axis = "sparsity"
+    # How a token's choice of key blocks is decided, so the engine knows when the union of a
+    # query block's choices needs each token masked to its own: "rule" (`allowed` alone gives
+    # the exact pattern), "block" (the same for every token of an absolute key-block-sized
+    # query block), "token" (per token, e.g. MoBA's gate).
+    choice: ClassVar[str] = "rule"
 
     def key_block(self, module: nn.Module) -> int:
         """Tokens per key block (blocks start at absolute key position 0)."""
