@@ -634,6 +634,13 @@ SPARSE_CHUNK_ELEMENTS = 1 << 22
 SPARSE_QUERY_TOKENS = 128
 
 
+def _key_blocks(t: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
+    """(B, H, K, D) -> (B, H, num_blocks, block, D), zero-padding the last block (a view when
+    K fills the blocks exactly: a KV cache is not copied)."""
+    pad = num_blocks * block - t.shape[2]
+    return (F.pad(t, (0, 0, 0, pad)) if pad else t).reshape(*t.shape[:2], num_blocks, block, t.shape[-1])
+
+
 def _pattern_keep(
     keep: torch.Tensor | None, variant: Any, module: nn.Module, rows: torch.Tensor, kpos: torch.Tensor, k_len: int, causal: bool
 ) -> torch.Tensor | None:
@@ -694,7 +701,7 @@ def block_sparse_attention(
         return None
     if causal:
         chosen = chosen & (torch.arange(num_blocks, device=q_pos.device)[None, :] <= (q_pos // block)[:, None])
-    if variant.choice == "token":
+    if variant.choice == "token" and q_len > 1:  # one query (decoding): its union is its own choice
         return _per_token_blocks(query, key, value, mask, chosen, variant, module, q_pos, k_pos, causal, scale, dropout)
     per_head = chosen.shape[1] > 1
     # query rows per block: taller blocks copy K/V less per FLOP, but when the choice of key
@@ -703,9 +710,6 @@ def block_sparse_attention(
     qb = min(qb, q_len)  # decoding: a block of the new tokens only
     sel, sel_valid = _selected_blocks(chosen, qb)
     nq, width = sel.shape[2], sel.shape[3]
-    pad_keys = num_blocks * block - k_len
-    kb = F.pad(key, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_blocks, block, -1)
-    vb = F.pad(value, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_blocks, block, -1)
     # each query head choosing its own blocks (per_head) indexes K/V through its K/V head
     hx, gx = (heads, 1) if per_head else (kv_heads, groups)
     q = F.pad(query, (0, 0, 0, nq * qb - q_len)).view(batch, hx, gx, nq, qb, dim)
@@ -739,6 +743,7 @@ def block_sparse_attention(
             out = F.scaled_dot_product_attention(qc, key[:, :, k0:k1], value[:, :, k0:k1], attn_mask=bias, dropout_p=dropout, scale=scale)
             outs.append(out.view(batch, hx, gx, 1, qb, -1))
         return torch.cat(outs, dim=3).reshape(batch, heads, nq * qb, -1)[:, :, :q_len]
+    kb, vb = (_key_blocks(t, num_blocks, block) for t in (key, value))
     for a in range(0, nq, step):
         c = slice(a, min(nq, a + step))
         sidx = sel[..., c, :]  # (Bs, Hs, n, S): Bs, Hs are 1 unless the choice depends on them
@@ -804,10 +809,9 @@ def _per_token_blocks(
     g_b, g_h, g_j = group_ids // (heads * num_blocks), group_ids // num_blocks % heads, group_ids % num_blocks
     counts_list = counts.tolist()
     q_parts = torch.split(query.reshape(-1, dim)[(pairs[:, 0] * heads + pairs[:, 1]) * q_len + pairs[:, 3]], counts_list)
-    pad_keys = num_blocks * block - k_len
     kv_index = (g_b * kv_heads + g_h // groups) * num_blocks + g_j
-    k_parts = F.pad(key, (0, 0, 0, pad_keys)).reshape(-1, block, dim)[kv_index].unbind(0)
-    v_parts = F.pad(value, (0, 0, 0, pad_keys)).reshape(-1, block, value.shape[-1])[kv_index].unbind(0)
+    k_parts = _key_blocks(key, num_blocks, block).flatten(0, 2)[kv_index].unbind(0)
+    v_parts = _key_blocks(value, num_blocks, block).flatten(0, 2)[kv_index].unbind(0)
     row_parts = torch.split(pairs[:, 3], counts_list)
     lowest = torch.finfo(query.dtype).min
     for g, (b, h, j) in enumerate(zip(g_b.tolist(), g_h.tolist(), g_j.tolist())):

@@ -68,10 +68,12 @@ class MoBA(SparseVariant):
         kv_heads, k_len = key.shape[1], key.shape[2]
         bs = self.block_size
         # mean key of every block (padding keys left out)
+        pad = num_blocks * bs - k_len
         weights = key.new_ones(batch, k_len) if key_valid is None else key_valid.to(key.dtype)
-        padded = torch.nn.functional.pad(key * weights[:, None, :, None], (0, 0, 0, num_blocks * bs - k_len))
-        counts = torch.nn.functional.pad(weights, (0, num_blocks * bs - k_len)).view(batch, num_blocks, bs).sum(-1)
-        means = padded.view(batch, kv_heads, num_blocks, bs, dim).sum(3) / counts.clamp(min=1)[:, None, :, None]
+        counts = torch.nn.functional.pad(weights, (0, pad)).view(batch, num_blocks, bs).sum(-1)
+        keys = key if key_valid is None else key * weights[:, None, :, None]
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, pad)) if pad else keys
+        means = keys.reshape(batch, kv_heads, num_blocks, bs, dim).sum(3) / counts.clamp(min=1)[:, None, :, None]
         means = means.repeat_interleave(heads // kv_heads, dim=1)
         own = (q_pos // bs)[:, None]
         if self.gate == "block":
