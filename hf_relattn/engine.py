@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -433,7 +433,7 @@ class _Plan:
     def chunks(self, batch: int, kv_heads: int) -> Iterator[tuple[int, slice, _Rows]]:
         """(K/V head, its query heads, the rows' shared context) per chunk; row chunks outside,
         so what does not depend on the head (labels, masks, static biases) is built once."""
-        q_len, k_len = self.q_pos.shape[0], self.k_pos.shape[0]
+        q_len = self.q_pos.shape[0]
         for start in range(0, q_len, self.step):
             rows = self._rows(slice(start, min(q_len, start + self.step)), batch)
             for kv in range(kv_heads):

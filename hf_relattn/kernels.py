@@ -50,7 +50,13 @@ from .bench import (
     print_table,
     summarize,
 )
-from .engine import ENGINE_NAME, SPARSE_QUERY_TOKENS, _selected_blocks, force_implementation, relattn_attention
+from .engine import (
+    ENGINE_NAME,
+    SPARSE_QUERY_TOKENS,
+    _selected_blocks,
+    force_implementation,
+    relattn_attention,
+)
 from .patches import get_adapter
 from .presets import DTYPES
 from .variants.base import VARIANTS, Variant, attach

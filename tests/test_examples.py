@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import requires_minilm
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
-
-import hf_relattn
-
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
 from reference import run_with_attention
 from test_shaw import FAMILIES, REF, inputs_of, randomize, valid_rows
+from transformers import AutoModelForSequenceClassification
+
+import hf_relattn
 
 NUM = 5
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import clipped_relative_labels, relation_aware_attention
 
 from hf_relattn import engine
 from hf_relattn.variants.base import RelationTerm
-
-from reference import clipped_relative_labels, relation_aware_attention
 
 
 def run_case(batch, heads, kv_heads, q_len, k_len, dim, m, causal, pad, graph, per_head, values, chunk, seed):

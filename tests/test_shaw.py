@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, AutoModelForImageClassification
+from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
+from reference import (
+    clipped_relative_labels,
+    relation_aware_attention,
+    run_with_attention,
+    vit_grid_labels,
+)
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import hf_relattn
-
-from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
-from reference import clipped_relative_labels, relation_aware_attention, run_with_attention, vit_grid_labels
 
 REF = "relational_reference_for_tests"
 FAMILIES = {"llama": tiny_llama, "bert": tiny_bert, "vit": tiny_vit}

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
+from reference import materialized_attention, run_with_attention
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
-
-from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
-from reference import materialized_attention, run_with_attention
 
 REF = "sparse_reference_for_tests"
 

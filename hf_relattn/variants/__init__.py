@@ -1,6 +1,17 @@
 """One module per attention variant; importing this package registers them all."""
 
-from . import alibi, fixed, gqa, moba, power, relation, shaw, sliding_window, strided, t5_bias  # noqa: F401
+from . import (  # noqa: F401
+    alibi,
+    fixed,
+    gqa,
+    moba,
+    power,
+    relation,
+    shaw,
+    sliding_window,
+    strided,
+    t5_bias,
+)
 from .base import VARIANTS, Variant, get_variant_class, register_variant
 
 __all__ = ["VARIANTS", "Variant", "get_variant_class", "register_variant"]

@@ -10,8 +10,8 @@ the attention engine calls the axis hooks (`score_bias`, ...) at run time.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch

@@ -27,7 +27,6 @@ import torch
 from .base import register_variant
 from .sparse_base import SparseVariant, check_positive
 
-
 GATES = ("token", "block")
 
 
