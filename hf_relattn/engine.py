@@ -202,6 +202,9 @@ def _sparse(
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     drop = dropout if module.training else 0.0
+    if variant.choice == "expert":  # MoSA: heads choose their tokens
+        out = expert_choice_attention(query, key, value, attention_mask, variant, module, scale, drop)
+        return out.transpose(1, 2).contiguous(), None
     if impl == "reference":
         pattern = variant.dense_mask(module, q_pos, k_pos, query, key, _key_valid(attention_mask))
         if pattern is not None and attention_mask is not None:
@@ -845,3 +848,53 @@ def _per_token_blocks(
     lse = query.new_full((batch * heads * q_len * width,), float("-inf")).index_put((where,), torch.cat(lses))
     weights = torch.softmax(lse.view(batch, heads, q_len, width), dim=-1).nan_to_num(0.0)
     return (weights[..., None] * partial.view(batch, heads, q_len, width, -1)).sum(-2)
+
+
+def _top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the `count` best scores per row, ascending; ties go to the earlier position
+    (repeated tokens score alike, so the rule must not depend on the sort kernel)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
+    return order.sort(dim=-1).values
+
+
+def expert_choice_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, variant: Any,
+    module: nn.Module, scale: float, dropout: float,
+) -> torch.Tensor:
+    """Heads that choose their tokens (MoSA): each head attends among its chosen tokens only
+    (causally by original position), scales by the router score and writes back at the chosen
+    positions; (B, H, Q, D), zero where a head chose nothing. A full forward chooses over the
+    whole sequence; with a KV cache each new token at position t is processed by the heads for
+    which it is among the top tokens of positions 0..t (see `hf_relattn.variants.mosa`)."""
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    groups = heads // key.shape[1]
+    logits = variant.router_logits(module, q_len, k_len)  # (B, H, K)
+    valid = _key_valid(mask)
+    ranked = logits if valid is None else logits.masked_fill(~valid[:, None, :], float("-inf"))
+    b_idx = torch.arange(batch, device=query.device)[:, None, None]
+    kv_idx = (torch.arange(heads, device=query.device) // groups)[None, :, None]
+    lowest = torch.finfo(query.dtype).min
+
+    def attend(q: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """q (B, H, r, D) over the chosen keys idx (B, H, n), allowed (B, H, r, n)."""
+        if valid is not None:
+            allowed = allowed & valid.gather(1, idx.flatten(1)).view(batch, heads, 1, -1)
+        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, lowest)
+        return F.scaled_dot_product_attention(q, key[b_idx, kv_idx, idx], value[b_idx, kv_idx, idx], attn_mask=bias,
+                                              dropout_p=dropout, scale=scale)
+
+    gates = torch.sigmoid(logits).to(query.dtype)
+    if q_len == k_len:
+        idx = _top_tokens(ranked, variant.tokens(k_len))  # (B, H, n)
+        chosen_q = query.gather(2, idx[..., None].expand(-1, -1, -1, dim))
+        out = attend(chosen_q, idx, idx[..., :, None] >= idx[..., None, :]) * gates.gather(-1, idx)[..., None]
+        return query.new_zeros(batch, heads, q_len, value.shape[-1]).scatter(2, idx[..., None].expand(-1, -1, -1, out.shape[-1]), out)
+    outs = []
+    for a in range(q_len):  # decoding: each new token chooses among the tokens up to itself
+        t = k_len - q_len + a
+        idx = _top_tokens(ranked[..., : t + 1], variant.tokens(t + 1))
+        taken = (idx == t).any(-1)  # (B, H): heads that process this token
+        out = attend(query[:, :, a : a + 1], idx, torch.ones(batch, heads, 1, idx.shape[-1], dtype=torch.bool, device=query.device))
+        outs.append(torch.where(taken[..., None, None], out * gates[..., t, None, None], 0.0))
+    return torch.cat(outs, dim=2)

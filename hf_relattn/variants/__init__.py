@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     fixed,
     gqa,
     moba,
+    mosa,
     power,
     relation,
     shaw,
