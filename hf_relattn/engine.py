@@ -42,7 +42,7 @@ from .variants.base import ATTACHED, RelationTerm, Variant, get_variant_class
 
 ENGINE_NAME = "relattn"
 FLAG_PREFIX = "relattn_"
-IMPLEMENTATIONS = ("auto", "dense", "reference")
+IMPLEMENTATIONS = ("auto", "dense", "reference", "flex")
 # Largest additive bias materialised at once (floats); queries are processed in chunks below it.
 CHUNK_ELEMENTS = 1 << 24
 # Scores per chunk of the relational path (one K/V head's query heads x rows x K): 1 MB chunks
@@ -214,7 +214,17 @@ def _sparse(
         out = reference_attention(query, key, value, attention_mask if pattern is None else pattern,
                                   lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
         return out.transpose(1, 2).contiguous(), None
-    out = block_sparse_attention(query, key, value, attention_mask, variant, module, q_pos, k_pos, causal, scale, drop)
+    out = None
+    use_flex = impl == "flex" or (
+        impl == "auto" and drop == 0 and query.shape[2] >= FLEX_MIN_TOKENS
+        and (query.device.type == "cuda" or not (torch.is_grad_enabled() and query.requires_grad))
+    )
+    if use_flex:
+        out = flex_sparse_attention(query, key, value, attention_mask, variant, module, q_pos, k_pos, causal, scale)
+        if out is None and impl == "flex":
+            raise ValueError(f"{variant.name} (choice {variant.choice!r}) has no FlexAttention form; use 'auto'")
+    if out is None:
+        out = block_sparse_attention(query, key, value, attention_mask, variant, module, q_pos, k_pos, causal, scale, drop)
     if out is None:  # a dense layer of the pattern
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return out.transpose(1, 2).contiguous(), None
@@ -898,3 +908,58 @@ def expert_choice_attention(
         out = attend(query[:, :, a : a + 1], idx, torch.ones(batch, heads, 1, idx.shape[-1], dtype=torch.bool, device=query.device))
         outs.append(torch.where(taken[..., None, None], out * gates[..., t, None, None], 0.0))
     return torch.cat(outs, dim=2)
+
+
+# ------------------------------------------------------------------------ FlexAttention path
+# From this many query tokens on, CPU inference runs static sparse patterns through compiled
+# FlexAttention (torch 2.13 has no FlexAttention backward on CPU); compiling costs seconds per
+# new shape, which only long prefills repay. On GPU it is used for training too.
+FLEX_MIN_TOKENS = 4096
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+_block_masks: dict[tuple[Any, ...], Any] = {}
+
+
+def flex_sparse_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, variant: Any,
+    module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, scale: float,
+) -> torch.Tensor | None:
+    """A static pattern (the same for every batch entry and head) as a FlexAttention BlockMask,
+    run by compiled `flex_attention`; None for patterns chosen per head or per token (MoBA, MoSA)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if variant.choice not in ("rule", "block"):
+        return None
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[2]
+    block = variant.key_block(module)
+    num_blocks = -(-k_len // block)
+    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, None)
+    if chosen is None or chosen.shape[:2] != (1, 1):
+        return None
+    valid = _key_valid(mask)
+    # every layer of a forward shares the pattern: build its block mask once
+    cache_key = (id(variant), q_len, k_len, causal, query.device, None if valid is None else (id(mask), mask._version))
+    block_mask = _block_masks.get(cache_key)
+    if block_mask is None:
+        table, offset = chosen[0, 0], k_len - q_len
+
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+            position = qi + offset
+            keep = table[qi, ki // block]
+            rule = variant.allowed(module, position, ki, k_len)
+            if rule is not None:
+                keep = keep & rule
+            if causal:
+                keep = keep & (ki <= position)
+            if valid is not None:
+                keep = keep & valid[b, ki]
+            return keep
+
+        _block_masks.clear()
+        block_mask = create_block_mask(mask_mod, batch if valid is not None else None, None, q_len, k_len,
+                                       device=query.device, BLOCK_SIZE=128)
+        _block_masks[cache_key] = block_mask
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != heads)

@@ -262,3 +262,22 @@ def test_moba_needs_a_decoder_and_sparse_variants_do_not_stack():
     with pytest.raises(ValueError, match=r"cannot be combined with \['sliding_window'\]"):
         hf_relattn.convert(model, "power")
     assert_same_state(before, model)
+
+
+@pytest.mark.parametrize("name, options", [("sliding_window", {"window": 7, "block_size": 4}), ("power", {"block_size": 4, "window": 6})])
+def test_flex_attention_path_matches_loop_masks(name, options, long_ids):
+    """The compiled FlexAttention path (BlockMask from the same pattern; used automatically for
+    long CPU inference and on GPU) against the loop masks, with GQA and left padding."""
+    model = hf_relattn.convert(hf_relattn.convert(tiny_llama(), "gqa", num_key_value_heads=2), name, **options)
+    mask, rows = padded("llama", long_ids)
+    with torch.no_grad(), hf_relattn.force_implementation("flex"):
+        got = model(input_ids=long_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    expected = run_hidden(model, long_ids, mask)
+    for b, r in rows:
+        torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)
+
+
+def test_flex_refuses_per_token_choices(long_ids):
+    model = hf_relattn.convert(tiny_llama(), "moba", block_size=4, top_k=2)
+    with torch.no_grad(), hf_relattn.force_implementation("flex"), pytest.raises(ValueError, match="has no FlexAttention form"):
+        model(long_ids)
