@@ -215,10 +215,7 @@ def _sparse(
                                   lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
         return out.transpose(1, 2).contiguous(), None
     out = None
-    use_flex = impl == "flex" or (
-        impl == "auto" and drop == 0 and query.shape[2] >= FLEX_MIN_TOKENS
-        and (query.device.type == "cuda" or not (torch.is_grad_enabled() and query.requires_grad))
-    )
+    use_flex = impl == "flex" or (impl == "auto" and query.device.type == "cuda" and drop == 0 and query.shape[2] >= FLEX_MIN_TOKENS)
     if use_flex:
         out = flex_sparse_attention(query, key, value, attention_mask, variant, module, q_pos, k_pos, causal, scale)
         if out is None and impl == "flex":
@@ -911,9 +908,12 @@ def expert_choice_attention(
 
 
 # ------------------------------------------------------------------------ FlexAttention path
-# From this many query tokens on, CPU inference runs static sparse patterns through compiled
-# FlexAttention (torch 2.13 has no FlexAttention backward on CPU); compiling costs seconds per
-# new shape, which only long prefills repay. On GPU it is used for training too.
+# From this many query tokens on, static sparse patterns on GPU run through compiled
+# FlexAttention (compiling costs seconds per new shape, which only long sequences repay). On
+# CPU it runs only when forced: torch 2.13 has no FlexAttention backward there, and in a
+# benchmark alternating patterns it was slower than the block-sparse path (block masks rebuilt,
+# recompiles), although one pattern compiled once ran a T/8 sliding window 3.7x faster than
+# causal SDPA at 8k tokens.
 FLEX_MIN_TOKENS = 4096
 _compiled_flex: Callable[..., torch.Tensor] | None = None
 _block_masks: dict[tuple[Any, ...], Any] = {}
