@@ -912,8 +912,7 @@ def expert_choice_attention(
 # FlexAttention (compiling costs seconds per new shape, which only long sequences repay). On
 # CPU it runs only when forced: torch 2.13 has no FlexAttention backward there, and in a
 # benchmark alternating patterns it was slower than the block-sparse path (block masks rebuilt,
-# recompiles), although one pattern compiled once ran a T/8 sliding window 3.7x faster than
-# causal SDPA at 8k tokens.
+# recompiles).
 FLEX_MIN_TOKENS = 4096
 _compiled_flex: Callable[..., torch.Tensor] | None = None
 _block_masks: dict[tuple[Any, ...], Any] = {}
