@@ -883,8 +883,14 @@ def expert_choice_attention(
     kv_idx = (torch.arange(heads, device=query.device) // groups)[None, :, None]
     lowest = torch.finfo(query.dtype).min
 
-    def attend(q: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """q (B, H, r, D) over the chosen keys idx (B, H, n), allowed (B, H, r, n)."""
+    def attend(q: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, r, D) over the chosen keys idx (B, H, n), allowed (B, H, r, n); None: causal
+        among the chosen (ascending positions, no padding), SDPA's causal kernel."""
+        if allowed is None and valid is None:
+            return F.scaled_dot_product_attention(q, key[b_idx, kv_idx, idx], value[b_idx, kv_idx, idx], is_causal=True,
+                                                  dropout_p=dropout, scale=scale)
+        if allowed is None:
+            allowed = idx[..., :, None] >= idx[..., None, :]
         if valid is not None:
             allowed = allowed & valid.gather(1, idx.flatten(1)).view(batch, heads, 1, -1)
         bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, lowest)
@@ -895,7 +901,7 @@ def expert_choice_attention(
     if q_len == k_len:
         idx = _top_tokens(ranked, variant.tokens(k_len))  # (B, H, n)
         chosen_q = query.gather(2, idx[..., None].expand(-1, -1, -1, dim))
-        out = attend(chosen_q, idx, idx[..., :, None] >= idx[..., None, :]) * gates.gather(-1, idx)[..., None]
+        out = attend(chosen_q, idx, None) * gates.gather(-1, idx)[..., None]
         return query.new_zeros(batch, heads, q_len, value.shape[-1]).scatter(2, idx[..., None].expand(-1, -1, -1, out.shape[-1]), out)
     outs = []
     for a in range(q_len):  # decoding: each new token chooses among the tokens up to itself

@@ -62,6 +62,8 @@ from .presets import DTYPES
 from .variants.base import VARIANTS, Variant, attach
 from .variants.fixed import Fixed
 from .variants.moba import MoBA
+from .variants.mosa import HIDDEN as MOSA_INPUT
+from .variants.mosa import MoSA
 from .variants.power import Power
 from .variants.relational import RelationTables
 from .variants.shaw import Shaw
@@ -207,9 +209,9 @@ def computed_pairs(module: nn.Module, variant: Variant, q: torch.Tensor, k: torc
 
 
 def build_sparse_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, k: torch.Tensor) -> list[Case]:
-    """Dense causal SDPA (transformers' sdpa function) against the block-sparse variants at one
-    length: sliding window T/8, MoBA (block 512, top-3; per-token and per-block gate), strided,
-    fixed and PowerAttention with about the same reach. `work` counts the computed pairs."""
+    """Dense causal SDPA (transformers' sdpa function) against the sparse variants at one length:
+    sliding window T/8, MoBA (block 512, top-3; per-token and per-block gate), strided, fixed and
+    PowerAttention with about the same reach, and MoSA. `work` counts the computed pairs."""
     variants = [
         SlidingWindow(window=length // 8, block_size=64),
         MoBA(block_size=512, top_k=3),
@@ -218,6 +220,38 @@ def build_sparse_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, 
         Fixed(block=length // 8, summary=64),
         Power(block_size=64, window=length // 16),
     ]
+    cases = _sparse_pattern_cases(heads, head_dim, length, q, k, variants)
+    cases.append(_mosa_case(heads, head_dim, length))
+    return cases
+
+
+def _mosa_case(heads: int, head_dim: int, length: int, sparsity: int = 8) -> Case:
+    """MoSA (sparsity 8) on the stub: a random router over random layer inputs, set before each
+    call as the attention block's pre-hook would. Work: the causal pairs among T/8 tokens per head."""
+    variant = MoSA(sparsity=sparsity)
+    module = attention_stub(heads, heads, head_dim, [variant])
+    hidden = heads * head_dim
+    generator = torch.Generator().manual_seed(1)
+    router = nn.Linear(hidden, heads, bias=False)
+    with torch.no_grad():
+        router.weight.copy_(0.02 * torch.randn(router.weight.shape, generator=generator))
+    module.relattn_mosa = router
+    inputs = torch.randn(1, length, hidden, generator=generator)
+    run = _engine(module)
+
+    def with_inputs(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            x = inputs[:, : q.shape[2]].expand(q.shape[0], -1, -1).to(q.dtype)
+            setattr(module, MOSA_INPUT, x)
+            return fn(q, k, v)
+        return call
+
+    chosen = variant.tokens(length)
+    return Case(f"mosa(sparsity={sparsity})", heads, with_inputs(run), None, baseline="sdpa causal",
+                work=2.0 * head_dim * chosen * (chosen + 1))
+
+
+def _sparse_pattern_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, k: torch.Tensor, variants: list[Variant]) -> list[Case]:
     dense = attention_stub(heads, heads, head_dim)
     cases = [Case("sdpa causal", heads, _engine(dense), baseline="sdpa causal", work=2.0 * head_dim * length * (length + 1))]
     for variant in variants:
@@ -320,7 +354,7 @@ def run_kernels(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=(7 if suite == "sparse" else len(cases)) * len(lengths) * 2 * (warmup + reps), desc="kernels", unit="run", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=(8 if suite == "sparse" else len(cases)) * len(lengths) * 2 * (warmup + reps), desc="kernels", unit="run", file=sys.stderr, disable=not progress)
     rows: list[dict[str, Any]] = []
     for length in lengths:
         if suite == "sparse":  # patterns scale with the length
