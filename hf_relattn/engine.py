@@ -644,6 +644,27 @@ SPARSE_CHUNK_ELEMENTS = 1 << 22
 SPARSE_QUERY_TOKENS = 128
 
 
+def chosen_blocks(
+    variant: Any, module: nn.Module, q_pos: torch.Tensor, num_blocks: int, query: torch.Tensor, key: torch.Tensor,
+    key_valid: torch.Tensor | None, causal: bool,
+) -> torch.Tensor | None:
+    """The variant's key-block choice per token (1|B, 1|H, Q, N), without blocks after the
+    token's own when causal; None for a dense layer."""
+    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, key_valid)
+    if chosen is None or not causal:
+        return chosen
+    block = variant.key_block(module)
+    return chosen & (torch.arange(num_blocks, device=q_pos.device)[None, :] <= (q_pos // block)[:, None])
+
+
+def query_rows(variant: Any, block: int, q_len: int) -> int:
+    """Query rows per block of the block-sparse path: taller blocks copy K/V less per FLOP, but
+    when the choice of key blocks varies by query block (power, MoBA) a taller block reads the
+    union of more choices; decoding takes a block of the new tokens only."""
+    rows = block * max(1, SPARSE_QUERY_TOKENS // block) if variant.choice == "rule" else block
+    return min(rows, q_len)
+
+
 def _key_blocks(t: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
     """(B, H, K, D) -> (B, H, num_blocks, block, D), zero-padding the last block (a view when
     K fills the blocks exactly: a KV cache is not copied)."""
@@ -706,30 +727,21 @@ def block_sparse_attention(
     groups = heads // kv_heads
     block = variant.key_block(module)
     num_blocks = -(-k_len // block)
-    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, _key_valid(mask))
+    chosen = chosen_blocks(variant, module, q_pos, num_blocks, query, key, _key_valid(mask), causal)
     if chosen is None:
         return None
-    if causal:
-        chosen = chosen & (torch.arange(num_blocks, device=q_pos.device)[None, :] <= (q_pos // block)[:, None])
     if variant.choice == "token" and q_len > 1:  # one query (decoding): its union is its own choice
         return _per_token_blocks(query, key, value, mask, chosen, variant, module, q_pos, k_pos, causal, scale, dropout)
     per_head = chosen.shape[1] > 1
-    # query rows per block: taller blocks copy K/V less per FLOP, but when the choice of key
-    # blocks varies by query block (power, MoBA) a taller block reads the union of more choices
-    qb = block * max(1, SPARSE_QUERY_TOKENS // block) if variant.choice == "rule" else block
-    qb = min(qb, q_len)  # decoding: a block of the new tokens only
+    qb = query_rows(variant, block, q_len)
     sel, sel_valid = _selected_blocks(chosen, qb)
     nq, width = sel.shape[2], sel.shape[3]
     # each query head choosing its own blocks (per_head) indexes K/V through its K/V head
     hx, gx = (heads, 1) if per_head else (kv_heads, groups)
     q = F.pad(query, (0, 0, 0, nq * qb - q_len)).view(batch, hx, gx, nq, qb, dim)
     qp = F.pad(q_pos, (0, nq * qb - q_len), value=int(q_pos[-1])).view(nq, qb)
-    chosen_rows = F.pad(chosen, (0, 0, 0, nq * qb - q_len)).view(*chosen.shape[:2], nq, qb, num_blocks)
-    offsets = torch.arange(block, device=query.device)
-    b_idx = torch.arange(batch, device=query.device)[:, None, None, None]
-    h_idx = (torch.arange(hx, device=query.device) // (groups if per_head else 1))[None, :, None, None]
-    step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(qb * gx, dim)))
-    outs = []
+    if mask is not None:  # rows padded to whole query blocks, once
+        mask = F.pad(mask, (0, 0, 0, nq * qb - q_len)) if mask.shape[-2] > 1 else mask.expand(-1, -1, nq * qb, -1)
     # the union of a query block's choices may hold blocks some of its tokens did not choose
     aligned = (k_len - q_len) % block == 0
     own_needed = variant.choice == "token" or (variant.choice == "block" and not (qb == 1 or aligned and qb == block))
@@ -744,7 +756,7 @@ def block_sparse_attention(
             keep = _pattern_keep(torch.ones(1, 1, qb, k1 - k0, dtype=torch.bool, device=query.device),
                                  variant, module, rows, kpos, k_len, causal)
             if mask is not None:
-                m = F.pad(mask, (0, 0, 0, nq * qb - q_len))[:, :, i * qb : (i + 1) * qb, k0:k1]
+                m = mask[:, :, i * qb : (i + 1) * qb, k0:k1]
                 keep = keep & (m if m.dtype == torch.bool else m == 0)
             if gx > 1:
                 keep = keep[:, :, None].expand(-1, -1, gx, -1, -1).reshape(keep.shape[0], 1, gx * qb, k1 - k0)
@@ -753,6 +765,12 @@ def block_sparse_attention(
             out = F.scaled_dot_product_attention(qc, key[:, :, k0:k1], value[:, :, k0:k1], attn_mask=bias, dropout_p=dropout, scale=scale)
             outs.append(out.view(batch, hx, gx, 1, qb, -1))
         return torch.cat(outs, dim=3).reshape(batch, heads, nq * qb, -1)[:, :, :q_len]
+    chosen_rows = F.pad(chosen, (0, 0, 0, nq * qb - q_len)).view(*chosen.shape[:2], nq, qb, num_blocks)
+    offsets = torch.arange(block, device=query.device)
+    b_idx = torch.arange(batch, device=query.device)[:, None, None, None]
+    h_idx = (torch.arange(hx, device=query.device) // (groups if per_head else 1))[None, :, None, None]
+    step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(qb * gx, dim)))
+    outs = []
     kb, vb = (_key_blocks(t, num_blocks, block) for t in (key, value))
     for a in range(0, nq, step):
         c = slice(a, min(nq, a + step))
@@ -770,7 +788,7 @@ def block_sparse_attention(
             keep = keep & own.repeat_interleave(block, dim=-1)
         keep = _pattern_keep(keep, variant, module, rows, kpos, k_len, causal)
         if mask is not None:
-            m = F.pad(mask, (0, 0, 0, nq * qb - q_len)).view(mask.shape[0], 1, nq, qb, k_len)[:, :, c]
+            m = mask.view(mask.shape[0], 1, nq, qb, k_len)[:, :, c]
             if m.dtype != torch.bool:
                 m = m == 0
             cols = kpos.clamp(max=k_len - 1).expand(m.shape[0], -1, -1, qb, -1)

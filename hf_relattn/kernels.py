@@ -52,9 +52,10 @@ from .bench import (
 )
 from .engine import (
     ENGINE_NAME,
-    SPARSE_QUERY_TOKENS,
     _selected_blocks,
+    chosen_blocks,
     force_implementation,
+    query_rows,
     relattn_attention,
 )
 from .patches import get_adapter
@@ -199,11 +200,10 @@ def computed_pairs(module: nn.Module, variant: Variant, q: torch.Tensor, k: torc
     block = variant.key_block(module)
     num_blocks = -(-length // block)
     positions = torch.arange(length)
-    chosen = variant.token_blocks(module, positions, num_blocks, q, k, None)
-    chosen = chosen & (torch.arange(num_blocks)[None, :] <= (positions // block)[:, None])
+    chosen = chosen_blocks(variant, module, positions, num_blocks, q, k, None, causal=True)
     if variant.choice == "token":
         return float(chosen.sum()) * block / (chosen.shape[0] * chosen.shape[1])
-    rows = block * max(1, SPARSE_QUERY_TOKENS // block) if variant.choice == "rule" else block
+    rows = query_rows(variant, block, length)
     _, valid = _selected_blocks(chosen, rows)
     return float(valid.sum()) * block * rows / (valid.shape[0] * valid.shape[1])
 

@@ -119,6 +119,14 @@ class Variant:
         return None
 
 
+def check_int_options(variant: Variant, *options: str, minimum: int = 1) -> None:
+    """Raise ValueError unless each option is an integer (not a bool) >= minimum."""
+    for option in options:
+        value = getattr(variant, option)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{variant.name}: {option} must be an integer >= {minimum}, got {value!r}")
+
+
 VARIANTS: dict[str, type[Variant]] = {}
 
 

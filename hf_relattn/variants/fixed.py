@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import register_variant
-from .sparse_base import SparseVariant, check_positive
+from .base import check_int_options, register_variant
+from .sparse_base import SparseVariant
 
 
 @register_variant
@@ -31,7 +31,7 @@ class Fixed(SparseVariant):
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
 
     def validate(self, model, adapter, layers) -> None:
-        check_positive(self, "block", "summary")
+        check_int_options(self, "block", "summary")
         if self.summary > self.block:
             raise ValueError(f"fixed: summary ({self.summary}) must not exceed block ({self.block})")
         super().validate(model, adapter, layers)

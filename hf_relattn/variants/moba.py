@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import register_variant
-from .sparse_base import SparseVariant, check_positive
+from .base import check_int_options, register_variant
+from .sparse_base import SparseVariant
 
 GATES = ("token", "block")
 
@@ -48,10 +48,10 @@ class MoBA(SparseVariant):
     paper = "Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs"
 
     def validate(self, model, adapter, layers) -> None:
-        check_positive(self, "top_k")
+        check_int_options(self, "top_k")
         if self.gate not in GATES:
             raise ValueError(f"moba: gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        check_positive(self, "dense_layers", minimum=0)
+        check_int_options(self, "dense_layers", minimum=0)
         modules = adapter.attention_modules(model)
         if not getattr(modules[layers[0]], "is_causal", False):
             raise ValueError("moba gates over earlier key blocks and needs a causal decoder (LLaMA); valid families: llama")

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import attach, register_variant
-from .sparse_base import SparseVariant, check_positive
+from .base import attach, check_int_options, register_variant
+from .sparse_base import SparseVariant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -55,7 +55,7 @@ class MoSA(SparseVariant):
     choice = "expert"
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        check_positive(self, "sparsity")
+        check_int_options(self, "sparsity")
         modules = adapter.attention_modules(model)
         if not getattr(modules[layers[0]], "is_causal", False):
             raise ValueError("mosa routes tokens of a causal decoder (LLaMA); valid families: llama")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import register_variant
-from .sparse_base import SparseVariant, check_positive
+from .base import check_int_options, register_variant
+from .sparse_base import SparseVariant
 
 
 @register_variant
@@ -31,7 +31,7 @@ class Power(SparseVariant):
     paper = "Chen et al. 2025, PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention"
 
     def validate(self, model, adapter, layers) -> None:
-        check_positive(self, "window")
+        check_int_options(self, "window")
         super().validate(model, adapter, layers)
 
     def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):

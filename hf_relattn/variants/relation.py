@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import RelationTerm, register_variant
-from .relational import RelationalVariant, check_positive_int
+from .base import RelationTerm, check_int_options, register_variant
+from .relational import RelationalVariant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -46,7 +46,7 @@ class Relation(RelationalVariant):
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         if self.num_relations is None:
             raise ValueError(f"{self.name}: num_relations is required (relation ids 0..num_relations-1; 0 = no relation)")
-        check_positive_int(self, "num_relations", minimum=2)
+        check_int_options(self, "num_relations", minimum=2)
         super().validate(model, adapter, layers)
 
     def num_labels(self, adapter: FamilyAdapter) -> int:

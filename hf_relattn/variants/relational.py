@@ -55,12 +55,6 @@ def check_flag(variant: Variant, option: str) -> None:
         raise ValueError(f"{variant.name}: {option} must be True or False, got {value!r}")
 
 
-def check_positive_int(variant: Variant, option: str, minimum: int = 1) -> None:
-    value = getattr(variant, option)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{variant.name}: {option} must be an integer >= {minimum}, got {value!r}")
-
-
 @dataclass
 class RelationalVariant(Variant):
     """Base of `shaw` and `relation`: options `values` and `per_head`, one tables module per layer."""

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ..patches import get_adapter
-from .base import RelationTerm, register_variant
-from .relational import RelationalVariant, check_positive_int
+from .base import RelationTerm, check_int_options, register_variant
+from .relational import RelationalVariant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -70,7 +70,7 @@ class Shaw(RelationalVariant):
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         super().validate(model, adapter, layers)
-        check_positive_int(self, "max_distance")
+        check_int_options(self, "max_distance")
 
     def num_labels(self, adapter: FamilyAdapter) -> int:
         width = 2 * self.max_distance + 1

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..patches import get_adapter
-from .base import register_variant
-from .sparse_base import SparseVariant, block_range, check_positive
+from .base import check_int_options, register_variant
+from .sparse_base import SparseVariant, block_range
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,7 +38,7 @@ class SlidingWindow(SparseVariant):
     paper = "Child et al. 2019; Beltagy et al. 2020 (Longformer); Vaswani et al. 2021 (HaloNet)"
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        check_positive(self, "window")
+        check_int_options(self, "window")
         super().validate(model, adapter, layers)
 
     def _grid(self, module: nn.Module, num_tokens: int) -> tuple[int, int, int] | None:

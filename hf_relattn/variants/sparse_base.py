@@ -17,19 +17,12 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from .base import Variant
+from .base import Variant, check_int_options
 
 if TYPE_CHECKING:
     from torch import nn
 
     from ..patches import FamilyAdapter
-
-
-def check_positive(variant: Variant, *options: str, minimum: int = 1) -> None:
-    for option in options:
-        value = getattr(variant, option)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{variant.name}: {option} must be an integer >= {minimum}, got {value!r}")
 
 
 def block_range(first: torch.Tensor, last: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
@@ -69,7 +62,7 @@ class SparseVariant(Variant):
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         if hasattr(self, "block_size"):
-            check_positive(self, "block_size")
+            check_int_options(self, "block_size")
         attached = [v for v in getattr(adapter.attention_modules(model)[layers[0]], "relattn_variants", ()) if v.name != self.name]
         clash = [v.name for v in attached if v.axis in ("scores", "sparsity")]
         if clash:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import register_variant
-from .sparse_base import SparseVariant, check_positive
+from .base import check_int_options, register_variant
+from .sparse_base import SparseVariant
 
 
 @register_variant
@@ -31,7 +31,7 @@ class Strided(SparseVariant):
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
 
     def validate(self, model, adapter, layers) -> None:
-        check_positive(self, "stride")
+        check_int_options(self, "stride")
         super().validate(model, adapter, layers)
 
     def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
