@@ -699,6 +699,19 @@ def _selected_blocks(token_blocks: torch.Tensor, block: int) -> tuple[torch.Tens
     return torch.where(valid, order, 0), valid
 
 
+def _chunks(count: int, step: int, flags: list[bool] | None) -> Iterator[tuple[slice, bool]]:
+    """Slices of at most `step` query blocks, each split where `flags` (per block) changes."""
+    for a in range(0, count, step):
+        end = min(count, a + step)
+        while a < end:
+            b = a + 1
+            while flags is not None and b < end and flags[b] == flags[a]:
+                b += 1
+            b = end if flags is None else b
+            yield slice(a, b), bool(flags is not None and flags[a])
+            a = b
+
+
 def block_sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -772,13 +785,27 @@ def block_sparse_attention(
     step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(qb * gx, dim)))
     outs = []
     kb, vb = (_key_blocks(t, num_blocks, block) for t in (key, value))
-    for a in range(0, nq, step):
-        c = slice(a, min(nq, a + step))
+    # query blocks gated whole (aligned, no rule, no padding) that read `width` blocks, their own
+    # last, share one mask: earlier blocks whole, the own block causal
+    tail_causal = None
+    if variant.choice == "block" and not own_needed and mask is None and causal and qb == block and k_len % block == 0:
+        if variant.allowed(module, qp[:1, :, None], k_pos[None, None, :1], k_len) is None:
+            tail_causal = torch.ones(qb, width * block, dtype=torch.bool, device=query.device)
+            tail_causal[:, -block:] = torch.ones(qb, block, dtype=torch.bool, device=query.device).tril()
+            tail_causal = torch.zeros(tail_causal.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                ~tail_causal, torch.finfo(query.dtype).min)[None, None].expand(gx, 1, -1, -1).reshape(1, 1, gx * qb, -1)
+    whole = sel_valid.flatten(0, 1).all(0).all(-1).tolist() if tail_causal is not None else None
+    for c, shared_mask in _chunks(nq, step, whole):
         sidx = sel[..., c, :]  # (Bs, Hs, n, S): Bs, Hs are 1 unless the choice depends on them
         n = sidx.shape[2]
         idx = sidx.expand(batch, hx, -1, -1)
         k_sel = kb[b_idx, h_idx, idx].reshape(batch * hx, n, width * block, -1)
         v_sel = vb[b_idx, h_idx, idx].reshape(batch * hx, n, width * block, -1)
+        qc = q[:, :, :, c].permute(0, 1, 3, 2, 4, 5).reshape(batch * hx, n, gx * qb, dim)
+        if shared_mask:
+            out = F.scaled_dot_product_attention(qc, k_sel, v_sel, attn_mask=tail_causal, dropout_p=dropout, scale=scale)
+            outs.append(out.view(batch, hx, n, gx, qb, -1).permute(0, 1, 3, 2, 4, 5))
+            continue
         # the token-level mask, as small as its dependencies allow: (1|B, 1|hx, n, bq, S * bs)
         kpos = (sidx[..., None] * block + offsets).reshape(*sidx.shape[:2], n, 1, width * block)
         rows = qp[c][None, None, :, :, None]  # (1, 1, n, bq, 1)
@@ -800,7 +827,6 @@ def block_sparse_attention(
             bias = bias[0]  # (1, n, rows, S * bs): broadcast over batch and heads
         else:
             bias = bias.expand(batch, hx, -1, -1, -1).reshape(batch * hx, n, gx * qb, width * block)
-        qc = q[:, :, :, c].permute(0, 1, 3, 2, 4, 5).reshape(batch * hx, n, gx * qb, dim)
         out = F.scaled_dot_product_attention(qc, k_sel, v_sel, attn_mask=bias, dropout_p=dropout, scale=scale)
         outs.append(out.view(batch, hx, n, gx, qb, -1).permute(0, 1, 3, 2, 4, 5))
     out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]

@@ -165,6 +165,28 @@ def test_moba_matches_naive_moba(options, long_ids):
         torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)
 
 
+def test_moba_block_gate_unpadded_whole_blocks(long_ids):
+    """Whole key blocks and no padding: the engine's shared-mask path for query blocks gated whole;
+    outputs and gradients against the naive MoBA."""
+    model = hf_relattn.convert(tiny_llama(), "moba", block_size=4, top_k=3, gate="block").train()
+    ids = long_ids[:, :36]
+
+    def run(implementation):
+        model.zero_grad()
+        model.config._attn_implementation_internal = implementation
+        try:
+            out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+        finally:
+            model.config._attn_implementation_internal = "relattn"
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (got, got_grads), (expected, expected_grads) = run("relattn"), run(REF)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    for n in got_grads:
+        torch.testing.assert_close(got_grads[n], expected_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
 def test_vit_two_d_neighbourhood_with_global_cls(pixels):
     model = hf_relattn.convert(tiny_vit(), "sliding_window", window=2, block_size=3)
     with torch.no_grad():
