@@ -134,6 +134,36 @@ def relattn_attention(
 ) -> tuple[torch.Tensor, None]:
     """Attention entry point registered as "relattn" and "relattn_<flag>" (see module doc)."""
     variants = module_variants(module)
+    gating = [v for v in variants if v.axis == "gating"]
+    if not gating:
+        return _attention(module, variants, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    # the gating axis (MoH): per-token head weights on the heads' outputs
+    q_len, k_len = query.shape[2], key.shape[2]
+    valid = _key_valid(attention_mask)
+    weights, used = gating[0].head_weights(module, query, None if valid is None else valid[:, k_len - q_len:])
+    others = [v for v in variants if v.axis != "gating"]
+    plain = all(v.axis == "structure" for v in others) and kwargs.get("relation_ids") is None
+    if plain and not module.training and not torch.is_grad_enabled() and not _forced:
+        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = head_routed_attention(query, key, value, attention_mask, used, causal, scale)
+    else:
+        out, _ = _attention(module, others, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return out * weights[..., None], None
+
+
+def _attention(
+    module: nn.Module,
+    variants: Sequence[Variant],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention with the structure, scores, values and sparsity axes; output (B, Q, H, D)."""
     num_heads, q_len, k_len = query.shape[1], query.shape[2], key.shape[2]
     device = query.device
     k_pos = torch.arange(k_len, device=device)
@@ -788,12 +818,11 @@ def block_sparse_attention(
     # query blocks gated whole (aligned, no rule, no padding) that read `width` blocks, their own
     # last, share one mask: earlier blocks whole, the own block causal
     tail_causal = None
-    if variant.choice == "block" and not own_needed and mask is None and causal and qb == block and k_len % block == 0:
-        if variant.allowed(module, qp[:1, :, None], k_pos[None, None, :1], k_len) is None:
-            tail_causal = torch.ones(qb, width * block, dtype=torch.bool, device=query.device)
-            tail_causal[:, -block:] = torch.ones(qb, block, dtype=torch.bool, device=query.device).tril()
-            tail_causal = torch.zeros(tail_causal.shape, dtype=query.dtype, device=query.device).masked_fill_(
-                ~tail_causal, torch.finfo(query.dtype).min)[None, None].expand(gx, 1, -1, -1).reshape(1, 1, gx * qb, -1)
+    if (variant.choice == "block" and not own_needed and mask is None and causal and qb == block and k_len % block == 0
+            and variant.allowed(module, qp[:1, :, None], k_pos[None, None, :1], k_len) is None):
+        tail_causal = torch.ones(qb, width * block, dtype=torch.bool, device=query.device)
+        tail_causal[:, -block:] = torch.ones(qb, block, dtype=torch.bool, device=query.device).tril()
+        tail_causal = _float_mask(tail_causal, query.dtype)[None, None].expand(gx, 1, -1, -1).reshape(1, 1, gx * qb, -1)
     whole = sel_valid.flatten(0, 1).all(0).all(-1).tolist() if tail_causal is not None else None
     for c, shared_mask in _chunks(nq, step, whole):
         sidx = sel[..., c, :]  # (Bs, Hs, n, S): Bs, Hs are 1 unless the choice depends on them
@@ -899,6 +928,77 @@ def _per_token_blocks(
     lse = query.new_full((batch * heads * q_len * width,), float("-inf")).index_put((where,), torch.cat(lses))
     weights = torch.softmax(lse.view(batch, heads, q_len, width), dim=-1).nan_to_num(0.0)
     return (weights[..., None] * partial.view(batch, heads, q_len, width, -1)).sum(-2)
+
+
+# Selected query rows per SDPA call of the head-routed path.
+ROUTED_QUERY_ROWS = 512
+
+
+def head_routed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, used: torch.Tensor,
+    causal: bool, scale: float,
+) -> torch.Tensor:
+    """Inference for heads chosen per token (MoH): for each (batch, head), only the tokens that
+    use the head are computed, over all keys (causal by original position); others get zeros.
+    Returns (B, Q, H, D). No autograd (the lse of the CPU flash kernel has no gradient).
+
+    Causal and unpadded, selected rows go in runs of ROUTED_QUERY_ROWS: keys before the run's
+    first position are read without a mask, the run's own span with a small causal one, and
+    the two are merged by log-sum-exp; otherwise one masked call per run."""
+    batch, heads, q_len, _ = query.shape
+    k_len, groups = key.shape[2], heads // key.shape[1]
+    offset = k_len - q_len
+    out = query.new_zeros(batch, q_len, heads, value.shape[-1])
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    split = causal and mask is None and query.device.type == "cpu" and flash is not None
+    lowest = torch.finfo(query.dtype).min
+    for b in range(batch):
+        for h in range(heads):
+            rows = used[b, :, h].nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                continue
+            k, v = key[b : b + 1, h // groups : h // groups + 1], value[b : b + 1, h // groups : h // groups + 1]
+            q = query[b : b + 1, h : h + 1, rows]
+            if rows.numel() == q_len and mask is None:
+                got = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q_len > 1, scale=scale) if offset == 0 or not causal \
+                    else F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(None, None, rows + offset, torch.arange(k_len, device=q.device), True, q.dtype), scale=scale)
+                out[b, :, h] = got[0, 0]
+                continue
+            parts = []
+            for start in range(0, rows.numel(), ROUTED_QUERY_ROWS):
+                r = rows[start : start + ROUTED_QUERY_ROWS]
+                qr = q[:, :, start : start + ROUTED_QUERY_ROWS]
+                pos = r + offset
+                if not causal:
+                    m = None if mask is None else mask[b : b + 1, :, r if mask.shape[-2] > 1 else slice(None)]
+                    parts.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=_float_mask(m, q.dtype), scale=scale))
+                    continue
+                first, last = int(pos[0]), int(pos[-1]) + 1
+                span = torch.arange(first, last, device=q.device)
+                if not split:
+                    keep = span.new_ones(()).bool() if mask is None else mask[b : b + 1, :, r, :last]
+                    keep = keep & (torch.arange(last, device=q.device)[None, :] <= pos[:, None])
+                    parts.append(F.scaled_dot_product_attention(qr, k[:, :, :last], v[:, :, :last], attn_mask=_float_mask(keep, q.dtype), scale=scale))
+                    continue
+                near = torch.zeros(r.numel(), last - first, dtype=q.dtype, device=q.device).masked_fill_(span[None, :] > pos[:, None], lowest)
+                o2, l2 = flash(qr, k[:, :, first:last], v[:, :, first:last], 0.0, False, attn_mask=near[None, None], scale=scale)
+                if first == 0:
+                    parts.append(o2)
+                    continue
+                o1, l1 = flash(qr, k[:, :, :first], v[:, :, :first], 0.0, False, scale=scale)
+                top = torch.maximum(l1, l2)
+                w1, w2 = (l1 - top).exp_()[..., None], (l2 - top).exp_()[..., None]
+                parts.append((o1 * w1 + o2 * w2) / (w1 + w2))
+            out[b, rows, h] = torch.cat(parts, dim=2)[0, 0]
+    return out
+
+
+def _float_mask(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean keep-mask as an additive one (masked: the dtype's minimum, so a query row with
+    no key stays finite, as in transformers); float masks pass through."""
+    if keep is None or keep.dtype != torch.bool:
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
 def _top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -60,10 +60,10 @@ from .engine import (
 )
 from .patches import get_adapter
 from .presets import DTYPES
+from .variants.base import INPUT as LAYER_INPUT
 from .variants.base import VARIANTS, Variant, attach
 from .variants.fixed import Fixed
 from .variants.moba import MoBA
-from .variants.mosa import HIDDEN as MOSA_INPUT
 from .variants.mosa import MoSA
 from .variants.power import Power
 from .variants.relational import RelationTables
@@ -242,7 +242,7 @@ def _mosa_case(heads: int, head_dim: int, length: int, sparsity: int = 8) -> Cas
     def with_inputs(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             x = inputs[:, : q.shape[2]].expand(q.shape[0], -1, -1).to(q.dtype)
-            setattr(module, MOSA_INPUT, x)
+            setattr(module, LAYER_INPUT, x)
             return fn(q, k, v)
         return call
 

@@ -145,6 +145,27 @@ def get_variant_class(name: str) -> type[Variant]:
 
 
 ATTACHED = "relattn_variants"
+INPUT = "_relattn_input"  # the attention block's input during its call (routers read it)
+
+
+def _keep_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    setattr(module, INPUT, args[0] if args else kwargs["hidden_states"])
+
+
+def track_input(module: nn.Module) -> None:
+    """Keep the attention block's input (hidden states) on the module during each call, for
+    variants whose router reads it (MoSA, MoH); registered once per module."""
+    if not getattr(module, "_relattn_input_hook", False):
+        module.register_forward_pre_hook(_keep_input, with_kwargs=True)
+        module._relattn_input_hook = True
+
+
+def layer_input(module: nn.Module) -> torch.Tensor:
+    """The input of the current call of an attention block with `track_input`."""
+    x = getattr(module, INPUT, None)
+    if x is None:
+        raise RuntimeError(f"{type(module).__name__} has no recorded input; was it converted with a router variant?")
+    return x
 
 
 def attach(module: nn.Module, variant: Variant) -> None:

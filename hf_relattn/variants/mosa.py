@@ -23,24 +23,26 @@ for its last token; earlier tokens were processed with the choices of their own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .base import attach, check_int_options, register_variant
+from .base import (
+    INPUT,
+    attach,
+    check_int_options,
+    layer_input,
+    register_variant,
+    track_input,
+)
 from .sparse_base import SparseVariant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
 
 MODULE_NAME = "relattn_mosa"
-HIDDEN = "_relattn_mosa_input"  # the attention block's input, kept for the router during the call
 SCORES = "_relattn_mosa_scores"  # router logits of the tokens so far, for generation
-
-
-def _keep_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    setattr(module, HIDDEN, args[0] if args else kwargs["hidden_states"])
 
 
 @register_variant
@@ -72,7 +74,7 @@ class MoSA(SparseVariant):
             if initialize:
                 nn.init.normal_(router.weight, std=getattr(config, "initializer_range", 0.02))
             setattr(attn, MODULE_NAME, router)
-            attn.register_forward_pre_hook(_keep_input, with_kwargs=True)
+            track_input(attn)
             attach(attn, self)
 
     def tokens(self, length: int) -> int:
@@ -81,8 +83,8 @@ class MoSA(SparseVariant):
     def router_logits(self, module: nn.Module, q_len: int, k_len: int) -> torch.Tensor:
         """(B, H, K) router logits of every key position: computed for the new tokens, kept
         from earlier calls for the cached ones (generation)."""
-        new = getattr(module, MODULE_NAME)(getattr(module, HIDDEN)).transpose(1, 2).float()
-        setattr(module, HIDDEN, None)  # do not hold on to the activations after the call
+        new = getattr(module, MODULE_NAME)(layer_input(module)).transpose(1, 2).float()
+        setattr(module, INPUT, None)  # do not hold on to the activations after the call
         if q_len == k_len:
             setattr(module, SCORES, new)
             return new

@@ -1,0 +1,275 @@
+"""MoH, Mixture-of-Head attention: Jin, Zhu, Yuan & Yan 2024, "MoH: Multi-Head Attention as
+Mixture-of-Head Attention".
+
+Heads are experts. Every token uses the `shared_heads` and its top-k routed heads (k such that
+shared + k = `active_heads` of all heads); each head's output is multiplied by the token's
+weight for that head before the output projection, and heads a token does not use get weight 0.
+
+Two routers, as in the official code:
+
+- `router="learned"` (MoH-ViT / MoH-DiT): from the attention input x,
+  routed gates g = softmax(W_r x) over the routed heads, top-k kept and renormalised to sum 1,
+  then multiplied by k; shared gates softmax(W_s x) times the number of shared heads (all 1
+  when there is one shared head); with both kinds, [a1, a2] = 2 softmax(W_h x) scales shared
+  and routed weights. These factors make uniform gates give every used head weight exactly 1,
+  which is what a pretrained multi-head model expects. W_r starts N(0, initializer_range)
+  (ties would route every token alike), W_s and W_h start at zero (weights exactly 1).
+- `router="query_norm"` (MoH-LLaMA3 continue-tuning): parameter-free; the routed logits are
+  the L2 norms of the routed heads' queries (RoPE rotates, so pre- and post-RoPE norms agree),
+  divided by their standard deviation across routed heads, softmax g. The weights are binary
+  (1 for shared and selected heads); gradients reach the queries through a straight-through
+  estimator (forward value `hard`, gradient of `g`).
+
+Load balance (paper Eq. 7, scaled as the official code: E * sum_i P_i f_i over the E routed
+heads, P_i the mean gate, f_i the fraction of tokens selecting head i; padding tokens left out)
+is computed per layer in training; the model averages it over layers, multiplies it by
+`aux_loss_coef` and adds it to `loss` when labels are given (see `moh_aux_loss`).
+
+Shared heads: a count, a fraction of the heads (the official recipe takes the first half), an
+explicit list of head indices (every layer) or {layer: [heads]}, or "importance" with
+`batches=`: per layer the most important half by `hf_relattn.head_importance` (Michel et al.
+2019), recorded in the config as {layer: [heads]}.
+
+At inference (eval mode, no autograd) a (token, head) pair the router does not select is not
+computed: per head the engine gathers the tokens that use it and attends them over all keys.
+Keys and values are still projected for every token: a later token may use any head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .base import ATTACHED, Variant, attach, layer_input, register_variant, track_input
+
+if TYPE_CHECKING:
+    from ..patches import FamilyAdapter
+
+ROUTERS = ("learned", "query_norm")
+ROUTED, SHARED, MIX = "relattn_moh_routed", "relattn_moh_shared", "relattn_moh_mix"
+AUX = "_relattn_moh_aux"  # a layer's load-balance loss of the current training forward
+MODEL_AUX = "_relattn_moh_aux_total"  # the model's weighted term of its last forward
+HOOKED = "_relattn_moh_hooked"
+
+
+def module_heads(module: nn.Module, adapter: FamilyAdapter) -> int:
+    """Query heads of one attention module (pruned layers may have fewer than the config)."""
+    return getattr(module, adapter.q_proj).out_features // adapter.head_dim(module.config)
+
+
+@register_variant
+@dataclass
+class MoH(Variant):
+    shared_heads: Any = 0.5
+    active_heads: float = 0.75
+    router: str = "learned"
+    aux_loss_coef: float = 0.01
+    batches: Any = field(default=None, repr=False)
+
+    name = "moh"
+    axis = "gating"
+    description = ("Mixture-of-Head: each token uses the shared heads and its top-k routed heads, outputs weighted "
+                   "per head (learned router: new parameters, needs training; query_norm: parameter-free).")
+    paper = "Jin et al. 2024, MoH: Multi-Head Attention as Mixture-of-Head Attention"
+
+    def options(self) -> dict[str, Any]:
+        options = super().options()
+        options.pop("batches")  # only used to resolve shared_heads="importance" at conversion
+        return options
+
+    # ----------------------------------------------------------------- conversion
+    def _shared_for(self, layer: int, heads: int) -> list[int]:
+        spec = self.shared_heads
+        if isinstance(spec, dict):
+            spec = spec.get(layer, spec.get(str(layer), []))
+        if isinstance(spec, float):
+            return list(range(int(heads * spec + 1e-9)))
+        if isinstance(spec, int):
+            return list(range(spec))
+        return sorted(spec)
+
+    def _active_count(self, heads: int) -> int:
+        return int(heads * self.active_heads + 1e-9)
+
+    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"moh: unknown router {self.router!r}; valid: {', '.join(ROUTERS)}")
+        active = self.active_heads
+        if isinstance(active, bool) or not isinstance(active, (int, float)) or not 0 < active <= 1:
+            raise ValueError(f"moh: active_heads is the fraction of all heads each token uses, in (0, 1]; got {active!r}")
+        coef = self.aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
+            raise ValueError(f"moh: aux_loss_coef must be a number >= 0, got {coef!r}")
+        spec = self.shared_heads
+        if spec == "importance":
+            if self.batches is None:
+                raise ValueError("moh: shared_heads='importance' needs batches= (model inputs with labels) to score the heads")
+        elif self.batches is not None:
+            raise ValueError("moh: batches= is only used with shared_heads='importance'")
+        elif isinstance(spec, float) and not 0 <= spec <= 1:
+            raise ValueError(f"moh: a fraction of shared heads must be in [0, 1], got {spec}")
+        elif isinstance(spec, dict):
+            keys = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k for k in spec}
+            if not keys <= set(layers):
+                raise ValueError(f"moh: shared_heads names layers {sorted(map(str, keys - set(layers)))} that are not converted; layers: {layers}")
+        elif isinstance(spec, bool) or not isinstance(spec, (int, float, list, tuple, dict)):
+            raise ValueError(f"moh: shared_heads must be a count, a fraction, a list of heads, {{layer: [heads]}} or "
+                             f"'importance'; got {spec!r}")
+        modules = adapter.attention_modules(model)
+        for idx in layers:
+            heads = module_heads(modules[idx], adapter)
+            shared = [] if spec == "importance" else self._shared_for(idx, heads)
+            if isinstance(spec, int) and not isinstance(spec, bool) and not 0 <= spec <= heads:
+                raise ValueError(f"moh: shared_heads={spec} but layer {idx} has {heads} heads")
+            if any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < heads for h in shared) or len(set(shared)) != len(shared):
+                raise ValueError(f"moh: shared heads of layer {idx} must be distinct head indices in 0..{heads - 1}, got {shared}")
+            needed = len(shared) if spec != "importance" else int(heads * 0.5)
+            if self._active_count(heads) < max(1, needed):
+                raise ValueError(
+                    f"moh: active_heads={self.active_heads} gives {self._active_count(heads)} of layer {idx}'s {heads} heads, "
+                    f"fewer than its {needed} shared heads (and at least 1 is needed)"
+                )
+
+    def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
+        if self.shared_heads == "importance":
+            from ..heads import head_importance
+
+            scores = head_importance(model, self.batches)
+            modules = adapter.attention_modules(model)
+            self.shared_heads = {}
+            for idx in layers:
+                heads = module_heads(modules[idx], adapter)
+                ranked = torch.argsort(scores[idx, :heads].nan_to_num(-1.0), descending=True, stable=True)
+                self.shared_heads[idx] = sorted(ranked[: int(heads * 0.5)].tolist())
+            self.batches = None
+        if isinstance(self.shared_heads, dict):  # JSON keys are strings
+            self.shared_heads = {int(k): sorted(int(h) for h in v) for k, v in self.shared_heads.items()}
+        if isinstance(self.shared_heads, tuple):
+            self.shared_heads = list(self.shared_heads)
+        config = model.config
+        std = getattr(config, "initializer_range", 0.02)
+        for idx in layers:
+            attn = adapter.attention_modules(model)[idx]
+            heads = module_heads(attn, adapter)
+            shared = len(self._shared_for(idx, heads))
+            routed = heads - shared
+            picks = self._active_count(heads) - shared
+            if self.router == "learned":
+                like = getattr(attn, adapter.q_proj).weight
+                for name, size, wanted in ((ROUTED, routed, picks > 0), (SHARED, shared, shared > 1), (MIX, 2, shared > 0 and picks > 0)):
+                    if not wanted:
+                        continue
+                    linear = nn.Linear(config.hidden_size, size, bias=False, device=like.device, dtype=like.dtype)
+                    if initialize:
+                        if name == ROUTED:
+                            nn.init.normal_(linear.weight, std=std)
+                        else:
+                            nn.init.zeros_(linear.weight)
+                    setattr(attn, name, linear)
+                track_input(attn)
+            attach(attn, self)
+        _register_aux_hook(model)
+
+    # ----------------------------------------------------------------- run time
+    def head_weights(self, module: nn.Module, query: torch.Tensor, token_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights (B, Q, H) in the query's dtype, used (B, Q, H) bool) for this call's tokens;
+        records the layer's load-balance loss when the module is training.
+        `token_valid` (B, Q): tokens that are not padding (for the loss)."""
+        batch, heads, q_len, _ = query.shape
+        layer = getattr(module, "layer_idx", None)
+        shared_idx = self._shared_for(layer, heads) if isinstance(self.shared_heads, dict) else self._shared_for(-1, heads)
+        is_shared = torch.zeros(heads, dtype=torch.bool, device=query.device)
+        is_shared[shared_idx] = True
+        routed_idx = (~is_shared).nonzero().squeeze(-1)
+        shared_t = is_shared.nonzero().squeeze(-1)
+        n_shared, n_routed = len(shared_idx), heads - len(shared_idx)
+        picks = self._active_count(heads) - n_shared
+        weights = query.new_zeros(batch, q_len, heads, dtype=torch.float32)
+        used = torch.zeros(batch, q_len, heads, dtype=torch.bool, device=query.device)
+        used[..., shared_t] = True
+        x = layer_input(module) if self.router == "learned" else None
+        if picks > 0:
+            if self.router == "learned":
+                logits = getattr(module, ROUTED)(x).float()
+            else:
+                norms = query[:, routed_idx].float().norm(dim=-1).transpose(1, 2)  # (B, Q, E)
+                spread = norms.std(dim=-1, keepdim=True) if n_routed > 1 else norms.new_ones(())
+                logits = norms / spread.clamp(min=torch.finfo(torch.float32).tiny)
+            gates = torch.softmax(logits, dim=-1)
+            top = gates.topk(picks, dim=-1).indices
+            hard = torch.zeros_like(gates).scatter_(-1, top, 1.0)
+            if self.router == "learned":
+                kept = gates * hard
+                routed_w = kept / kept.sum(-1, keepdim=True).clamp(min=torch.finfo(kept.dtype).eps) * picks
+            else:
+                routed_w = hard + gates - gates.detach()  # straight-through: value 0/1, gradient of the gates
+            used[..., routed_idx] = hard.bool()
+            if module.training:
+                setattr(module, AUX, _balance_loss(gates, hard, token_valid))
+        elif module.training:
+            setattr(module, AUX, None)
+        if n_shared:
+            if self.router == "learned" and n_shared > 1:
+                shared_w = torch.softmax(getattr(module, SHARED)(x).float(), dim=-1) * n_shared
+            else:
+                shared_w = weights.new_ones(batch, q_len, n_shared)
+        if self.router == "learned" and n_shared and picks > 0:
+            mix = torch.softmax(getattr(module, MIX)(x).float(), dim=-1) * 2
+            shared_w = shared_w * mix[..., :1]
+            routed_w = routed_w * mix[..., 1:]
+        if n_shared:
+            weights = weights.index_copy(-1, shared_t, shared_w)
+        if picks > 0:
+            weights = weights.index_copy(-1, routed_idx, routed_w)
+        return weights.to(query.dtype), used
+
+
+def _balance_loss(gates: torch.Tensor, hard: torch.Tensor, token_valid: torch.Tensor | None) -> torch.Tensor:
+    """E * sum_i P_i f_i over routed heads (paper Eq. 7 with the official scale), over real tokens."""
+    gates, hard = gates.flatten(0, 1), hard.flatten(0, 1)
+    if token_valid is not None:
+        keep = token_valid.flatten()
+        gates, hard = gates[keep], hard[keep]
+    experts = gates.shape[-1]
+    return experts * (gates.mean(0) * hard.mean(0)).sum()
+
+
+def moh_layers(model: nn.Module) -> list[nn.Module]:
+    """Attention modules of `model` that carry MoH."""
+    return [m for m in model.modules() if any(v.name == MoH.name for v in getattr(m, ATTACHED, ()))]
+
+
+def moh_aux_loss(model: nn.Module) -> torch.Tensor:
+    """The load-balance term of the model's last forward, as added to its loss: aux_loss_coef
+    times the mean over MoH layers of E * sum_i P_i f_i (Jin et al. 2024, Eq. 7). It keeps its
+    graph (add it to a loss computed outside the model); zero when that forward was not training."""
+    value = getattr(model, MODEL_AUX, None)
+    return torch.zeros(()) if value is None else value
+
+
+def _add_aux_loss(model: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+    layers = moh_layers(model)
+    values = [getattr(m, AUX) for m in layers if getattr(m, AUX, None) is not None]
+    for m in layers:  # each forward's losses count once
+        setattr(m, AUX, None)
+    if not model.training or not values:
+        setattr(model, MODEL_AUX, None)
+        return output
+    coef = next(v for v in getattr(layers[0], ATTACHED) if v.name == MoH.name).aux_loss_coef
+    aux = coef * torch.stack([v.to(values[0].device) for v in values]).mean()
+    setattr(model, MODEL_AUX, aux)
+    if isinstance(output, dict):
+        if output.get("loss") is not None:
+            output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
+    elif isinstance(output, tuple) and kwargs.get("labels") is not None and output and torch.is_tensor(output[0]) and output[0].ndim == 0:
+        output = (output[0] + aux.to(output[0].dtype),) + output[1:]
+    return output
+
+
+def _register_aux_hook(model: nn.Module) -> None:
+    if not getattr(model, HOOKED, False):
+        model.register_forward_hook(_add_aux_loss, with_kwargs=True)
+        setattr(model, HOOKED, True)
