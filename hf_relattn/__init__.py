@@ -16,11 +16,21 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .convert import convert
 from .engine import ENGINE_NAME, FLAG_PREFIX, force_implementation, relattn_attention
+from .heads import head_gates, head_importance
 from .modeling import SPEC_KEY, is_adapted, register_model_types
 from .variants import VARIANTS
 
 __version__ = "0.1.0"
-__all__ = ["convert", "variants", "attention_names", "force_implementation", "is_adapted", "__version__"]
+__all__ = [
+    "__version__",
+    "attention_names",
+    "convert",
+    "force_implementation",
+    "head_gates",
+    "head_importance",
+    "is_adapted",
+    "variants",
+]
 
 
 def variants() -> dict[str, str]:

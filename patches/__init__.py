@@ -56,6 +56,36 @@ class FamilyAdapter:
     def head_dim(self, config: Any) -> int:
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
+    def module_num_heads(self, attn: nn.Module) -> int:
+        """Query heads of one attention module, read off its query projection.
+
+        Equals `num_heads(config)` unless heads were pruned (`prune` variant), which changes
+        single modules while the config keeps the original count."""
+        return getattr(attn, self.q_proj).out_features // self.head_dim(attn.config)
+
+    def output_projection_site(self, layer: nn.Module) -> tuple[nn.Module, str]:
+        """(parent module, attribute name) of a layer's attention output projection: the linear
+        map whose input is the concatenated head outputs (head h = columns h*D .. (h+1)*D)."""
+        raise NotImplementedError
+
+    def output_projections(self, model: nn.Module) -> list[nn.Module]:
+        """The attention output projection of each layer, in layer order."""
+        return [getattr(*self.output_projection_site(layer)) for layer in self.layer_modules(model)]
+
+    def set_output_projection(self, model: nn.Module, layer_idx: int, module: nn.Module) -> None:
+        """Replace layer `layer_idx`'s attention output projection."""
+        parent, name = self.output_projection_site(self.layer_modules(model)[layer_idx])
+        setattr(parent, name, module)
+
+    def set_num_heads(self, attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        """Keep a module's bookkeeping consistent after query-head surgery (head pruning).
+
+        transformers' sdpa/eager functions repeat K/V by `num_key_value_groups` when the module
+        has it (LLaMA always; BERT/ViT once K/V heads were grouped)."""
+        groups = num_heads // num_kv_heads
+        if hasattr(attn, "num_key_value_groups") or groups != 1:
+            attn.num_key_value_groups = groups
+
     def num_kv_heads(self, attn: nn.Module) -> int:
         """K/V heads of one attention module, read off its key projection."""
         return getattr(attn, self.k_proj).out_features // self.head_dim(attn.config)

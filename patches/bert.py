@@ -19,6 +19,15 @@ class BertAdapter(FamilyAdapter):
     def attention_blocks(self, model: nn.Module) -> list[nn.Module]:
         return [layer.attention for layer in self.layer_modules(model)]
 
+    def output_projection_site(self, layer: nn.Module) -> tuple[nn.Module, str]:
+        return layer.attention.output, "dense"  # BertSelfOutput.dense
+
+    def set_num_heads(self, attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().set_num_heads(attn, num_heads, num_kv_heads)
+        # BertSelfAttention's own counts (its forward reshapes with -1 heads; kept for readers)
+        attn.num_attention_heads = num_heads
+        attn.all_head_size = num_heads * attn.attention_head_size
+
 
 ADAPTER = register_adapter(
     BertAdapter(

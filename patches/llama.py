@@ -15,6 +15,9 @@ class LlamaAdapter(FamilyAdapter):
         # LlamaAttention: q_proj/k_proj/v_proj/o_proj, calls the attention interface itself.
         return [layer.self_attn for layer in self.layer_modules(model)]
 
+    def output_projection_site(self, layer: nn.Module) -> tuple[nn.Module, str]:
+        return layer.self_attn, "o_proj"
+
 
 ADAPTER = register_adapter(
     LlamaAdapter(

@@ -39,6 +39,13 @@ class ViTAdapter(FamilyAdapter):
         # ViTAttention (transformers 5.x): q_proj/k_proj/v_proj/o_proj, reshapes with -1 heads.
         return [layer.attention for layer in self.layer_modules(model)]
 
+    def output_projection_site(self, layer: nn.Module) -> tuple[nn.Module, str]:
+        return layer.attention, "o_proj"
+
+    def set_num_heads(self, attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().set_num_heads(attn, num_heads, num_kv_heads)
+        attn.num_attention_heads = num_heads  # ViTAttention's own count (forward reshapes with -1)
+
 
 ADAPTER = register_adapter(
     ViTAdapter(

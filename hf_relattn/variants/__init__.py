@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     moba,
     mosa,
     power,
+    prune,
     relation,
     shaw,
     sliding_window,
