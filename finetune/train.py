@@ -27,14 +27,15 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from hf_relattn.patches import get_adapter
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import hf_relattn
 from hf_relattn.cli import _value
-from hf_relattn.patches import get_adapter
 from hf_relattn.presets import PRESETS, load
+from hf_relattn.variants.moh import moh_aux_loss, moh_layers
 
 from . import data as D
 from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
@@ -296,6 +297,9 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     model.train()
     micro_per_epoch = len(train_dl)
     running, running_n, last_loss = 0.0, 0, float("nan")
+    inner = accelerator.unwrap_model(model)
+    routed = bool(moh_layers(inner))  # MoH adds its load-balance term to the loss: log it apart
+    running_aux = 0.0
     while step < total_steps:
         micro = step * args.gradient_accumulation_steps
         epoch, offset = divmod(micro, micro_per_epoch)
@@ -314,6 +318,8 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
                 scheduler.step()
                 optimizer.zero_grad()
             running += float(accelerator.gather(loss.detach()[None]).mean())
+            if routed:
+                running_aux += float(moh_aux_loss(inner).detach())
             running_n += 1
             if not accelerator.sync_gradients:
                 continue
@@ -323,8 +329,9 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if step % args.logging_steps == 0 or step == total_steps:
                 log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                     **({"moh_aux_loss": running_aux / running_n} if routed else {}),
                      "tokens": step * tokens_per_step, "elapsed_s": round(time.perf_counter() - start_time, 2)})
-            running, running_n = 0.0, 0
+            running, running_n, running_aux = 0.0, 0, 0.0
             if eval_dl is not None and args.eval_steps and step % args.eval_steps == 0 and step != total_steps:
                 log({"step": step, **evaluate(model, eval_dl, accelerator, task, args.eval_batches)})
             if args.save_steps and step % args.save_steps == 0:

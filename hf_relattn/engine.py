@@ -143,7 +143,7 @@ def relattn_attention(
     weights, used = gating[0].head_weights(module, query, None if valid is None else valid[:, k_len - q_len:])
     others = [v for v in variants if v.axis != "gating"]
     plain = all(v.axis == "structure" for v in others) and kwargs.get("relation_ids") is None
-    if plain and not module.training and not torch.is_grad_enabled() and not _forced:
+    if plain and not module.training and not torch.is_grad_enabled() and (_forced[-1] if _forced else "auto") == "auto":
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = head_routed_attention(query, key, value, attention_mask, used, causal, scale)
@@ -930,8 +930,10 @@ def _per_token_blocks(
     return (weights[..., None] * partial.view(batch, heads, q_len, width, -1)).sum(-2)
 
 
-# Selected query rows per SDPA call of the head-routed path.
+# Selected query rows per masked SDPA call of the head-routed path (padding, cached prefixes).
 ROUTED_QUERY_ROWS = 512
+# Positions per window of the head-routed causal path.
+ROUTED_WINDOW = 256
 
 
 def head_routed_attention(
@@ -939,58 +941,76 @@ def head_routed_attention(
     causal: bool, scale: float,
 ) -> torch.Tensor:
     """Inference for heads chosen per token (MoH): for each (batch, head), only the tokens that
-    use the head are computed, over all keys (causal by original position); others get zeros.
-    Returns (B, Q, H, D). No autograd (the lse of the CPU flash kernel has no gradient).
+    use the head are computed, over all keys (causal by original position); the others get
+    zeros. Returns (B, Q, H, D).
 
-    Causal and unpadded, selected rows go in runs of ROUTED_QUERY_ROWS: keys before the run's
-    first position are read without a mask, the run's own span with a small causal one, and
-    the two are merged by log-sum-exp; otherwise one masked call per run."""
+    Causal without padding, a head's tokens go by windows of ROUTED_WINDOW positions: the
+    keys before a window are read without a mask, one batched call covers every window's own
+    keys with a small causal mask, and the two are merged by log-sum-exp (the CPU flash kernel
+    returns it; this path is inference only). Otherwise: masked calls on runs of tokens."""
     batch, heads, q_len, _ = query.shape
     k_len, groups = key.shape[2], heads // key.shape[1]
     offset = k_len - q_len
-    out = query.new_zeros(batch, q_len, heads, value.shape[-1])
+    out = query.new_zeros(batch, heads, q_len, value.shape[-1])
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    split = causal and mask is None and query.device.type == "cpu" and flash is not None
-    lowest = torch.finfo(query.dtype).min
+    windowed = causal and mask is None and offset == 0 and flash is not None and query.device.type == "cpu"
     for b in range(batch):
         for h in range(heads):
             rows = used[b, :, h].nonzero().squeeze(-1)
             if rows.numel() == 0:
                 continue
             k, v = key[b : b + 1, h // groups : h // groups + 1], value[b : b + 1, h // groups : h // groups + 1]
-            q = query[b : b + 1, h : h + 1, rows]
-            if rows.numel() == q_len and mask is None:
-                got = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q_len > 1, scale=scale) if offset == 0 or not causal \
-                    else F.scaled_dot_product_attention(q, k, v, attn_mask=_additive_mask(None, None, rows + offset, torch.arange(k_len, device=q.device), True, q.dtype), scale=scale)
-                out[b, :, h] = got[0, 0]
-                continue
-            parts = []
-            for start in range(0, rows.numel(), ROUTED_QUERY_ROWS):
-                r = rows[start : start + ROUTED_QUERY_ROWS]
-                qr = q[:, :, start : start + ROUTED_QUERY_ROWS]
-                pos = r + offset
-                if not causal:
-                    m = None if mask is None else mask[b : b + 1, :, r if mask.shape[-2] > 1 else slice(None)]
-                    parts.append(F.scaled_dot_product_attention(qr, k, v, attn_mask=_float_mask(m, q.dtype), scale=scale))
-                    continue
-                first, last = int(pos[0]), int(pos[-1]) + 1
-                span = torch.arange(first, last, device=q.device)
-                if not split:
-                    keep = span.new_ones(()).bool() if mask is None else mask[b : b + 1, :, r, :last]
-                    keep = keep & (torch.arange(last, device=q.device)[None, :] <= pos[:, None])
-                    parts.append(F.scaled_dot_product_attention(qr, k[:, :, :last], v[:, :, :last], attn_mask=_float_mask(keep, q.dtype), scale=scale))
-                    continue
-                near = torch.zeros(r.numel(), last - first, dtype=q.dtype, device=q.device).masked_fill_(span[None, :] > pos[:, None], lowest)
-                o2, l2 = flash(qr, k[:, :, first:last], v[:, :, first:last], 0.0, False, attn_mask=near[None, None], scale=scale)
-                if first == 0:
-                    parts.append(o2)
-                    continue
-                o1, l1 = flash(qr, k[:, :, :first], v[:, :, :first], 0.0, False, scale=scale)
-                top = torch.maximum(l1, l2)
-                w1, w2 = (l1 - top).exp_()[..., None], (l2 - top).exp_()[..., None]
-                parts.append((o1 * w1 + o2 * w2) / (w1 + w2))
-            out[b, rows, h] = torch.cat(parts, dim=2)[0, 0]
-    return out
+            q = query[b : b + 1, h : h + 1]
+            if rows.numel() == q_len and mask is None and (offset == 0 or q_len == 1):  # every token uses the head
+                got = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q_len > 1, scale=scale)
+            elif windowed:
+                got = _windowed_causal(q[:, :, rows], rows, k, v, scale, flash)
+            else:
+                parts = []
+                for start in range(0, rows.numel(), ROUTED_QUERY_ROWS):
+                    r = rows[start : start + ROUTED_QUERY_ROWS]
+                    last = int(r[-1]) + offset + 1 if causal else k_len
+                    keep = None if mask is None else mask[b : b + 1, :, r if mask.shape[-2] > 1 else slice(None), :last]
+                    if causal:
+                        order = torch.arange(last, device=q.device)[None, :] <= (r + offset)[:, None]
+                        keep = order if keep is None else keep & order
+                    parts.append(F.scaled_dot_product_attention(q[:, :, r], k[:, :, :last], v[:, :, :last],
+                                                                attn_mask=_float_mask(keep, q.dtype), scale=scale))
+                got = torch.cat(parts, dim=2)
+            out[b, h].index_copy_(0, rows, got[0, 0]) if got.shape[2] != q_len else out[b, h].copy_(got[0, 0])
+    return out.transpose(1, 2)
+
+
+def _windowed_causal(q: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, flash: Any) -> torch.Tensor:
+    """Causal attention of the queries q (1, 1, n, D) at ascending positions `pos` over all keys
+    (1, 1, K, D), by windows of ROUTED_WINDOW positions (see `head_routed_attention`)."""
+    size, k_len, dim = ROUTED_WINDOW, k.shape[2], k.shape[-1]
+    count = -(-k_len // size)
+    win = pos // size
+    occupied, per = torch.unique_consecutive(win, return_counts=True)
+    starts = torch.cumsum(per, 0) - per
+    slot = torch.arange(pos.numel(), device=pos.device) - starts.repeat_interleave(per)
+    which = torch.repeat_interleave(torch.arange(occupied.numel(), device=pos.device), per)
+    width = int(per.max())
+    # each occupied window's own keys, with its queries padded to the same count
+    kw, vw = (F.pad(t, (0, 0, 0, count * size - k_len)).view(count, 1, size, dim)[occupied] for t in (k, v))
+    qw = q.new_zeros(occupied.numel(), 1, width, q.shape[-1])
+    qw[which, 0, slot] = q[0, 0]
+    reach = torch.full((occupied.numel(), width), -1, dtype=torch.long, device=pos.device)
+    reach[which, slot] = pos - win * size
+    near = _float_mask(torch.arange(size, device=pos.device)[None, None, :] <= reach[..., None], q.dtype)
+    own, own_lse = flash(qw, kw, vw, 0.0, False, attn_mask=near[:, None], scale=scale)
+    parts = []
+    for i, (w, first, n) in enumerate(zip(occupied.tolist(), starts.tolist(), per.tolist())):
+        o2, l2 = own[i : i + 1, :, :n], own_lse[i : i + 1, :, :n]
+        if w == 0:
+            parts.append(o2)
+            continue
+        o1, l1 = flash(q[:, :, first : first + n], k[:, :, : w * size], v[:, :, : w * size], 0.0, False, scale=scale)
+        top = torch.maximum(l1, l2)
+        w1, w2 = (l1 - top).exp_()[..., None], (l2 - top).exp_()[..., None]
+        parts.append((o1 * w1 + o2 * w2) / (w1 + w2))
+    return torch.cat(parts, dim=2)
 
 
 def _float_mask(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

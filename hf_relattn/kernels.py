@@ -64,6 +64,7 @@ from .variants.base import INPUT as LAYER_INPUT
 from .variants.base import VARIANTS, Variant, attach
 from .variants.fixed import Fixed
 from .variants.moba import MoBA
+from .variants.moh import MoH
 from .variants.mosa import MoSA
 from .variants.power import Power
 from .variants.relational import RelationTables
@@ -264,7 +265,25 @@ def _sparse_pattern_cases(heads: int, head_dim: int, length: int, q: torch.Tenso
     return cases
 
 
-SUITES = ("attention", "relative", "sparse")
+def build_moh_cases(heads: int, head_dim: int, length: int) -> list[Case]:
+    """Dense SDPA against MoH with 75% and 50% of the heads active per token (query_norm router
+    on the benchmark's random queries), causal and bidirectional. Forward = inference: only
+    the (token, head) pairs the router selects are computed. The check is the masked dense
+    computation; `work` counts the selected pairs (the active fraction of the dense pairs)."""
+    cases = []
+    for causal in (True, False):
+        baseline = "sdpa causal" if causal else "sdpa bidirectional"
+        cases.append(Case(baseline, heads, _engine(attention_stub(heads, heads, head_dim, causal=causal)), baseline=baseline, causal=causal))
+        dense = 2.0 * head_dim * length * ((length + 1) if causal else 2 * length)
+        for active, shared in ((0.75, 0.5), (0.5, 0.25)):
+            module = attention_stub(heads, heads, head_dim, [MoH(router="query_norm", active_heads=active, shared_heads=shared)], causal=causal)
+            used = int(heads * active + 0.5) / heads
+            cases.append(Case(f"moh {used:.0%} of heads{'' if causal else ', bidir'}", heads, _engine(module), _engine(module, "dense"),
+                              baseline=baseline, causal=causal, work=used * dense))
+    return cases
+
+
+SUITES = ("attention", "relative", "sparse", "moh")
 
 
 def matmul_gflops(size: int = 2048, reps: int = 3, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -354,12 +373,15 @@ def run_kernels(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=(8 if suite == "sparse" else len(cases)) * len(lengths) * 2 * (warmup + reps), desc="kernels", unit="run", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=0, desc="kernels", unit="run", file=sys.stderr, disable=not progress)
     rows: list[dict[str, Any]] = []
     for length in lengths:
         if suite == "sparse":  # patterns scale with the length
             q, k, _ = _qkv(batch, heads, heads, length, head_dim, torch.float32, torch.device("cpu"), False, seed)
             cases = build_sparse_cases(heads, head_dim, length, q, k)
+        elif suite == "moh":
+            cases = build_moh_cases(heads, head_dim, length)
+        bar.total += len(cases) * 2 * (warmup + reps)
         # correctness first: each engine case against an independent computation
         checks = {}
         with torch.no_grad():
@@ -474,8 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--matmul-size", dest="k_matmul_size", metavar="N", type=int, default=2048, help="matrix size of the matmul ceiling (default 2048)")
     a("--device", dest="k_device", metavar="DEVICE", default=None, help="cpu or cuda (default: cuda when available)")
     a("--suite", dest="k_suite", metavar="NAME", default="attention",
-      help="attention (SDPA, engine, GQA, parameter-free variants), relative (Shaw vs SDPA vs the naive T x T x d path) "
-           "or sparse (block-sparse variants vs dense causal SDPA)")
+      help="attention (SDPA, engine, GQA, parameter-free variants), relative (Shaw vs SDPA vs the naive T x T x d path), "
+           "sparse (block-sparse variants vs dense causal SDPA) or moh (MoH inference, 75%% and 50%% of heads, vs dense SDPA)")
     a("--max-memory-gb", dest="k_max_memory_gb", metavar="GB", type=float, default=8.0,
       help="do not run a case known to need more than this (default 8; the naive relative path)")
     a("--out", dest="k_out", metavar="DIR", default=None, help="also write kernels.json and kernels.md into this folder")

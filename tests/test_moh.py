@@ -51,7 +51,7 @@ def reference_weights(module, x, q):
     else:
         shared = sorted(spec)
     routed = [h for h in range(heads) if h not in shared]
-    picks = int(heads * moh.active_heads + 1e-9) - len(shared)
+    picks = int(heads * moh.active_heads + 0.5) - len(shared)  # active heads: nearest count
     out = torch.zeros(batch, q_len, heads, dtype=torch.float64)
     for b in range(batch):
         for t in range(q_len):

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     fixed,
     gqa,
     moba,
+    moh,
     mosa,
     power,
     prune,

@@ -2,8 +2,9 @@
 Mixture-of-Head Attention".
 
 Heads are experts. Every token uses the `shared_heads` and its top-k routed heads (k such that
-shared + k = `active_heads` of all heads); each head's output is multiplied by the token's
-weight for that head before the output projection, and heads a token does not use get weight 0.
+shared + k = `active_heads` of all heads, rounded to the nearest whole head; a fraction of
+shared heads is floored, as the official code does); each head's output is multiplied by the
+token's weight for that head before the output projection; heads a token does not use get 0.
 
 Two routers, as in the official code:
 
@@ -92,7 +93,7 @@ class MoH(Variant):
         return sorted(spec)
 
     def _active_count(self, heads: int) -> int:
-        return int(heads * self.active_heads + 1e-9)
+        return int(heads * self.active_heads + 0.5)  # the nearest whole number of heads
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         if self.router not in ROUTERS:
