@@ -940,14 +940,13 @@ def head_routed_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, used: torch.Tensor,
     causal: bool, scale: float,
 ) -> torch.Tensor:
-    """Inference for heads chosen per token (MoH): for each (batch, head), only the tokens that
-    use the head are computed, over all keys (causal by original position); the others get
+    """Inference for heads chosen per token (MoH): only the (token, head) pairs in `used`
+    (B, Q, H) are computed, each over all keys (causal by original position); the others get
     zeros. Returns (B, Q, H, D).
 
-    Causal without padding, a head's tokens go by windows of ROUTED_WINDOW positions: the
-    keys before a window are read without a mask, one batched call covers every window's own
-    keys with a small causal mask, and the two are merged by log-sum-exp (the CPU flash kernel
-    returns it; this path is inference only). Otherwise: masked calls on runs of tokens."""
+    Heads every token uses run as one plain SDPA call. Causal without padding, the other heads
+    go by windows of ROUTED_WINDOW positions, all heads at once (`_windowed_causal`).
+    Otherwise (padding, a cached prefix, encoders): per head, masked calls on runs of its tokens."""
     batch, heads, q_len, _ = query.shape
     k_len, groups = key.shape[2], heads // key.shape[1]
     offset = k_len - q_len
@@ -955,62 +954,76 @@ def head_routed_attention(
     flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     windowed = causal and mask is None and offset == 0 and flash is not None and query.device.type == "cpu"
     for b in range(batch):
-        for h in range(heads):
+        counts = used[b].sum(0)
+        full = (counts == q_len).nonzero().squeeze(-1) if mask is None and (offset == 0 or q_len == 1) else counts[:0]
+        if full.numel():  # heads every token uses
+            hs, kv = _head_run(full), _head_run(full // groups)
+            out[b, hs] = F.scaled_dot_product_attention(query[b : b + 1, hs], key[b : b + 1, kv], value[b : b + 1, kv],
+                                                        is_causal=causal and q_len > 1, scale=scale)[0]
+        partial = ((counts > 0) & (counts < q_len)).nonzero().squeeze(-1) if full.numel() else (counts > 0).nonzero().squeeze(-1)
+        if windowed and partial.numel():
+            hs, kv = _head_run(partial), _head_run(partial // groups)
+            out[b, hs] = _windowed_causal(query[b, hs], used[b][:, hs], key[b, kv], value[b, kv], scale, flash)
+            continue
+        for h in partial.tolist():
             rows = used[b, :, h].nonzero().squeeze(-1)
-            if rows.numel() == 0:
-                continue
             k, v = key[b : b + 1, h // groups : h // groups + 1], value[b : b + 1, h // groups : h // groups + 1]
-            q = query[b : b + 1, h : h + 1]
-            if rows.numel() == q_len and mask is None and (offset == 0 or q_len == 1):  # every token uses the head
-                got = F.scaled_dot_product_attention(q, k, v, is_causal=causal and q_len > 1, scale=scale)
-            elif windowed:
-                got = _windowed_causal(q[:, :, rows], rows, k, v, scale, flash)
-            else:
-                parts = []
-                for start in range(0, rows.numel(), ROUTED_QUERY_ROWS):
-                    r = rows[start : start + ROUTED_QUERY_ROWS]
-                    last = int(r[-1]) + offset + 1 if causal else k_len
-                    keep = None if mask is None else mask[b : b + 1, :, r if mask.shape[-2] > 1 else slice(None), :last]
-                    if causal:
-                        order = torch.arange(last, device=q.device)[None, :] <= (r + offset)[:, None]
-                        keep = order if keep is None else keep & order
-                    parts.append(F.scaled_dot_product_attention(q[:, :, r], k[:, :, :last], v[:, :, :last],
-                                                                attn_mask=_float_mask(keep, q.dtype), scale=scale))
-                got = torch.cat(parts, dim=2)
-            out[b, h].index_copy_(0, rows, got[0, 0]) if got.shape[2] != q_len else out[b, h].copy_(got[0, 0])
+            parts = []
+            for start in range(0, rows.numel(), ROUTED_QUERY_ROWS):
+                r = rows[start : start + ROUTED_QUERY_ROWS]
+                last = int(r[-1]) + offset + 1 if causal else k_len
+                keep = None if mask is None else mask[b : b + 1, :, r if mask.shape[-2] > 1 else slice(None), :last]
+                if causal:
+                    order = torch.arange(last, device=query.device)[None, :] <= (r + offset)[:, None]
+                    keep = order if keep is None else keep & order
+                parts.append(F.scaled_dot_product_attention(query[b : b + 1, h : h + 1, r], k[:, :, :last], v[:, :, :last],
+                                                            attn_mask=_float_mask(keep, query.dtype), scale=scale))
+            out[b, h].index_copy_(0, rows, torch.cat(parts, dim=2)[0, 0])
     return out.transpose(1, 2)
 
 
-def _windowed_causal(q: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, flash: Any) -> torch.Tensor:
-    """Causal attention of the queries q (1, 1, n, D) at ascending positions `pos` over all keys
-    (1, 1, K, D), by windows of ROUTED_WINDOW positions (see `head_routed_attention`)."""
-    size, k_len, dim = ROUTED_WINDOW, k.shape[2], k.shape[-1]
-    count = -(-k_len // size)
-    win = pos // size
-    occupied, per = torch.unique_consecutive(win, return_counts=True)
-    starts = torch.cumsum(per, 0) - per
-    slot = torch.arange(pos.numel(), device=pos.device) - starts.repeat_interleave(per)
-    which = torch.repeat_interleave(torch.arange(occupied.numel(), device=pos.device), per)
-    width = int(per.max())
-    # each occupied window's own keys, with its queries padded to the same count
-    kw, vw = (F.pad(t, (0, 0, 0, count * size - k_len)).view(count, 1, size, dim)[occupied] for t in (k, v))
-    qw = q.new_zeros(occupied.numel(), 1, width, q.shape[-1])
-    qw[which, 0, slot] = q[0, 0]
-    reach = torch.full((occupied.numel(), width), -1, dtype=torch.long, device=pos.device)
-    reach[which, slot] = pos - win * size
-    near = _float_mask(torch.arange(size, device=pos.device)[None, None, :] <= reach[..., None], q.dtype)
-    own, own_lse = flash(qw, kw, vw, 0.0, False, attn_mask=near[:, None], scale=scale)
-    parts = []
-    for i, (w, first, n) in enumerate(zip(occupied.tolist(), starts.tolist(), per.tolist())):
-        o2, l2 = own[i : i + 1, :, :n], own_lse[i : i + 1, :, :n]
-        if w == 0:
-            parts.append(o2)
+def _head_run(index: torch.Tensor) -> torch.Tensor | slice:
+    """Head indices as a slice when they are one ascending run (no copy), else as given."""
+    first, n = int(index[0]), index.numel()
+    return slice(first, first + n) if bool((index == torch.arange(first, first + n, device=index.device)).all()) else index
+
+
+def _windowed_causal(q: torch.Tensor, used: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, flash: Any) -> torch.Tensor:
+    """Causal attention of heads over their own tokens: q, k, v (H, T, D), used (T, H) ->
+    (H, T, D), zero where unused. By windows of ROUTED_WINDOW positions: each window's chosen
+    queries (padded to the window's largest count over heads) read the keys before the window
+    without a mask, in one call for all heads, and the window's own keys with a small causal
+    mask, in one call for all windows; the two are merged by log-sum-exp (the CPU flash
+    kernel returns it; inference only)."""
+    size = ROUTED_WINDOW
+    heads, length, dim = q.shape
+    count = -(-length // size)
+    chosen = F.pad(used.t(), (0, count * size - length)).view(heads, count, size)
+    slot = chosen.cumsum(-1) - 1  # rank of a chosen token among its window's, per head
+    width = chosen.sum(-1).amax(0)  # (windows,) queries per window after padding
+    h_idx, w_idx, t_idx = chosen.nonzero(as_tuple=True)
+    s_idx = slot[h_idx, w_idx, t_idx]
+    most = int(width.max())
+    qw = q.new_zeros(count, heads, most, dim)
+    qw[w_idx, h_idx, s_idx] = q[h_idx, w_idx * size + t_idx]
+    reach = torch.full((count, heads, most), -1, dtype=torch.long, device=q.device)
+    reach[w_idx, h_idx, s_idx] = t_idx
+    near = _float_mask(torch.arange(size, device=q.device) <= reach[..., None], q.dtype)
+    kw, vw = (F.pad(t, (0, 0, 0, count * size - length)).view(heads, count, size, dim).transpose(0, 1) for t in (k, v))
+    merged, lse = flash(qw, kw, vw, 0.0, False, attn_mask=near, scale=scale)
+    merged, lse = merged.clone(), lse.clone()
+    for w in range(1, count):
+        n = int(width[w])
+        if n == 0:
             continue
-        o1, l1 = flash(q[:, :, first : first + n], k[:, :, : w * size], v[:, :, : w * size], 0.0, False, scale=scale)
+        o1, l1 = flash(qw[w : w + 1, :, :n], k[None, :, : w * size], v[None, :, : w * size], 0.0, False, scale=scale)
+        o2, l2 = merged[w : w + 1, :, :n], lse[w : w + 1, :, :n]
         top = torch.maximum(l1, l2)
         w1, w2 = (l1 - top).exp_()[..., None], (l2 - top).exp_()[..., None]
-        parts.append((o1 * w1 + o2 * w2) / (w1 + w2))
-    return torch.cat(parts, dim=2)
+        merged[w : w + 1, :, :n] = (o1 * w1 + o2 * w2) / (w1 + w2)
+    out = q.new_zeros(heads, count * size, v.shape[-1])
+    out[h_idx, w_idx * size + t_idx] = merged[w_idx, h_idx, s_idx]
+    return out[:, :length]
 
 
 def _float_mask(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -141,12 +141,13 @@ CASES = [
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("rows", [4, 512])
 def test_routed_heads_match_the_official_formulas(family, options, padded, rows, monkeypatch):
-    """Both engine paths (gathered inference, in runs of `rows` selected queries; masked dense
+    """Both engine paths (gathered inference, by windows / runs of `rows` tokens; masked dense
     with autograd) equal the materialised attention times the weights computed here from the
     official formulas."""
     if family == "vit" and padded:
         pytest.skip("images have no padding")
     monkeypatch.setattr(engine, "ROUTED_QUERY_ROWS", rows)
+    monkeypatch.setattr(engine, "ROUTED_WINDOW", rows)
     model = model_of(family, **options)
     torch.manual_seed(5)
     for m in model.modules():  # non-trivial learned gates
