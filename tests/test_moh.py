@@ -311,3 +311,33 @@ def test_invalid_options_raise_before_modifying(options, message):
         hf_relattn.convert(model, "moh", **options)
     assert_same_state(before, model)
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_shared_heads_by_importance(tmp_path):
+    """shared_heads="importance": per layer the top half by head_importance (Michel et al. 2019),
+    recorded in the config as {layer: [heads]} and restored on load."""
+    torch.manual_seed(4)
+    ids = torch.randint(3, 90, (2, 15))
+    batch = {"input_ids": ids, "labels": ids}
+    model = tiny_llama(heads=6, kv_heads=3)
+    scores = hf_relattn.head_importance(model, batch)
+    expected = {layer: sorted(torch.argsort(row, descending=True)[:3].tolist()) for layer, row in enumerate(scores)}
+    assert len({tuple(v) for v in expected.values()} | {(0, 1, 2)}) > 1  # not just the first half
+    hf_relattn.convert(model, "moh", shared_heads="importance", batches=[batch], router="query_norm")
+    entry = model.config.relattn["variants"][-1]
+    assert entry["options"]["shared_heads"] == expected and "batches" not in entry["options"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, logits)
+
+
+def test_importance_without_labels_leaves_the_model_unchanged():
+    model = tiny_llama(heads=6, kv_heads=3)
+    before = state_copy(model)
+    with pytest.raises(ValueError, match="labels"):
+        hf_relattn.convert(model, "moh", shared_heads="importance", batches=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
+    assert_same_state(before, model)
+    assert type(model).__name__ == "LlamaForCausalLM"

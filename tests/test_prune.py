@@ -366,3 +366,32 @@ def test_refuses_layers_with_per_head_variants():
         hf_relattn.convert(flagged, "prune", heads={0: [0]})
     assert_same_state(before, flagged)
     assert not hf_relattn.is_adapted(flagged)
+
+
+@pytest.mark.parametrize("name, options", [("gqa", {"num_key_value_heads": 1}), ("t5_bias", {}), ("alibi", {})])
+def test_per_head_variants_after_pruning_are_refused(name, options):
+    model = hf_relattn.convert(tiny_llama(heads=6, kv_heads=3), "prune", heads={0: [1]})
+    before = state_copy(model)
+    with pytest.raises(ValueError, match=f"{name}: layer 0 has 5 of the model's 6 heads after pruning; apply {name} before pruning"):
+        hf_relattn.convert(model, name, **options)
+    assert_same_state(before, model)
+
+
+def test_moh_after_pruning_uses_each_layers_heads():
+    """MoH sizes its routing by each layer's own heads: with every head active it is the pruned
+    model; with fewer, layer 0 (5 heads) routes 5 and layer 1 (6 heads) routes 6."""
+    pruned = hf_relattn.convert(tiny_llama(heads=6, kv_heads=3), "prune", heads={0: [1]})
+    ids = torch.randint(3, 90, (1, 9))
+    with torch.no_grad():
+        expected = pruned(ids).logits
+    model = hf_relattn.convert(copy.deepcopy(pruned), "moh", router="query_norm", active_heads=1.0, shared_heads=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, atol=1e-6, rtol=1e-6)
+    model = hf_relattn.convert(copy.deepcopy(pruned), "moh", router="query_norm", active_heads=0.5, shared_heads=1)
+    seen = []
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].view(1, 9, -1, 16).abs().sum(-1) > 0))
+    with torch.no_grad():
+        model(ids)
+    assert [s.shape[-1] for s in seen] == [5, 6]
+    assert [int(s.sum(-1).max()) for s in seen] == [3, 3]  # 0.5 * 5 = 2.5 -> 3 (nearest, half up); 0.5 * 6 = 3

@@ -54,11 +54,11 @@ def test_attention_names_are_exactly_the_registered_ones() -> None:
 
 def test_variants_listing() -> None:
     listing = hf_relattn.variants()
-    assert set(listing) == {"gqa", "mqa", "alibi", "t5_bias", "shaw", "relation", "sliding_window", "strided", "fixed", "moba", "power", "mosa", "prune"}
+    assert set(listing) == {"gqa", "mqa", "alibi", "t5_bias", "shaw", "relation", "sliding_window", "strided", "fixed", "moba", "power", "mosa", "prune", "moh"}
     papers = {"gqa": ["Ainslie", "2023"], "mqa": ["Shazeer", "2019"], "alibi": ["Press", "2022"], "t5_bias": ["Raffel", "2020"],
               "shaw": ["Shaw", "2018"], "relation": ["Shaw", "2018"], "sliding_window": ["Child", "2019"],
               "strided": ["Child", "2019"], "fixed": ["Child", "2019"], "moba": ["Lu", "2025"], "power": ["Chen", "2025"],
-              "mosa": ["Piękos", "2025"], "prune": ["Michel", "2019"]}
+              "mosa": ["Piękos", "2025"], "prune": ["Michel", "2019"], "moh": ["Jin", "2024"]}
     for name, text in listing.items():
         assert isinstance(text, str)
         description, _, paper = text.partition(" [")

@@ -108,6 +108,8 @@ class MoH(Variant):
         if spec == "importance":
             if self.batches is None:
                 raise ValueError("moh: shared_heads='importance' needs batches= (model inputs with labels) to score the heads")
+            self.shared_heads = spec = self._most_important(model, adapter, layers)  # runs the model, changes nothing
+            self.batches = None
         elif self.batches is not None:
             raise ValueError("moh: batches= is only used with shared_heads='importance'")
         elif isinstance(spec, float) and not 0 <= spec <= 1:
@@ -122,30 +124,33 @@ class MoH(Variant):
         modules = adapter.attention_modules(model)
         for idx in layers:
             heads = module_heads(modules[idx], adapter)
-            shared = [] if spec == "importance" else self._shared_for(idx, heads)
+            shared = self._shared_for(idx, heads)
             if isinstance(spec, int) and not isinstance(spec, bool) and not 0 <= spec <= heads:
                 raise ValueError(f"moh: shared_heads={spec} but layer {idx} has {heads} heads")
             if any(isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < heads for h in shared) or len(set(shared)) != len(shared):
                 raise ValueError(f"moh: shared heads of layer {idx} must be distinct head indices in 0..{heads - 1}, got {shared}")
-            needed = len(shared) if spec != "importance" else int(heads * 0.5)
+            needed = len(shared)
             if self._active_count(heads) < max(1, needed):
                 raise ValueError(
                     f"moh: active_heads={self.active_heads} gives {self._active_count(heads)} of layer {idx}'s {heads} heads, "
                     f"fewer than its {needed} shared heads (and at least 1 is needed)"
                 )
 
-    def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
-        if self.shared_heads == "importance":
-            from ..heads import head_importance
+    def _most_important(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> dict[int, list[int]]:
+        """Per layer, the half of its heads (floored) that `head_importance` ranks highest."""
+        # imported here: heads imports the adapters, which import the variants
+        from ..heads import head_importance
 
-            scores = head_importance(model, self.batches)
-            modules = adapter.attention_modules(model)
-            self.shared_heads = {}
-            for idx in layers:
-                heads = module_heads(modules[idx], adapter)
-                ranked = torch.argsort(scores[idx, :heads].nan_to_num(-1.0), descending=True, stable=True)
-                self.shared_heads[idx] = sorted(ranked[: int(heads * 0.5)].tolist())
-            self.batches = None
+        scores = head_importance(model, self.batches)
+        modules = adapter.attention_modules(model)
+        chosen = {}
+        for idx in layers:
+            heads = module_heads(modules[idx], adapter)
+            ranked = torch.argsort(scores[idx, :heads].nan_to_num(-1.0), descending=True, stable=True)
+            chosen[idx] = sorted(ranked[: int(heads * 0.5)].tolist())
+        return chosen
+
+    def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         if isinstance(self.shared_heads, dict):  # JSON keys are strings
             self.shared_heads = {int(k): sorted(int(h) for h in v) for k, v in self.shared_heads.items()}
         if isinstance(self.shared_heads, tuple):
