@@ -11,14 +11,19 @@ Importing the package registers, and changes nothing else:
 
 from __future__ import annotations
 
-from transformers import AttentionInterface, PreTrainedConfig
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
 from .convert import convert
-from .engine import ENGINE_NAME, FLAG_PREFIX, force_implementation, relattn_attention
+from .engine import force_implementation
 from .heads import head_gates, head_importance
-from .modeling import SPEC_KEY, is_adapted, register_model_types
+from .modeling import (
+    SAVE_HOOKS,
+    attention_names,
+    is_adapted,
+    register_attention,
+    register_model_types,
+)
+from .remote import write_remote_code
 from .variants import VARIANTS
+from .variants.moh import moh_aux_loss
 
 __version__ = "0.1.0"
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "head_gates",
     "head_importance",
     "is_adapted",
+    "moh_aux_loss",
     "variants",
 ]
 
@@ -38,19 +44,10 @@ def variants() -> dict[str, str]:
     return {name: f"{cls.description} [{cls.paper}]" for name, cls in sorted(VARIANTS.items())}
 
 
-def attention_names() -> list[str]:
-    """Names accepted by `attn_implementation=`: the engine and every flag variant."""
-    return [ENGINE_NAME] + [FLAG_PREFIX + name for name, cls in sorted(VARIANTS.items()) if cls.flag]
-
-
 def _register() -> None:
-    for name in attention_names():
-        AttentionInterface.register(name, relattn_attention)
-        AttentionMaskInterface.register(name, sdpa_mask)
-    if not hasattr(PreTrainedConfig, SPEC_KEY):
-        # class-level default only: vanilla configs keep writing no `relattn` key
-        setattr(PreTrainedConfig, SPEC_KEY, None)
+    register_attention()
     register_model_types()
+    SAVE_HOOKS.append(write_remote_code)
 
 
 _register()

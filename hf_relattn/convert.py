@@ -41,7 +41,7 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
     spec_variant = get_variant_class(variant).from_options(options)
     num_layers = len(adapter.attention_modules(model))
     layer_list = resolve_layers(layers, num_layers)
-    _check_pruned(model, adapter, spec_variant.name, layer_list)
+    _check_pruned(model, adapter, spec_variant, layer_list)
     spec_variant.validate(model, adapter, layer_list)
     flag = flag_variant(model.config)  # a runtime flag (e.g. relattn_alibi) is kept by persisting it
 
@@ -62,20 +62,17 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
     return model
 
 
-# Variants that read each layer's own head count (the others size per-head weights from the config).
-PER_LAYER_HEADS = ("prune", "moh")
-
-
-def _check_pruned(model: PreTrainedModel, adapter: Any, name: str, layers: list[int]) -> None:
-    if name in PER_LAYER_HEADS:
+def _check_pruned(model: PreTrainedModel, adapter: Any, variant: Any, layers: list[int]) -> None:
+    """Variants sized by the config's head count go before pruning (which leaves fewer heads)."""
+    if not variant.heads_from_config:
         return
     heads = adapter.num_heads(model.config)
     modules = adapter.attention_modules(model)
     for idx in layers:
         if adapter.module_num_heads(modules[idx]) != heads:
             raise ValueError(
-                f"{name}: layer {idx} has {adapter.module_num_heads(modules[idx])} of the model's {heads} heads after pruning; "
-                f"apply {name} before pruning (variants that work on pruned layers: {', '.join(PER_LAYER_HEADS)})"
+                f"{variant.name}: layer {idx} has {adapter.module_num_heads(modules[idx])} of the model's {heads} heads after "
+                f"pruning; apply {variant.name} before pruning (it sizes per-head weights from the config)"
             )
 
 

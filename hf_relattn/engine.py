@@ -143,7 +143,9 @@ def relattn_attention(
     weights, used = gating[0].head_weights(module, query, None if valid is None else valid[:, k_len - q_len:])
     others = [v for v in variants if v.axis != "gating"]
     plain = all(v.axis == "structure" for v in others) and kwargs.get("relation_ids") is None
-    if plain and not module.training and not torch.is_grad_enabled() and (_forced[-1] if _forced else "auto") == "auto":
+    # a decoding step computes every head: its cost is reading the KV cache, which grouped
+    # query heads share, and choosing heads would copy it
+    if plain and q_len > 1 and not module.training and not torch.is_grad_enabled() and (_forced[-1] if _forced else "auto") == "auto":
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = head_routed_attention(query, key, value, attention_mask, used, causal, scale)

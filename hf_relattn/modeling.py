@@ -21,13 +21,19 @@ from typing import Any
 
 import transformers
 from torch import nn
-from transformers import AutoConfig, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .engine import ENGINE_NAME, FLAG_PREFIX
+from .engine import ENGINE_NAME, FLAG_PREFIX, relattn_attention
 from .patches import ADAPTED_PREFIX, ADAPTERS, get_adapter
-from .variants.base import get_variant_class
+from .variants.base import VARIANTS, get_variant_class
 
 SPEC_KEY = "relattn"
 SPEC_FORMAT = 1
@@ -35,6 +41,10 @@ SPEC_FORMAT = 1
 _config_classes: dict[str, type] = {}
 _model_classes: dict[type, type] = {}
 
+
+# Called with (model, folder) after an adapted model's save_pretrained: the plugin writes the
+# remote code there (hf_relattn.remote); the remote copy of this module has none.
+SAVE_HOOKS: list[Any] = []
 
 # Model inputs that variants read inside attention (passed through the models' **kwargs).
 ATTENTION_INPUTS = ("relation_ids",)
@@ -106,6 +116,14 @@ def adapted_class(base: type) -> type:
         # relation_ids reach attention through **kwargs (the engine cuts them to each step).
         base._validate_model_kwargs(self, {k: v for k, v in model_kwargs.items() if k not in ATTENTION_INPUTS})
 
+    def save_pretrained(self: PreTrainedModel, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        # weights and config, then the self-contained modeling code for trust_remote_code loads
+        result = base.save_pretrained(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            for hook in SAVE_HOOKS:
+                hook(self, save_directory)
+        return result
+
     methods = {"_validate_model_kwargs": _validate_model_kwargs} if hasattr(base, "_validate_model_kwargs") else {}
     cls = type(
         "Relattn" + base.__name__,
@@ -115,6 +133,7 @@ def adapted_class(base: type) -> type:
             "config_class": config_cls,
             "__init__": __init__,
             "get_correct_attn_implementation": get_correct_attn_implementation,
+            "save_pretrained": save_pretrained,
             "__module__": __name__,
             "__doc__": f"{base.__name__} with hf_relattn attention variants (spec in config.relattn).",
         },
@@ -156,3 +175,19 @@ def register_model_types() -> None:
             if not isinstance(class_name, str) or not hasattr(transformers, class_name):
                 continue
             auto_cls.register(config_cls, adapted_class(getattr(transformers, class_name)), exist_ok=True)
+
+
+def attention_names() -> list[str]:
+    """Names accepted by `attn_implementation=`: the engine and every flag variant."""
+    return [ENGINE_NAME] + [FLAG_PREFIX + name for name, cls in sorted(VARIANTS.items()) if cls.flag]
+
+
+def register_attention() -> None:
+    """Register the engine under every attention name, each with the sdpa mask function (without
+    it the function would get no padding mask), and `relattn` as a known config attribute."""
+    for name in attention_names():
+        AttentionInterface.register(name, relattn_attention)
+        AttentionMaskInterface.register(name, sdpa_mask)
+    if not hasattr(PreTrainedConfig, SPEC_KEY):
+        # class-level default only: vanilla configs keep writing no `relattn` key
+        setattr(PreTrainedConfig, SPEC_KEY, None)

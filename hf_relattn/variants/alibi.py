@@ -37,6 +37,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 @dataclass
 class Alibi(Variant):
     name = "alibi"
+    heads_from_config = True
     axis = "scores"
     flag = True
     description = "Linear distance penalty per head on the attention scores; parameter-free (works by flag)."

@@ -59,6 +59,9 @@ class Variant:
     # Parameter-free variants that change nothing in the weights can be selected by flag:
     # from_pretrained(..., attn_implementation="relattn_<name>").
     flag: ClassVar[bool] = False
+    # True when the variant sizes something per head from the config (tables, slopes, routers,
+    # K/V groups): it goes before pruning, which leaves layers with fewer heads.
+    heads_from_config: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ options
     @classmethod

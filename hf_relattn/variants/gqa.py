@@ -47,6 +47,7 @@ class GQA(Variant):
     init: str = "mean"
 
     name = "gqa"
+    heads_from_config = True
     axis = "structure"
     description = "Grouped-query attention: K/V heads mean-pooled into G groups (uptraining recipe)."
     paper = "Ainslie et al. 2023, GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints"

@@ -51,6 +51,7 @@ class MoSA(SparseVariant):
     sparsity: int = 8
 
     name = "mosa"
+    heads_from_config = True
     description = ("Each head routes itself the top T/sparsity tokens (expert choice, learned sigmoid router, "
                    "new parameters: needs training).")
     paper = "Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA)"

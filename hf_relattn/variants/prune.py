@@ -33,8 +33,10 @@ may also be JSON text (`hf-relattn convert ... --variant prune --heads '{"0": [1
 
 The config keeps the original `num_attention_heads` (different layers may have different
 counts); a module's own count is `adapter.module_num_heads(attn)`. Prune before adding
-variants that act inside attention (their terms are per head): layers that already carry one
-(or a model running a `relattn_<flag>` variant) are refused.
+variants sized by the config's head count (`heads_from_config`: gqa, alibi, t5_bias, mosa,
+per-head shaw/relation tables): layers that already carry one (or a model running such a flag
+variant) are refused, and `convert` refuses them on pruned layers. Patterns and MoH read each
+layer's own heads and work either way.
 """
 
 from __future__ import annotations
@@ -227,14 +229,14 @@ class Prune(Variant):
                             f"prune: layer {layer} has a {type(proj).__name__} projection; prune needs plain nn.Linear "
                             "projections (prune before adding adapters such as LoRA)"
                         )
-                acting = [v.name for v in getattr(attn, ATTACHED, ())]
+                acting = [v.name for v in getattr(attn, ATTACHED, ()) if v.heads_from_config]
                 if acting:
                     raise ValueError(
                         f"prune: layer {layer} already has variant(s) {acting} acting inside attention, whose terms are "
                         "per head; prune first, then convert to them"
                     )
         flag = flag_variant(model.config)
-        if flag is not None:
+        if flag is not None and flag.heads_from_config:
             raise ValueError(
                 f"prune: the model runs flag variant {flag.name!r} (attn_implementation='relattn_{flag.name}'), whose "
                 "terms are per head; prune a model without it, then select the flag again"

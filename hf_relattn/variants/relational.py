@@ -65,6 +65,10 @@ class RelationalVariant(Variant):
     axis = "scores"
     fixed_zero_labels = 0
 
+    @property
+    def heads_from_config(self) -> bool:  # type: ignore[override]
+        return self.per_head  # shared tables do not depend on the heads
+
     def module_name(self) -> str:
         return f"relattn_{self.name}"
 

@@ -53,6 +53,7 @@ class T5Bias(Variant):
     max_distance: int = 128
 
     name = "t5_bias"
+    heads_from_config = True
     axis = "scores"
     description = "Learned scalar bias per head on log-bucketed relative positions (per layer, zero-init)."
     paper = "Raffel et al. 2020, Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer (T5)"

@@ -1,0 +1,143 @@
+"""Adapted checkpoints load with plain transformers (trust_remote_code) where hf_relattn cannot
+be imported, and give the plugin's logits; the remote code imports only torch, transformers
+and the standard library."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama, tiny_vit
+
+import hf_relattn
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (family, auto class, conversions): every axis, on each family where it applies
+CASES = {
+    "llama-gqa-layer0": ("llama", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 1, "layers": [0]})]),
+    "llama-alibi": ("llama", "AutoModelForCausalLM", [("alibi", {})]),
+    "llama-t5-shaw": ("llama", "AutoModelForCausalLM", [("t5_bias", {}), ("shaw", {"max_distance": 3})]),
+    "llama-sliding-window": ("llama", "AutoModelForCausalLM", [("sliding_window", {"window": 4, "block_size": 4})]),
+    "llama-moba": ("llama", "AutoModelForCausalLM", [("moba", {"block_size": 4, "top_k": 2})]),
+    "llama-mosa": ("llama", "AutoModelForCausalLM", [("mosa", {"sparsity": 2})]),
+    "llama-moh-gqa": ("llama", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 2}), ("moh", {"active_heads": 0.5, "shared_heads": 1})]),
+    "llama-prune": ("llama", "AutoModelForCausalLM", [("prune", {"heads": {0: [1], 1: [0, 3]}})]),
+    "bert-shaw": ("bert", "AutoModelForSequenceClassification", [("shaw", {"max_distance": 3})]),
+    "bert-moh-query-norm": ("bert", "AutoModelForSequenceClassification", [("moh", {"router": "query_norm", "active_heads": 0.5})]),
+    "bert-sliding-window-prune": ("bert", "AutoModelForSequenceClassification", [("sliding_window", {"window": 3, "block_size": 4}), ("prune", {"heads": {1: [2]}})]),
+    "vit-shaw": ("vit", "AutoModelForImageClassification", [("shaw", {"max_distance": 2})]),
+    "vit-sliding-window-moh": ("vit", "AutoModelForImageClassification", [("sliding_window", {"window": 2, "block_size": 3}), ("moh", {"active_heads": 0.75})]),
+}
+
+LOADER = """
+import importlib.util, json, sys
+# no route to the plugin: drop its editable finder and the repository from the import path
+sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path = [p for p in sys.path if not (p in ("", ".") or (p.startswith(REPO) and ".venv" not in p))]
+assert importlib.util.find_spec("hf_relattn") is None, "hf_relattn is importable"
+import torch, transformers
+cases = json.loads(sys.argv[1])
+for name, (folder, auto, inputs) in cases.items():
+    model = getattr(transformers, auto).from_pretrained(folder, trust_remote_code=True).eval()
+    batch = torch.load(inputs)
+    with torch.no_grad():
+        out = model(**batch)
+    torch.save(out.logits, folder + "/remote_logits.pt")
+    print(name, type(model).__module__, type(model).__name__)
+assert "hf_relattn" not in sys.modules
+""".replace("REPO", repr(str(REPO)))
+
+
+def build(family, conversions):
+    model = {"llama": lambda: tiny_llama(heads=4, kv_heads=4), "bert": tiny_bert, "vit": tiny_vit}[family]()
+    for name, options in conversions:
+        options = dict(options)
+        layers = options.pop("layers", None)
+        hf_relattn.convert(model, name, layers=layers, **options)
+    torch.manual_seed(1)
+    with torch.no_grad():  # zero-initialised tables and routers would hide a missing piece
+        for param_name, param in model.named_parameters():
+            if "relattn" in param_name:
+                param.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def inputs(family):
+    torch.manual_seed(2)
+    if family == "vit":
+        return {"pixel_values": torch.randn(2, 1, 16, 16)}
+    ids = torch.randint(3, 90, (2, 13))
+    mask = torch.ones_like(ids)
+    if family == "llama":
+        mask[1, :3] = 0  # left padding
+    else:
+        mask[1, 10:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    out = {}
+    for name, (family, auto, conversions) in CASES.items():
+        model = build(family, conversions)
+        folder = root / name
+        model.save_pretrained(folder)
+        batch = inputs(family)
+        torch.save(batch, folder / "inputs.pt")
+        with torch.no_grad():
+            out[name] = (folder, auto, model(**batch).logits)
+    return out
+
+
+def test_plain_transformers_loads_with_remote_code_and_matches(saved, tmp_path):
+    cases = {name: (str(folder), auto, str(folder / "inputs.pt")) for name, (folder, auto, _) in saved.items()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    result = subprocess.run([sys.executable, "-c", LOADER, json.dumps(cases)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, (folder, _, expected) in saved.items():
+        got = torch.load(folder / "remote_logits.pt")
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert "transformers_modules" in result.stdout and "Relattn" in result.stdout
+
+
+def test_remote_code_imports_only_torch_transformers_and_stdlib(saved):
+    folder = next(iter(saved.values()))[0]
+    allowed = set(sys.stdlib_module_names) | {"torch", "transformers"}
+    files = sorted(folder.glob("*.py"))
+    assert {f.name for f in files} >= {"modeling_relattn.py", "relattn_engine.py", "relattn_modeling.py", "relattn_variants.py"}
+    for file in files:
+        tree = ast.parse(file.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, f"{file.name} imports {roots - allowed}"
+            assert "hf_relattn" not in roots
+        text = file.read_text()
+        for forbidden in ("open(", "urllib", "requests", "socket", "read_text", "torch.load", "hf_hub_download"):
+            assert forbidden not in text, f"{file.name} contains {forbidden}"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoConfig"].startswith("modeling_relattn.")
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+
+
+def test_plugin_load_ignores_the_remote_code(saved):
+    """With the plugin imported (and no trust_remote_code) the local adapted classes load."""
+    from transformers import AutoModelForCausalLM
+
+    folder, _, expected = saved["llama-moba"]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model).__module__ == "hf_relattn.modeling"
+    with torch.no_grad():
+        torch.testing.assert_close(model(**torch.load(folder / "inputs.pt")).logits, expected)
