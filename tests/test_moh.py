@@ -15,7 +15,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
 from hf_relattn import engine
-from hf_relattn.variants.moh import _balance_loss, moh_aux_loss
+from hf_relattn import moh_aux_loss
+from hf_relattn.variants.moh import _balance_loss
 
 REF = "moh_reference_for_tests"
 INPUTS: dict[int, torch.Tensor] = {}  # id(attention module) -> its input of the current call
