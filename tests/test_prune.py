@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
 from reference import with_random_biases
+from test_shaw import inputs_of
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -65,18 +66,6 @@ def zeroed_heads(family, model, heads):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def inputs_of(family, ids, pixels, padded=True):
-    if family == "vit":
-        return {"pixel_values": pixels}
-    mask = torch.ones_like(ids)
-    if padded:
-        if family == "llama":
-            mask[1, :3] = 0  # left padding
-        else:
-            mask[1, -4:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def logits(model, inputs):
