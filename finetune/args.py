@@ -70,6 +70,9 @@ class FinetuneArguments:
     eval_batches: int | None = _help("Cap the evaluation to N batches.", default=None)
     logging_steps: int = _help("Log every N steps.", default=10)
     resume: str | None = _help("Resume from a checkpoint folder, or 'latest' in --output.", default=None)
+    # ---- sharing
+    push_to_hub: str | None = _help("Hub repository (namespace/name) to upload OUTPUT to with its model card after training (main process).", default=None)
+    hub_private: bool = _help("Create the --push-to-hub repository private.", default=False)
 
 
 def _options_text(value: Any) -> Any:

@@ -205,11 +205,19 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         raise ValueError(f"Unknown --lr-scheduler {args.lr_scheduler!r}; valid: {', '.join(SCHEDULERS)}")
     if args.merge and not args.lora_r:
         raise ValueError("--merge needs --lora-r > 0")
+    if args.push_to_hub:
+        if args.lora_r and not args.merge:
+            raise ValueError("--push-to-hub with --lora-r needs --merge: OUTPUT would hold a LoRA adapter, not a checkpoint")
+        from hf_relattn.hub import check_push_target
+
+        check_push_target(args.push_to_hub)  # repo id, token, offline mode: before any training
     output = Path(args.output)
     options = variant_options(args.variant_options)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     config = _config_of(args.model)
     task = resolve_task(args, config)
+    if args.push_to_hub and not args.variant and not str(config.model_type).startswith("relattn_"):
+        raise ValueError(f"--push-to-hub shares hf_relattn checkpoints: {args.model!r} is a plain {config.model_type} model and --variant is not set")
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -356,6 +364,14 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         metrics.update(evaluate(model, eval_dl, accelerator, task, args.eval_batches))
         log({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
     save(accelerator, model, processor, args, metrics, trainable, output)
+    if args.push_to_hub and main:
+        from hf_relattn.hub import push_to_hub
+
+        try:
+            url = push_to_hub(output, args.push_to_hub, private=args.hub_private)
+        except Exception as err:  # the checkpoint is saved: say how to retry the upload alone
+            raise ValueError(f"{output} is saved, but pushing it failed: {err} (retry: hf-relattn push {output} {args.push_to_hub})") from err
+        print(f"Pushed {output} to {url}", file=sys.stderr)
     if accelerator.num_processes > 1:
         # Keep the process group alive: main() leaves with os._exit (see there), because
         # freeing DDP after the group is destroyed can hang in gloo's destructor.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .convert import convert
 from .engine import force_implementation
 from .heads import head_gates, head_importance
+from .hub import push_to_hub
 from .modeling import (
     SAVE_HOOKS,
     attention_names,
@@ -35,6 +36,7 @@ __all__ = [
     "head_importance",
     "is_adapted",
     "moh_aux_loss",
+    "push_to_hub",
     "variants",
 ]
 

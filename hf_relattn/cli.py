@@ -1,5 +1,6 @@
 """Command line: `hf-relattn variants`, `hf-relattn convert SRC OUT --variant NAME [options]`,
-`hf-relattn bench --model SRC --variants SPEC [...]` and `hf-relattn bench kernels [...]`.
+`hf-relattn bench --model SRC --variants SPEC [...]`, `hf-relattn bench kernels [...]` and
+`hf-relattn push DIR REPO_ID [...]` (model card + upload, see `hf_relattn.hub`).
 
 Variant options of `convert` become flags automatically from the variants' option dataclasses
 (`num_key_value_heads` -> `--num-key-value-heads`). `bench` takes them inside its variant
@@ -102,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     modes = bench_parser.add_subparsers(dest="bench_mode", metavar="{kernels}")  # optional: plain `bench` runs the model bench
     kernels_parser = modes.add_parser("kernels", help="attention-op microbenchmarks on random q/k/v", description=kernels.__doc__.split("\n\n")[0])
     kernels.add_arguments(kernels_parser)
+
+    push = sub.add_parser(
+        "push", help="upload an adapted checkpoint folder to the Hub with its model card",
+        description="Upload DIR (its top-level files) to the Hub repository REPO_ID with a model card written from the "
+        "checkpoint's variant spec, training arguments and (--results) the bench rows that measured it.",
+    )
+    push.add_argument("folder", metavar="DIR", help="checkpoint folder (save_pretrained / hf-relattn convert / finetune output)")
+    push.add_argument("repo_id", metavar="REPO_ID", help="Hub repository, 'namespace/name' (or 'name' for your own namespace)")
+    push.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps its visibility)")
+    push.add_argument("--results", default=None, help="results.json of `hf-relattn bench --model DIR`: evaluation rows for the card")
+    push.add_argument("--base-model", default=None, help="Hub id or name of the model DIR was converted from (default: from the folder)")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored `hf auth login` token)")
+    push.add_argument("--dry-run", metavar="OUTDIR", default=None, help="write the files that would be uploaded to OUTDIR; upload nothing")
+    push.add_argument("--commit-message", default=None, help="commit message (default: names the family and variants)")
     return parser
 
 
@@ -144,6 +159,25 @@ def cmd_bench(args: argparse.Namespace) -> None:
         bench.run_bench(bench.config_from_args(args))
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import push_to_hub
+
+    try:
+        where = push_to_hub(
+            args.folder, args.repo_id, private=args.private, results=args.results, token=args.token,
+            dry_run=args.dry_run, commit_message=args.commit_message, base_model=args.base_model,
+        )
+    except HfHubHTTPError as err:
+        raise ValueError(f"upload to the Hub failed: {err}") from None
+    if args.dry_run:
+        files = sorted(p.name for p in Path(where).iterdir())
+        print(f"Dry run: {len(files)} files that would be uploaded to {args.repo_id} written to {where}: {', '.join(files)}")
+    else:
+        print(f"Pushed {args.folder} to {where}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -153,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd_convert(args)
         elif args.command == "bench":
             cmd_bench(args)
+        elif args.command == "push":
+            cmd_push(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"hf-relattn: error: {err}", file=sys.stderr)
         return 2
