@@ -16,6 +16,7 @@ from .engine import force_implementation
 from .heads import head_gates, head_importance
 from .hub import push_to_hub
 from .modeling import (
+    PUSH_HOOKS,
     SAVE_HOOKS,
     attention_names,
     is_adapted,
@@ -50,6 +51,7 @@ def _register() -> None:
     register_attention()
     register_model_types()
     SAVE_HOOKS.append(write_remote_code)
+    PUSH_HOOKS.append(push_to_hub)
 
 
 _register()

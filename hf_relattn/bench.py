@@ -1021,7 +1021,7 @@ def assemble(
 
 
 # ============================================================================== reporting
-def _fmt_bytes(value: float | None) -> str:
+def fmt_bytes(value: float | None) -> str:
     if value is None:
         return "-"
     for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
@@ -1067,10 +1067,10 @@ def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for m in r["prefill"]:
             row.append(f"{_fmt_num(m['tokens_per_s']['median'])} ({_fmt_ratio(ratio['prefill'][str(m['context'])]['tokens_per_s'])})")
         last = next(m for m in r["prefill"] if m["context"] == largest)
-        peak = _fmt_bytes(last["peak_memory_bytes"]["median"] if last["peak_memory_bytes"] else None)
+        peak = fmt_bytes(last["peak_memory_bytes"]["median"] if last["peak_memory_bytes"] else None)
         row.append(f"{peak} ({_fmt_ratio(ratio['prefill'][str(largest)]['peak_memory_bytes'])})")
         if last["kv_cache_bytes"] is not None:
-            row.append(f"{_fmt_bytes(last['kv_cache_bytes'])} ({_fmt_ratio(ratio['prefill'][str(largest)]['kv_cache_bytes'])})")
+            row.append(f"{fmt_bytes(last['kv_cache_bytes'])} ({_fmt_ratio(ratio['prefill'][str(largest)]['kv_cache_bytes'])})")
         for m in r["decode"]:
             row.append(f"{_fmt_num(m['tokens_per_s']['median'])} ({_fmt_ratio(ratio['decode'][str(m['context'])]['tokens_per_s'])})")
         rows.append(row)
@@ -1145,8 +1145,8 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
                 f"{lat['median'] * 1e3:.1f} [{lat['min'] * 1e3:.1f}-{lat['max'] * 1e3:.1f}]",
                 f"{_fmt_num(tps['median'])} [{_fmt_num(tps['min'])}-{_fmt_num(tps['max'])}]",
                 _fmt_ratio(ratio["latency_s"]),
-                _fmt_bytes(m["peak_memory_bytes"]["median"] if m["peak_memory_bytes"] else None),
-                _fmt_bytes(m["kv_cache_bytes"]), _fmt_ratio(ratio["kv_cache_bytes"]),
+                fmt_bytes(m["peak_memory_bytes"]["median"] if m["peak_memory_bytes"] else None),
+                fmt_bytes(m["kv_cache_bytes"]), _fmt_ratio(ratio["kv_cache_bytes"]),
             ])
     lines += ["## Prefill", "", markdown_table(detail_h, detail), ""]
     if results["results"][0]["decode"]:
@@ -1157,7 +1157,7 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
                 tps, ratio = m["tokens_per_s"], r["ratios"]["decode"][str(m["context"])]
                 dec.append([r["label"], str(m["context"]), str(m["new_tokens"]),
                             f"{_fmt_num(tps['median'])} [{_fmt_num(tps['min'])}-{_fmt_num(tps['max'])}]",
-                            _fmt_ratio(ratio["tokens_per_s"]), _fmt_bytes(m["kv_cache_bytes"]), _fmt_ratio(ratio["kv_cache_bytes"])])
+                            _fmt_ratio(ratio["tokens_per_s"]), fmt_bytes(m["kv_cache_bytes"]), _fmt_ratio(ratio["kv_cache_bytes"])])
         lines += ["## Decode (greedy, KV cache)", "", markdown_table(dec_h, dec), ""]
     spec_rows = [[r["label"], json.dumps(r["spec"]) if r["spec"] else "(unmodified, native sdpa)", r["model_class"], r["attn_implementation"]] for r in results["results"]]
     lines += ["## Variants", "", markdown_table(["variant", "conversions", "model class", "attention"], spec_rows, left=4), ""]

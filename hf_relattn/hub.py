@@ -343,15 +343,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
-def _bytes(value: Any) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value:.0f} B"
-
-
 def _median(stats: Any) -> Any:
     return stats.get("median") if isinstance(stats, Mapping) else None
 
@@ -378,6 +369,9 @@ def _bench_command(settings: Mapping[str, Any]) -> str:
 def _evaluations(results: Mapping[str, Any], rows: list[dict[str, Any]]) -> tuple[list[Any], list[dict[str, Any]], dict[str, Any]]:
     """EvalResults for the metadata, rows for the card's tables, and the bench context."""
     from huggingface_hub import EvalResult
+
+    # imported here: bench imports the package, which imports this module
+    from .bench import fmt_bytes
 
     quality = results["quality"]
     task = results["model"].get("task")
@@ -415,12 +409,12 @@ def _evaluations(results: Mapping[str, Any], rows: list[dict[str, Any]]) -> tupl
         for m in row.get("prefill") or []:
             efficiency.append({"what": f"prefill {m.get('context')} tokens", "latency": f"{_fmt(_median(m.get('latency_s')))} s",
                                "throughput": f"{_fmt(_median(m.get('tokens_per_s')))} tok/s",
-                               "memory": _bytes(_median(m.get("peak_memory_bytes"))), "kv_cache": _bytes(m.get("kv_cache_bytes"))})
+                               "memory": fmt_bytes(_median(m.get("peak_memory_bytes"))), "kv_cache": fmt_bytes(m.get("kv_cache_bytes"))})
         for m in row.get("decode") or []:
             efficiency.append({"what": f"decode {m.get('new_tokens')} tokens at {m.get('context')} context",
                                "latency": f"{_fmt(_median(m.get('seconds')))} s",
                                "throughput": f"{_fmt(_median(m.get('tokens_per_s')))} tok/s",
-                               "memory": "-", "kv_cache": _bytes(m.get("kv_cache_bytes"))})
+                               "memory": "-", "kv_cache": fmt_bytes(m.get("kv_cache_bytes"))})
     env = results.get("environment") or {}
     context = {
         "command": _bench_command(results["settings"]),

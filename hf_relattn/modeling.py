@@ -17,6 +17,7 @@ A model whose change is expressible natively (GQA/MQA on every LLaMA layer) stay
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -45,6 +46,11 @@ _model_classes: dict[type, type] = {}
 # Called with (model, folder) after an adapted model's save_pretrained: the plugin writes the
 # remote code there (hf_relattn.remote); the remote copy of this module has none.
 SAVE_HOOKS: list[Any] = []
+
+# hf_relattn.push_to_hub, set by the plugin: an adapted model's push_to_hub and
+# save_pretrained(push_to_hub=True) upload with our model card (the remote copy uses transformers').
+PUSH_HOOKS: list[Any] = []
+PUSH_OPTIONS = ("repo_id", "private", "commit_message")
 
 # Model inputs that variants read inside attention (passed through the models' **kwargs).
 ATTENTION_INPUTS = ("relation_ids",)
@@ -116,13 +122,28 @@ def adapted_class(base: type) -> type:
         # relation_ids reach attention through **kwargs (the engine cuts them to each step).
         base._validate_model_kwargs(self, {k: v for k, v in model_kwargs.items() if k not in ATTENTION_INPUTS})
 
-    def save_pretrained(self: PreTrainedModel, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        # weights and config, then the self-contained modeling code for trust_remote_code loads
-        result = base.save_pretrained(self, save_directory, *args, **kwargs)
+    def save_pretrained(self: PreTrainedModel, save_directory: Any, *args: Any, push_to_hub: bool = False, **kwargs: Any) -> Any:
+        # weights and config, then the self-contained modeling code for trust_remote_code loads;
+        # an upload comes after both (transformers' own would run before the code is written)
+        ours = push_to_hub and PUSH_HOOKS
+        hub = {k: kwargs.pop(k) for k in PUSH_OPTIONS if k in kwargs} if ours else {}
+        result = base.save_pretrained(self, save_directory, *args, push_to_hub=push_to_hub and not ours, **kwargs)
         if kwargs.get("is_main_process", True):
             for hook in SAVE_HOOKS:
                 hook(self, save_directory)
+            if ours:
+                PUSH_HOOKS[0](save_directory, hub.pop("repo_id", None) or Path(save_directory).name, token=kwargs.get("token"), **hub)
         return result
+
+    def push_to_hub(self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        # transformers' push_to_hub writes its own README; ours carries the variant spec and results
+        if not PUSH_HOOKS:
+            return base.push_to_hub(self, repo_id, *args, **kwargs)
+        unknown = sorted(set(kwargs) - set(PUSH_OPTIONS) - {"token"})
+        if args or unknown:
+            raise TypeError(f"push_to_hub of an adapted model takes repo_id and {', '.join(PUSH_OPTIONS[1:])}, token; "
+                            f"got {list(args) + unknown} (see hf_relattn.push_to_hub for results= and dry_run=)")
+        return PUSH_HOOKS[0](self, repo_id, **kwargs)
 
     methods = {"_validate_model_kwargs": _validate_model_kwargs} if hasattr(base, "_validate_model_kwargs") else {}
     cls = type(
@@ -134,6 +155,7 @@ def adapted_class(base: type) -> type:
             "__init__": __init__,
             "get_correct_attn_implementation": get_correct_attn_implementation,
             "save_pretrained": save_pretrained,
+            "push_to_hub": push_to_hub,
             "__module__": __name__,
             "__doc__": f"{base.__name__} with hf_relattn attention variants (spec in config.relattn).",
         },

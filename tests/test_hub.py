@@ -376,3 +376,27 @@ def test_finetune_push_to_hub_checks_before_training(base_dir, text_file, tmp_pa
     with pytest.raises(ValueError, match="plain llama model and --variant is not set"):
         finetune_run(args)
     assert not out.exists()
+
+
+def test_model_push_to_hub_methods_use_our_card(tmp_path, monkeypatch):
+    """An adapted model's push_to_hub and save_pretrained(push_to_hub=True) go through
+    hf_relattn.push_to_hub (our README, after the remote code is written), not transformers'."""
+    import hf_relattn.modeling as modeling
+
+    calls = []
+
+    def record(model_or_folder, repo_id, **kwargs):
+        folder = Path(model_or_folder) if isinstance(model_or_folder, (str, Path)) else None
+        calls.append((repo_id, kwargs, sorted(p.name for p in folder.iterdir()) if folder else type(model_or_folder).__name__))
+        return "ok"
+
+    monkeypatch.setattr(modeling, "PUSH_HOOKS", [record])
+    model = hf_relattn.convert(tiny_llama(), "alibi")
+    assert model.push_to_hub("me/tiny", private=True) == "ok"
+    assert calls[-1][:2] == ("me/tiny", {"private": True}) and calls[-1][2] == type(model).__name__
+    model.save_pretrained(tmp_path / "out", push_to_hub=True, repo_id="me/tiny2", commit_message="m")
+    repo_id, kwargs, files = calls[-1]
+    assert repo_id == "me/tiny2" and kwargs == {"commit_message": "m", "token": None}
+    assert "modeling_relattn.py" in files and "model.safetensors" in files
+    with pytest.raises(TypeError, match="create_pr"):
+        model.push_to_hub("me/tiny", create_pr=True)

@@ -1,0 +1,1 @@
+"""Model-card templates for adapted checkpoints (package data: relattn_card.md)."""
