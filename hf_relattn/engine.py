@@ -1011,9 +1011,9 @@ def _windowed_causal(q: torch.Tensor, used: torch.Tensor, k: torch.Tensor, v: to
     reach = torch.full((count, heads, most), -1, dtype=torch.long, device=q.device)
     reach[w_idx, h_idx, s_idx] = t_idx
     near = _float_mask(torch.arange(size, device=q.device) <= reach[..., None], q.dtype)
-    kw, vw = (F.pad(t, (0, 0, 0, count * size - length)).view(heads, count, size, dim).transpose(0, 1) for t in (k, v))
+    pad = count * size - length
+    kw, vw = ((F.pad(t, (0, 0, 0, pad)) if pad else t).view(heads, count, size, dim).transpose(0, 1) for t in (k, v))
     merged, lse = flash(qw, kw, vw, 0.0, False, attn_mask=near, scale=scale)
-    merged, lse = merged.clone(), lse.clone()
     for w in range(1, count):
         n = int(width[w])
         if n == 0:
@@ -1033,7 +1033,7 @@ def _float_mask(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     no key stays finite, as in transformers); float masks pass through."""
     if keep is None or keep.dtype != torch.bool:
         return keep
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), torch.finfo(dtype).min)
 
 
 def _top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
