@@ -143,9 +143,9 @@ def relattn_attention(
     weights, used = gating[0].head_weights(module, query, None if valid is None else valid[:, k_len - q_len:])
     others = [v for v in variants if v.axis != "gating"]
     plain = all(v.axis == "structure" for v in others) and kwargs.get("relation_ids") is None
-    # a decoding step computes every head: its cost is reading the KV cache, which grouped
-    # query heads share, and choosing heads would copy it
-    if plain and q_len > 1 and not module.training and not torch.is_grad_enabled() and (_forced[-1] if _forced else "auto") == "auto":
+    # short inputs and decoding steps compute every head: below ROUTED_MIN_TOKENS the per-head
+    # calls cost more than they save, and a step's cost is reading the KV cache
+    if plain and q_len >= ROUTED_MIN_TOKENS and not module.training and not torch.is_grad_enabled() and (_forced[-1] if _forced else "auto") == "auto":
         causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         out = head_routed_attention(query, key, value, attention_mask, used, causal, scale)
@@ -932,6 +932,9 @@ def _per_token_blocks(
     return (weights[..., None] * partial.view(batch, heads, q_len, width, -1)).sum(-2)
 
 
+# Query tokens from which MoH inference computes only the selected (token, head) pairs
+# (`hf-relattn bench kernels --suite moh`: below ~256 the per-head calls cost more than they save).
+ROUTED_MIN_TOKENS = 256
 # Selected query rows per masked SDPA call of the head-routed path (padding, cached prefixes).
 ROUTED_QUERY_ROWS = 512
 # Positions per window of the head-routed causal path.

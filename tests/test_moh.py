@@ -19,6 +19,12 @@ from hf_relattn import moh_aux_loss
 from hf_relattn.variants.moh import _balance_loss
 
 REF = "moh_reference_for_tests"
+
+
+@pytest.fixture(autouse=True)
+def routed_from_two_tokens(monkeypatch):
+    """Tiny inputs take the head-routed inference path too (it starts at 256 tokens by default)."""
+    monkeypatch.setattr(engine, "ROUTED_MIN_TOKENS", 2)
 INPUTS: dict[int, torch.Tensor] = {}  # id(attention module) -> its input of the current call
 
 
