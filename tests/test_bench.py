@@ -14,8 +14,8 @@ from pydoc_data.topics import topics
 
 import pytest
 import torch
+from conftest import DATA, bpe_tokenizer, save_tiny_llama, tiny_bert, tiny_llama
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, BertForMaskedLM, PreTrainedTokenizerFast
 
 import hf_relattn
@@ -23,38 +23,22 @@ from hf_relattn import bench, demo
 from hf_relattn.cli import main
 from hf_relattn.variants.base import VARIANTS
 
-from conftest import DATA, tiny_bert, tiny_llama
-
 TEXT = "\n".join(topics[k] for k in sorted(topics))[:60_000]
 # --threads 1: tiny models are dominated by thread-pool hand-offs on a busy 2-core machine
 FAST = ["--reps", "2", "--warmup", "1", "--threads", "1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def bpe_tokenizer(special: list[str], **roles: str) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token=roles["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=97, special_tokens=special, show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **roles)
-
-
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     """Tiny LLaMA, 4 query = 4 K/V heads, with a byte-level BPE tokenizer trained on TEXT."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = bpe_tokenizer(["<pad>", "<unk>"], pad_token="<pad>", unk_token="<unk>")
-    tokenizer.save_pretrained(folder)
-    model = tiny_llama(heads=4)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TEXT)
 
 
 @pytest.fixture(scope="module")
 def bert_tokenizer() -> PreTrainedTokenizerFast:
     roles = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
-    return bpe_tokenizer(list(roles.values()), **roles)
+    return bpe_tokenizer(TEXT, list(roles.values()), **roles)
 
 
 @pytest.fixture(scope="module")

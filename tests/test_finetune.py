@@ -8,20 +8,17 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
+import hf_relattn.finetune as finetune_pkg
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from pydoc_data.topics import topics
-from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
-import hf_relattn.finetune as finetune_pkg
+from conftest import DATA, requires_minilm, save_tiny_llama
 from hf_relattn.finetune import main, run
 from hf_relattn.finetune.args import parse_args
-
-from conftest import DATA, requires_minilm, tiny_llama
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 RECIPES = Path(finetune_pkg.__file__).parent / "recipes"
 CONFIGS = Path(finetune_pkg.__file__).parent / "accelerate_configs"
@@ -39,17 +36,7 @@ def fresh_accelerate_state():
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
     """A tiny random LLaMA with a byte-level BPE tokenizer trained here on the same text."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=97, special_tokens=["<pad>", "<unk>"], show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(folder)
-    model = tiny_llama(heads=4)
-    model.resize_token_embeddings(len(fast))  # the text has more distinct bytes than 97
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TEXT)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,10 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import pytest
-from conftest import tiny_llama
+from conftest import save_tiny_llama, tiny_llama
 from hub_server import HubServer
 from huggingface_hub import ModelCard, constants, get_token
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 import hf_relattn
 from hf_relattn.cli import main as cli_main
@@ -45,17 +44,7 @@ def text_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """A plain tiny LLaMA with a byte-level BPE tokenizer: what a user starts from."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=97, special_tokens=["<pad>", "<unk>"], show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
-    fast.save_pretrained(folder)
-    model = tiny_llama(heads=4)
-    model.resize_token_embeddings(len(fast), mean_resizing=False)
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), TEXT)
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +370,7 @@ def test_finetune_push_to_hub_checks_before_training(base_dir, text_file, tmp_pa
 def test_model_push_to_hub_methods_use_our_card(tmp_path, monkeypatch):
     """An adapted model's push_to_hub and save_pretrained(push_to_hub=True) go through
     hf_relattn.push_to_hub (our README, after the remote code is written), not transformers'."""
-    import hf_relattn.modeling as modeling
+    from hf_relattn import modeling
 
     calls = []
 
