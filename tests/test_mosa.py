@@ -3,15 +3,16 @@ causal generation rule."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama
+from reference import run_with_attention
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
-
-from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama
-from reference import run_with_attention
 
 REF = "mosa_reference_for_tests"
 INPUTS: dict[int, torch.Tensor] = {}
@@ -92,6 +93,18 @@ def test_generation_never_looks_ahead():
     torch.testing.assert_close(torch.stack(steps), torch.stack(prefixes), atol=1e-5, rtol=1e-5)
     generated = model.generate(ids[:, :12], max_new_tokens=5, do_sample=False)
     assert generated.shape == (1, 17)
+    # decoding twice from copies of one prefill cache (as a benchmark does) repeats the same steps
+    with torch.no_grad():
+        prefill = model(ids[:, :12], use_cache=True).past_key_values
+        runs = []
+        for _ in range(2):
+            cache = copy.deepcopy(prefill)
+            for t in range(12, 15):
+                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+            runs.append(out.logits)
+    torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+    torch.testing.assert_close(runs[1][:, -1], prefixes[14 - 11], atol=1e-5, rtol=1e-5)
 
 
 def test_router_trains_and_round_trips(tmp_path):

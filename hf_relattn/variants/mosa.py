@@ -90,6 +90,9 @@ class MoSA(SparseVariant):
             setattr(module, SCORES, new)
             return new
         past = getattr(module, SCORES, None)
+        if past is not None and past.shape[-1] > k_len - q_len:
+            # decoding again from an earlier (copied) cache: its positions are the first ones kept
+            past = past[..., : k_len - q_len]
         if past is None or past.shape[-1] != k_len - q_len or past.shape[0] != new.shape[0]:
             raise ValueError(
                 "mosa: decoding with a KV cache needs the router scores of the cached tokens, kept when this "
