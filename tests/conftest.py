@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -140,3 +141,10 @@ def save_tiny_llama(folder: Path, text: str) -> Path:
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the text has more distinct bytes than 97
     model.save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for accelerate's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import hf_relattn.finetune as finetune_pkg
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import DATA, requires_minilm, save_tiny_llama
+from conftest import DATA, free_port, requires_minilm, save_tiny_llama
 from hf_relattn.finetune import main, run
 from hf_relattn.finetune.args import parse_args
 from safetensors.torch import load_file
@@ -87,17 +86,11 @@ def test_resume_reproduces_the_uninterrupted_run(llama_dir, text_file, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_cpu_ddp(llama_dir, text_file, tmp_path):
     out = tmp_path / "ddp"
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [
-        str(accelerate), "launch", "--config_file", str(CONFIGS / "cpu_ddp2.yaml"), "--main_process_port", str(_free_port()),
+        str(accelerate), "launch", "--config_file", str(CONFIGS / "cpu_ddp2.yaml"), "--main_process_port", str(free_port()),
         "-m", "hf_relattn.finetune", *lm_args(llama_dir, text_file, out, "--variant", "gqa", "--variant-options", "num_key_value_heads=2", "--max-steps", "4"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

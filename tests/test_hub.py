@@ -18,7 +18,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import pytest
-from conftest import save_tiny_llama, tiny_llama
+from conftest import free_port, save_tiny_llama, tiny_llama
 from hub_server import HubServer
 from huggingface_hub import ModelCard, constants, get_token
 from transformers import AutoModelForCausalLM
@@ -327,18 +327,22 @@ def test_bad_input_reaches_no_endpoint(shaw_dir, base_dir, bench_results, tmp_pa
 
 # ------------------------------------------------------------------------------ finetune
 def test_finetune_push_to_hub_after_training(base_dir, text_file, tmp_path):
-    """GQA on every LLaMA layer trains into a native llama folder: pushed with the recorded recipe."""
+    """GQA on every LLaMA layer trains (two DDP processes under `accelerate launch`) into a native
+    llama folder: pushed once, by the main process, with the recorded recipe."""
     out = tmp_path / "ft"
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+              str(REPO_ROOT / "finetune" / "accelerate_configs" / "cpu_ddp2.yaml"), "--main_process_port", str(free_port())]
     with HubServer(token=TOKEN) as hub:
-        result = run([
-            "-m", "hf_relattn.finetune", "--model", str(base_dir), "--data", str(text_file), "--output", str(out),
+        result = subprocess.run([
+            *launch, "-m", "hf_relattn.finetune", "--model", str(base_dir), "--data", str(text_file), "--output", str(out),
             "--variant", "gqa", "--variant-options", "num_key_value_heads=2", "--max-steps", "2", "--block-size", "32",
             "--batch-size", "4", "--eval-fraction", "0.1", "--eval-batches", "1", "--logging-steps", "1",
             "--push-to-hub", "tester/tiny-gqa", "--hub-private",
-        ], hub_env(hub, tmp_path))
+        ], check=False, env=hub_env(hub, tmp_path), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         repo = hub.repos["tester/tiny-gqa"]
-    assert repo.visibility == "private"
+    assert repo.visibility == "private" and len(repo.commits) == 1
+    assert json.loads((out / "final_metrics.json").read_text())["processes"] == 2
     readme = assert_uploaded_checkpoint(repo.files, out)
     assert {"training_args.json", "final_metrics.json", "metrics.jsonl"} <= set(repo.files)
     assert json.loads(repo.files["config.json"])["model_type"] == "llama"
