@@ -92,23 +92,6 @@ KNOWN_DATA: tuple[tuple[str, str, str, str | None, str | None], ...] = (
     ("tinyshakespeare/input.txt", "karpathy/tiny_shakespeare", "Tiny Shakespeare", None, None),
 )
 
-# What each variant needs before its numbers mean anything, and its known limits.
-VARIANT_NOTES = {
-    "gqa": "K/V heads are pooled from a multi-head checkpoint: quality needs uptraining (Ainslie et al. 2023 use about 5% of the pre-training compute).",
-    "mqa": "One K/V head pooled from many: quality needs uptraining (Ainslie et al. 2023 use about 5% of the pre-training compute).",
-    "alibi": "A model pretrained with RoPE or learned positions needs continued training before ALiBi helps; the additive bias rules out the fused causal SDPA kernel (slower attention on CPU).",
-    "t5_bias": "Zero-initialised bias tables: untrained they change nothing.",
-    "shaw": "Zero-initialised relative-position tables: untrained they change nothing.",
-    "relation": "Zero-initialised relation tables: untrained they change nothing; inputs need `relation_ids` (B, T, T) built by the caller.",
-    "sliding_window": "A dense-pretrained model loses quality under a sparse pattern until it is trained with it.",
-    "strided": "A dense-pretrained model loses quality under a sparse pattern until it is trained with it; the block-sparse path is slower than dense SDPA on CPU for strided patterns.",
-    "fixed": "A dense-pretrained model loses quality under a sparse pattern until it is trained with it.",
-    "power": "A dense-pretrained model loses quality under a sparse pattern until it is trained with it.",
-    "moba": "A dense-pretrained model loses quality under block gating until trained; decoding is slower than dense at 8k context on CPU (block means recomputed every step).",
-    "mosa": "Learned router (new parameters): needs training before use.",
-    "moh": "Learned routers (router='learned') need training; the query-norm router is parameter-free but changes outputs.",
-    "prune": "Removed heads are gone for good; quality depends on which heads were removed (fine-tune afterwards).",
-}
 GENERAL_LIMITS = (
     "Sparse variants do not combine with score variants (ALiBi, Shaw, T5, relation) in one layer.",
     (
@@ -576,7 +559,7 @@ def build_card(
         variants.append({
             "name": entry["name"], "axis": cls.axis, "paper": cls.paper, "description": cls.description,
             "options": _options_text(entry.get("options") or {}), "layers": _layers_text(entry["layers"], num_layers),
-            "note": VARIANT_NOTES.get(entry["name"]),
+            "note": cls.limits or None,
         })
     from . import __version__
 

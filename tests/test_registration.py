@@ -25,6 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import hf_relattn
 from hf_relattn.engine import relattn_attention
+from hf_relattn.variants.base import VARIANTS
 
 NAMES = ["relattn", "relattn_alibi", "relattn_fixed", "relattn_moba", "relattn_power", "relattn_sliding_window", "relattn_strided"]
 
@@ -59,6 +60,7 @@ def test_variants_listing() -> None:
               "shaw": ["Shaw", "2018"], "relation": ["Shaw", "2018"], "sliding_window": ["Child", "2019"],
               "strided": ["Child", "2019"], "fixed": ["Child", "2019"], "moba": ["Lu", "2025"], "power": ["Chen", "2025"],
               "mosa": ["Piękos", "2025"], "prune": ["Michel", "2019"], "moh": ["Jin", "2024"]}
+    assert all(VARIANTS[name].limits for name in listing), "every variant states its limits (model cards show them)"
     for name, text in listing.items():
         assert isinstance(text, str)
         description, _, paper = text.partition(" [")

@@ -42,6 +42,10 @@ class Alibi(Variant):
     flag = True
     description = "Linear distance penalty per head on the attention scores; parameter-free (works by flag)."
     paper = "Press, Smith & Lewis 2022, Train Short, Test Long (ALiBi), ICLR"
+    limits = (
+        "A model pretrained with RoPE or learned positions needs continued training before ALiBi helps; "
+        "the additive bias rules out the fused causal SDPA kernel (slower attention on CPU)."
+    )
 
     def score_bias(
         self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor

@@ -56,6 +56,8 @@ class Variant:
     axis: ClassVar[str]
     description: ClassVar[str]
     paper: ClassVar[str]
+    # What the variant needs before its numbers mean anything, and its known limits (model cards).
+    limits: ClassVar[str] = ""
     # Parameter-free variants that change nothing in the weights can be selected by flag:
     # from_pretrained(..., attn_implementation="relattn_<name>").
     flag: ClassVar[bool] = False

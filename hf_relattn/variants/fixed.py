@@ -29,6 +29,7 @@ class Fixed(SparseVariant):
     flag = True
     description = "Own block of `block` tokens plus the last `summary` tokens of every block (Sparse Transformer, fixed)."
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
+    limits = "A dense-pretrained model loses quality under a sparse pattern until it is trained with it."
 
     def validate(self, model, adapter, layers) -> None:
         check_int_options(self, "block", "summary")

@@ -51,6 +51,10 @@ class GQA(Variant):
     axis = "structure"
     description = "Grouped-query attention: K/V heads mean-pooled into G groups (uptraining recipe)."
     paper = "Ainslie et al. 2023, GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints"
+    limits = (
+        "K/V heads are pooled from a multi-head checkpoint: quality needs uptraining (Ainslie et al. "
+        "2023 use about 5% of the pre-training compute)."
+    )
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         groups = self.num_key_value_heads
@@ -116,6 +120,10 @@ class MQA(GQA):
     name = "mqa"
     description = "Multi-query attention: one shared K/V head (GQA with G=1), mean-pooled."
     paper = "Shazeer 2019, Fast Transformer Decoding: One Write-Head is All You Need; Ainslie et al. 2023 (uptraining)"
+    limits = (
+        "One K/V head pooled from many: quality needs uptraining (Ainslie et al. 2023 use about 5% of "
+        "the pre-training compute)."
+    )
 
     def spec_name(self) -> str:
         return GQA.name

@@ -46,6 +46,10 @@ class MoBA(SparseVariant):
         return "token" if self.gate == "token" else "block"
     description = "Each token reads its own key block and the top_k-1 earlier blocks whose mean key matches its query best (MoBA)."
     paper = "Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs"
+    limits = (
+        "A dense-pretrained model loses quality under block gating until trained; decoding is slower "
+        "than dense at 8k context on CPU (each step gathers every head's chosen K/V blocks)."
+    )
 
     def validate(self, model, adapter, layers) -> None:
         check_int_options(self, "top_k")

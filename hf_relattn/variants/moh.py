@@ -75,6 +75,10 @@ class MoH(Variant):
     description = ("Mixture-of-Head: each token uses the shared heads and its top-k routed heads, outputs weighted "
                    "per head (learned router: new parameters, needs training; query_norm: parameter-free).")
     paper = "Jin et al. 2024, MoH: Multi-Head Attention as Mixture-of-Head Attention"
+    limits = (
+        "Learned routers (router='learned') need training; the query-norm router is parameter-free but "
+        "changes outputs."
+    )
 
     def options(self) -> dict[str, Any]:
         options = super().options()

@@ -55,6 +55,7 @@ class MoSA(SparseVariant):
     description = ("Each head routes itself the top T/sparsity tokens (expert choice, learned sigmoid router, "
                    "new parameters: needs training).")
     paper = "Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA)"
+    limits = "Learned router (new parameters): needs training before use."
     choice = "expert"
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:

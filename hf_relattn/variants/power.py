@@ -29,6 +29,7 @@ class Power(SparseVariant):
     choice = "block"
     description = "Key blocks at power-of-two block distances, a local window and the sink block (PowerAttention)."
     paper = "Chen et al. 2025, PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention"
+    limits = "A dense-pretrained model loses quality under a sparse pattern until it is trained with it."
 
     def validate(self, model, adapter, layers) -> None:
         check_int_options(self, "window")

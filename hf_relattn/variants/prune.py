@@ -134,6 +134,10 @@ class Prune(Variant):
         "uneven GQA groups are split with duplicated K/V heads), remaining heads unchanged."
     )
     paper = "Michel, Levy & Neubig 2019, Are Sixteen Heads Really Better than One? (NeurIPS)"
+    limits = (
+        "Removed heads are gone for good; quality depends on which heads were removed (fine-tune "
+        "afterwards)."
+    )
 
     # ----------------------------------------------------------------- options
     def steps(self) -> Steps:

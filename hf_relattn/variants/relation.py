@@ -41,6 +41,10 @@ class Relation(RelationalVariant):
         "id 0 = no relation; per layer, zero-init."
     )
     paper = "Shaw, Uszkoreit & Vaswani 2018 (relation-aware self-attention); Wang et al. 2020, RAT-SQL, ACL"
+    limits = (
+        "Zero-initialised relation tables: untrained they change nothing; inputs need `relation_ids` (B, "
+        "T, T) built by the caller."
+    )
     fixed_zero_labels = 1
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:

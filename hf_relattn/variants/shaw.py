@@ -67,6 +67,7 @@ class Shaw(RelationalVariant):
         "2-D patch offsets plus [CLS] labels on ViT."
     )
     paper = "Shaw, Uszkoreit & Vaswani 2018, Self-Attention with Relative Position Representations, NAACL"
+    limits = "Zero-initialised relative-position tables: untrained they change nothing."
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         super().validate(model, adapter, layers)

@@ -36,6 +36,7 @@ class SlidingWindow(SparseVariant):
     flag = True
     description = "Each query attends its `window` nearest keys (causal: the previous ones; ViT: a 2-D patch neighbourhood, CLS global)."
     paper = "Child et al. 2019; Beltagy et al. 2020 (Longformer); Vaswani et al. 2021 (HaloNet)"
+    limits = "A dense-pretrained model loses quality under a sparse pattern until it is trained with it."
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         check_int_options(self, "window")

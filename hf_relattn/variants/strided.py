@@ -29,6 +29,10 @@ class Strided(SparseVariant):
     flag = True
     description = "Previous `stride` tokens plus every stride-th token (Sparse Transformer, strided)."
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
+    limits = (
+        "A dense-pretrained model loses quality under a sparse pattern until it is trained with it; the "
+        "block-sparse path is slower than dense SDPA on CPU for strided patterns."
+    )
 
     def validate(self, model, adapter, layers) -> None:
         check_int_options(self, "stride")

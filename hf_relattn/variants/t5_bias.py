@@ -57,6 +57,7 @@ class T5Bias(Variant):
     axis = "scores"
     description = "Learned scalar bias per head on log-bucketed relative positions (per layer, zero-init)."
     paper = "Raffel et al. 2020, Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer (T5)"
+    limits = "Zero-initialised bias tables: untrained they change nothing."
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         for option in ("num_buckets", "max_distance"):
