@@ -246,6 +246,11 @@ def _sparse(
         out = reference_attention(query, key, value, attention_mask if pattern is None else pattern,
                                   lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
         return out.transpose(1, 2).contiguous(), None
+    if impl == "auto" and getattr(variant, "residue_layout", False) and query.shape[2] == key.shape[2]:
+        valid = _plain_key_padding(attention_mask, causal)
+        if valid is not False:
+            out = strided_attention(query, key, value, valid, variant.stride, causal, scale, drop)
+            return out.transpose(1, 2).contiguous(), None
     out = None
     use_flex = impl == "flex" or (impl == "auto" and query.device.type == "cuda" and drop == 0 and query.shape[2] >= FLEX_MIN_TOKENS)
     if use_flex:
@@ -257,6 +262,77 @@ def _sparse(
     if out is None:  # a dense layer of the pattern
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _plain_key_padding(mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None | bool:
+    """The (B, K) key validity when a self-attention mask is nothing but key padding (and the
+    causality the engine applies anyway); None without a mask; False when it says more."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.shape[1] != 1:
+        return False
+    valid = mask.any(dim=-2)[:, 0]
+    q_len, k_len = mask.shape[-2], mask.shape[-1]
+    if q_len == 1:  # one key-padding row for every query
+        return valid
+    expected = valid[:, None, None, :].expand(-1, 1, q_len, -1)
+    if causal:
+        expected = expected & torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).tril()
+    return valid if torch.equal(mask, expected) else False
+
+
+def strided_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, stride: int,
+    causal: bool, scale: float, dropout: float,
+) -> torch.Tensor:
+    """The strided pattern of Child et al. 2019 as two dense pieces merged by log-sum-exp, for
+    self-attention without a cache (Q = K): (B, Hq, T, D) -> (B, Hq, T, D).
+
+    The band |i - j| < stride runs by blocks of `stride` queries over their 2 (causal) or 3
+    neighbouring key blocks (a strided view of K/V, no gather). The same-residue keys (i - j a
+    non-zero multiple of stride) are contiguous in the residue-major layout (position a*s + r
+    -> [r, a]): T/stride sequences of T/stride tokens, attended densely. Plain matmuls, so
+    autograd gives the backward; attention dropout drops each piece's probabilities, which is
+    dropping them from the merged softmax."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    s = stride
+    n = -(-length // s)
+    pad = n * s - length
+    lowest = torch.finfo(query.dtype).min
+    valid = key_valid if key_valid is not None else torch.ones(batch, length, dtype=torch.bool, device=query.device)
+    valid = F.pad(valid, (0, pad), value=False)  # (B, n*s)
+    q = F.pad(query, (0, 0, 0, pad)).view(batch, kv_heads, heads // kv_heads, n, s, dim)
+    k, v = (F.pad(t, (0, 0, 0, pad)) for t in (key, value))
+
+    def piece(scores: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = (scores * scale).masked_fill(~keep, lowest)
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None])
+        if dropout > 0:
+            probs = F.dropout(probs, p=dropout)
+        return torch.matmul(probs, values), lse
+
+    # band: query block a reads the key blocks a-1, a (and a+1 unless causal)
+    width = (2 if causal else 3) * s
+    front, back = s, 0 if causal else s
+    k_win, v_win = (F.pad(t, (0, 0, front, back)).unfold(2, width, s)[:, :, None] for t in (k, v))  # (B, G, 1, n, D, W)
+    u = torch.arange(s, device=query.device)[:, None]
+    t = torch.arange(width, device=query.device)[None, :]
+    near = (t > u) & (t < u + 2 * s) & ((t <= u + s) if causal else True)  # |i - j| < s, j <= i when causal
+    keep_band = near & F.pad(valid, (front, back), value=False).unfold(1, width, s)[:, None, None, :, None, :]
+    out_band, lse_band = piece(torch.matmul(q, k_win), keep_band, v_win.transpose(-1, -2))
+    # same residue: position a*s + r at [r, a]
+    q_r = q.transpose(-3, -2)  # (B, G, g, s, n, D)
+    k_r, v_r = (t.view(batch, kv_heads, n, s, dim).transpose(-3, -2)[:, :, None] for t in (k, v))  # (B, G, 1, s, n, D)
+    a = torch.arange(n, device=query.device)
+    other = (a[None, :] < a[:, None]) if causal else (a[None, :] != a[:, None])  # key index b vs query index a
+    keep_res = other & valid.view(batch, n, s).transpose(1, 2)[:, None, None, :, None, :]
+    out_res, lse_res = piece(torch.matmul(q_r, k_r.transpose(-1, -2)), keep_res, v_r)
+    out_res, lse_res = out_res.transpose(-3, -2), lse_res.transpose(-2, -1)
+    total = torch.logaddexp(lse_band, lse_res)
+    out = out_band * torch.exp(lse_band - total)[..., None] + out_res * torch.exp(lse_res - total)[..., None]
+    return out.reshape(batch, heads, n * s, -1)[:, :, :length]
 
 
 def _additive_mask(

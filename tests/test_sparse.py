@@ -303,3 +303,30 @@ def test_flex_refuses_per_token_choices(long_ids):
     model = hf_relattn.convert(tiny_llama(), "moba", block_size=4, top_k=2)
     with torch.no_grad(), hf_relattn.force_implementation("flex"), pytest.raises(ValueError, match="has no FlexAttention form"):
         model(long_ids)
+
+
+@pytest.mark.parametrize("stride", [3, 8])
+def test_strided_band_and_residue_layout_with_gqa(stride, long_ids):
+    """The strided self-attention path (a band plus residue-major pieces, merged by log-sum-exp)
+    against the loop mask, with grouped K/V heads, left padding and a length that is not a
+    multiple of the stride; outputs and gradients."""
+    model = hf_relattn.convert(tiny_llama(heads=4, kv_heads=2), "strided", stride=stride).train()
+    mask, rows = padded("llama", long_ids)
+    labels = long_ids.clone()
+    labels[1, :6] = -100  # logits at padded positions are undefined (label t is scored by logits t - 1)
+
+    def run(implementation):
+        model.zero_grad()
+        model.config._attn_implementation_internal = implementation
+        try:
+            out = model(input_ids=long_ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+            out.loss.backward()
+        finally:
+            model.config._attn_implementation_internal = "relattn"
+        return out.hidden_states[-1].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (got, got_grads), (expected, expected_grads) = run("relattn"), run(REF)
+    for b, r in rows:
+        torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)
+    for n in got_grads:
+        torch.testing.assert_close(got_grads[n], expected_grads[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
