@@ -305,6 +305,13 @@ def strided_attention(
     q = F.pad(query, (0, 0, 0, pad)).view(batch, kv_heads, heads // kv_heads, n, s, dim)
     k, v = (F.pad(t, (0, 0, 0, pad)) for t in (key, value))
 
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if flash is not None and not needs_grad and dropout == 0 and query.device.type == "cpu":
+        flash = partial(flash, dropout_p=0.0, is_causal=False, scale=scale)
+    else:
+        flash = None
+
     def piece(scores: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = (scores * scale).masked_fill(~keep, lowest)
         lse = torch.logsumexp(scores, dim=-1)
@@ -321,18 +328,45 @@ def strided_attention(
     t = torch.arange(width, device=query.device)[None, :]
     near = (t > u) & (t < u + 2 * s) & ((t <= u + s) if causal else True)  # |i - j| < s, j <= i when causal
     keep_band = near & F.pad(valid, (front, back), value=False).unfold(1, width, s)[:, None, None, :, None, :]
-    out_band, lse_band = piece(torch.matmul(q, k_win), keep_band, v_win.transpose(-1, -2))
+    if flash is not None:  # inference: the fused CPU kernel, which also returns the log-sum-exp
+        out_band, lse_band = _fused_piece(flash, q, k_win.transpose(-1, -2), v_win.transpose(-1, -2), keep_band, key_valid is None)
+    else:
+        out_band, lse_band = piece(torch.matmul(q, k_win), keep_band, v_win.transpose(-1, -2))
     # same residue: position a*s + r at [r, a]
     q_r = q.transpose(-3, -2)  # (B, G, g, s, n, D)
     k_r, v_r = (t.view(batch, kv_heads, n, s, dim).transpose(-3, -2)[:, :, None] for t in (k, v))  # (B, G, 1, s, n, D)
     a = torch.arange(n, device=query.device)
     other = (a[None, :] < a[:, None]) if causal else (a[None, :] != a[:, None])  # key index b vs query index a
     keep_res = other & valid.view(batch, n, s).transpose(1, 2)[:, None, None, :, None, :]
-    out_res, lse_res = piece(torch.matmul(q_r, k_r.transpose(-1, -2)), keep_res, v_r)
+    if flash is not None:
+        out_res, lse_res = _fused_piece(flash, q_r, k_r, v_r, keep_res, key_valid is None)
+    else:
+        out_res, lse_res = piece(torch.matmul(q_r, k_r.transpose(-1, -2)), keep_res, v_r)
     out_res, lse_res = out_res.transpose(-3, -2), lse_res.transpose(-2, -1)
     total = torch.logaddexp(lse_band, lse_res)
     out = out_band * torch.exp(lse_band - total)[..., None] + out_res * torch.exp(lse_res - total)[..., None]
     return out.reshape(batch, heads, n * s, -1)[:, :, :length]
+
+
+def _fused_piece(
+    flash: Callable[..., tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    keep: torch.Tensor, static: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One piece of `strided_attention` through the CPU flash kernel: q (B, G, g, X, R, D) against
+    k, v (B, G, 1, X, W, D) with keep broadcastable to (B, G, g, X, R, W) -> output
+    (B, G, g, X, R, D) and log-sum-exp (B, G, g, X, R). The g query heads of a K/V head are
+    stacked as rows of one call (no K/V copies per query head); `static`: keep is the same for
+    every batch entry (no padding), so one mask serves all calls."""
+    batch, kv_heads, groups, x, rows, dim = q.shape
+    width = k.shape[-2]
+    # (B*G, X, g*R, D): the X blocks or residues are the kernel's heads, so one mask broadcasts
+    q4 = q.permute(0, 1, 3, 2, 4, 5).reshape(batch * kv_heads, x, groups * rows, dim)
+    k4, v4 = (t[:, :, 0].reshape(batch * kv_heads, x, width, t.shape[-1]) for t in (k, v))
+    mask = keep[:1].expand(1, 1, groups, x, rows, width) if static else keep.expand(batch, kv_heads, groups, x, rows, width)
+    mask = mask.permute(0, 1, 3, 2, 4, 5).reshape(-1, x, groups * rows, width)  # (1 or B*G, X, g*R, W)
+    out, lse = flash(q4, k4, v4, attn_mask=_float_mask(mask, q.dtype))
+    out = out.view(batch, kv_heads, x, groups, rows, -1).permute(0, 1, 3, 2, 4, 5)
+    return out, lse.view(batch, kv_heads, x, groups, rows).permute(0, 1, 3, 2, 4)
 
 
 def _additive_mask(

@@ -3,10 +3,13 @@ with Sparse Transformers", section 4.2 (one head type mixing both components).
 
 Query i attends the previous `stride` tokens (i - stride < j <= i) and every stride-th token
 before it ((i - j) mod stride == 0). Encoders get the symmetric version (|i - j| < stride, or
-i - j a multiple of stride). Parameter-free (flag or convert). The engine reads key blocks of
-`block_size` tokens: the local part touches about stride / block_size + 1 blocks, the strided
-part one key per stride, so a key block is skipped only when stride > block_size (choose
-block_size < stride for a real saving; the result is exact either way).
+i - j a multiple of stride). Parameter-free (flag or convert).
+
+Self-attention (prefill, training, encoders) runs as two dense pieces merged by log-sum-exp
+(`engine.strided_attention`): the band by blocks of `stride` queries, and the same-residue keys,
+which are contiguous sequences of T/stride tokens once positions are laid out residue-major.
+Cached decoding, and masks that are more than key padding, take the block-sparse path on key
+blocks of `block_size` tokens (there the strided part costs a whole block per strided key).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ class Strided(SparseVariant):
     description = "Previous `stride` tokens plus every stride-th token (Sparse Transformer, strided)."
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
     limits = (
-        "A dense-pretrained model loses quality under a sparse pattern until it is trained with it; the "
-        "block-sparse path is slower than dense SDPA on CPU for strided patterns."
+        "A dense-pretrained model loses quality under a sparse pattern until it is trained with it; cached "
+        "decoding reads whole key blocks for single strided keys."
     )
 
     def validate(self, model, adapter, layers) -> None:
