@@ -246,10 +246,17 @@ def _sparse(
         out = reference_attention(query, key, value, attention_mask if pattern is None else pattern,
                                   lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
         return out.transpose(1, 2).contiguous(), None
-    if impl == "auto" and getattr(variant, "residue_layout", False) and query.shape[2] == key.shape[2]:
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    # self-attention of a pattern with its own dense layout (the block path reads whole key
+    # blocks for scattered keys); fixed's own blocks are large, so its training keeps the block
+    # path, whose SDPA calls have a fused backward (the layout's plain matmuls were 0.77x dense)
+    if impl == "auto" and variant.layout and query.shape[2] == key.shape[2] and not (variant.layout == "fixed" and training):
         valid = _plain_key_padding(attention_mask, causal)
         if valid is not False:
-            out = strided_attention(query, key, value, valid, variant.stride, causal, scale, drop)
+            if variant.layout == "strided":
+                out = strided_attention(query, key, value, valid, variant.stride, causal, scale, drop)
+            else:
+                out = fixed_attention(query, key, value, valid, variant.block, variant.summary, causal, scale, drop)
             return out.transpose(1, 2).contiguous(), None
     out = None
     use_flex = impl == "flex" or (impl == "auto" and query.device.type == "cuda" and drop == 0 and query.shape[2] >= FLEX_MIN_TOKENS)
@@ -281,6 +288,51 @@ def _plain_key_padding(mask: torch.Tensor | None, causal: bool) -> torch.Tensor 
     return valid if torch.equal(mask, expected) else False
 
 
+def _layout_setup(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, size: int, dropout: float
+) -> tuple[Any, ...]:
+    """Shared start of the pattern layouts: queries as (B, G, g, n, size, D) blocks, K/V and key
+    validity padded to n * size, and the CPU flash kernel when no gradient is needed."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    n = -(-length // size)
+    pad = n * size - length
+    valid = key_valid if key_valid is not None else torch.ones(batch, length, dtype=torch.bool, device=query.device)
+    valid = F.pad(valid, (0, pad), value=False)
+    q = F.pad(query, (0, 0, 0, pad)).view(batch, kv_heads, heads // kv_heads, n, size, dim)
+    k, v = (F.pad(t, (0, 0, 0, pad)) for t in (key, value))
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    use = flash is not None and not needs_grad and dropout == 0 and query.device.type == "cpu"
+    return q, k, v, valid, n, (flash if use else None)
+
+
+def _piece(
+    flash: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, static: bool, scale: float,
+    dropout: float, causal_block: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of q (B, G, g, X, R, D) over k, v (B, G, 1, X, W, D) under keep (broadcast
+    to (B, G, g, X, R, W)) -> output (B, G, g, X, R, D) and log-sum-exp (B, G, g, X, R). Through
+    the CPU flash kernel when given (inference; `causal_block`: keep is exactly causal within
+    square blocks, so the kernel's own causal mode skips the upper half), else plain matmuls
+    with autograd (attention dropout drops this piece's probabilities, which is dropping them
+    from the merged softmax)."""
+    if flash is not None:
+        return _fused_piece(flash, q, k, v, keep, static, scale, causal_block and static)
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).masked_fill(~keep, torch.finfo(q.dtype).min)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    if dropout > 0:
+        probs = F.dropout(probs, p=dropout)
+    return torch.matmul(probs, v), lse
+
+
+def _merge(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Outputs of attention over disjoint key sets, merged by their log-sum-exps."""
+    total = torch.logsumexp(torch.stack([lse for _, lse in pieces]), dim=0)
+    return sum(out * torch.exp(lse - total)[..., None] for out, lse in pieces)
+
+
 def strided_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, stride: int,
     causal: bool, scale: float, dropout: float,
@@ -291,80 +343,76 @@ def strided_attention(
     The band |i - j| < stride runs by blocks of `stride` queries over their 2 (causal) or 3
     neighbouring key blocks (a strided view of K/V, no gather). The same-residue keys (i - j a
     non-zero multiple of stride) are contiguous in the residue-major layout (position a*s + r
-    -> [r, a]): T/stride sequences of T/stride tokens, attended densely. Plain matmuls, so
-    autograd gives the backward; attention dropout drops each piece's probabilities, which is
-    dropping them from the merged softmax."""
+    -> [r, a]): T/stride sequences of T/stride tokens, attended densely."""
     batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
     s = stride
-    n = -(-length // s)
-    pad = n * s - length
-    lowest = torch.finfo(query.dtype).min
-    valid = key_valid if key_valid is not None else torch.ones(batch, length, dtype=torch.bool, device=query.device)
-    valid = F.pad(valid, (0, pad), value=False)  # (B, n*s)
-    q = F.pad(query, (0, 0, 0, pad)).view(batch, kv_heads, heads // kv_heads, n, s, dim)
-    k, v = (F.pad(t, (0, 0, 0, pad)) for t in (key, value))
-
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if flash is not None and not needs_grad and dropout == 0 and query.device.type == "cpu":
-        flash = partial(flash, dropout_p=0.0, is_causal=False, scale=scale)
-    else:
-        flash = None
-
-    def piece(scores: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = (scores * scale).masked_fill(~keep, lowest)
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse[..., None])
-        if dropout > 0:
-            probs = F.dropout(probs, p=dropout)
-        return torch.matmul(probs, values), lse
-
+    q, k, v, valid, n, flash = _layout_setup(query, key, value, key_valid, s, dropout)
+    static = key_valid is None
     # band: query block a reads the key blocks a-1, a (and a+1 unless causal)
     width = (2 if causal else 3) * s
     front, back = s, 0 if causal else s
-    k_win, v_win = (F.pad(t, (0, 0, front, back)).unfold(2, width, s)[:, :, None] for t in (k, v))  # (B, G, 1, n, D, W)
+    k_win, v_win = (F.pad(t, (0, 0, front, back)).unfold(2, width, s).transpose(-1, -2)[:, :, None] for t in (k, v))
     u = torch.arange(s, device=query.device)[:, None]
     t = torch.arange(width, device=query.device)[None, :]
     near = (t > u) & (t < u + 2 * s) & ((t <= u + s) if causal else True)  # |i - j| < s, j <= i when causal
     keep_band = near & F.pad(valid, (front, back), value=False).unfold(1, width, s)[:, None, None, :, None, :]
-    if flash is not None:  # inference: the fused CPU kernel, which also returns the log-sum-exp
-        out_band, lse_band = _fused_piece(flash, q, k_win.transpose(-1, -2), v_win.transpose(-1, -2), keep_band, key_valid is None)
-    else:
-        out_band, lse_band = piece(torch.matmul(q, k_win), keep_band, v_win.transpose(-1, -2))
+    band = _piece(flash, q, k_win, v_win, keep_band, static, scale, dropout)
     # same residue: position a*s + r at [r, a]
-    q_r = q.transpose(-3, -2)  # (B, G, g, s, n, D)
-    k_r, v_r = (t.view(batch, kv_heads, n, s, dim).transpose(-3, -2)[:, :, None] for t in (k, v))  # (B, G, 1, s, n, D)
+    k_r, v_r = (t.view(batch, k.shape[1], n, s, dim).transpose(-3, -2)[:, :, None] for t in (k, v))  # (B, G, 1, s, n, D)
     a = torch.arange(n, device=query.device)
     other = (a[None, :] < a[:, None]) if causal else (a[None, :] != a[:, None])  # key index b vs query index a
     keep_res = other & valid.view(batch, n, s).transpose(1, 2)[:, None, None, :, None, :]
-    if flash is not None:
-        out_res, lse_res = _fused_piece(flash, q_r, k_r, v_r, keep_res, key_valid is None)
-    else:
-        out_res, lse_res = piece(torch.matmul(q_r, k_r.transpose(-1, -2)), keep_res, v_r)
-    out_res, lse_res = out_res.transpose(-3, -2), lse_res.transpose(-2, -1)
-    total = torch.logaddexp(lse_band, lse_res)
-    out = out_band * torch.exp(lse_band - total)[..., None] + out_res * torch.exp(lse_res - total)[..., None]
+    out_r, lse_r = _piece(flash, q.transpose(-3, -2), k_r, v_r, keep_res, static, scale, dropout)
+    out = _merge([band, (out_r.transpose(-3, -2), lse_r.transpose(-2, -1))])
     return out.reshape(batch, heads, n * s, -1)[:, :, :length]
+
+
+def fixed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, block: int,
+    summary: int, causal: bool, scale: float, dropout: float,
+) -> torch.Tensor:
+    """The fixed pattern of Child et al. 2019 as two dense pieces merged by log-sum-exp, for
+    self-attention without a cache: each query's own block of `block` tokens (causal inside
+    for decoders; blocks as a batch, K/V as views), and the last `summary` tokens of the other
+    blocks (earlier ones for decoders), gathered once into n * summary keys that every query
+    reads under a block mask. (B, Hq, T, D) -> (B, Hq, T, D)."""
+    batch, heads, length, dim = query.shape
+    q, k, v, valid, n, flash = _layout_setup(query, key, value, key_valid, block, dropout)
+    static = key_valid is None
+    kv_heads = k.shape[1]
+    blocks = valid.view(batch, n, block)
+    kb, vb = (t.view(batch, kv_heads, n, block, dim)[:, :, None] for t in (k, v))  # (B, G, 1, n, block, D)
+    inside = torch.ones(block, block, dtype=torch.bool, device=query.device)
+    inside = inside.tril() if causal else inside
+    own = _piece(flash, q, kb, vb, inside & blocks[:, None, None, :, None, :], static, scale, dropout, causal_block=causal)
+    ks, vs = (t[:, :, :, :, block - summary :].reshape(batch, kv_heads, 1, 1, n * summary, dim) for t in (kb, vb))
+    q_block = torch.arange(n * block, device=query.device) // block
+    k_block = torch.arange(n * summary, device=query.device) // summary
+    other = (k_block[None, :] < q_block[:, None]) if causal else (k_block[None, :] != q_block[:, None])
+    keep_sum = other & blocks[:, :, block - summary :].reshape(batch, 1, 1, 1, 1, n * summary)
+    out_s, lse_s = _piece(flash, q.reshape(batch, kv_heads, -1, 1, n * block, dim), ks, vs, keep_sum, static, scale, dropout)
+    out = _merge([own, (out_s.view(own[0].shape), lse_s.view(own[1].shape))])
+    return out.reshape(batch, heads, n * block, -1)[:, :, :length]
 
 
 def _fused_piece(
     flash: Callable[..., tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    keep: torch.Tensor, static: bool,
+    keep: torch.Tensor, static: bool, scale: float, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One piece of `strided_attention` through the CPU flash kernel: q (B, G, g, X, R, D) against
-    k, v (B, G, 1, X, W, D) with keep broadcastable to (B, G, g, X, R, W) -> output
-    (B, G, g, X, R, D) and log-sum-exp (B, G, g, X, R). The g query heads of a K/V head are
-    stacked as rows of one call (no K/V copies per query head); `static`: keep is the same for
-    every batch entry (no padding), so one mask serves all calls."""
+    """`_piece` through the CPU flash kernel. The g query heads of a K/V head are stacked as rows
+    of one call (no K/V copies per query head) and the X blocks are the kernel's heads, so with
+    `static` keep (no padding: the same for every batch entry) one mask serves all calls;
+    `causal`: keep is causal within square blocks (one query head per K/V head), the kernel's mode."""
     batch, kv_heads, groups, x, rows, dim = q.shape
     width = k.shape[-2]
-    # (B*G, X, g*R, D): the X blocks or residues are the kernel's heads, so one mask broadcasts
     q4 = q.permute(0, 1, 3, 2, 4, 5).reshape(batch * kv_heads, x, groups * rows, dim)
     k4, v4 = (t[:, :, 0].reshape(batch * kv_heads, x, width, t.shape[-1]) for t in (k, v))
-    mask = keep[:1].expand(1, 1, groups, x, rows, width) if static else keep.expand(batch, kv_heads, groups, x, rows, width)
-    mask = mask.permute(0, 1, 3, 2, 4, 5).reshape(-1, x, groups * rows, width)  # (1 or B*G, X, g*R, W)
-    out, lse = flash(q4, k4, v4, attn_mask=_float_mask(mask, q.dtype))
+    if causal and groups == 1:
+        out, lse = flash(q4, k4, v4, 0.0, True, scale=scale)
+    else:
+        mask = keep[:1].expand(1, 1, groups, x, rows, width) if static else keep.expand(batch, kv_heads, groups, x, rows, width)
+        mask = mask.permute(0, 1, 3, 2, 4, 5).reshape(-1, x, groups * rows, width)  # (1 or B*G, X, g*R, W)
+        out, lse = flash(q4, k4, v4, 0.0, False, attn_mask=_float_mask(mask, q.dtype), scale=scale)
     out = out.view(batch, kv_heads, x, groups, rows, -1).permute(0, 1, 3, 2, 4, 5)
     return out, lse.view(batch, kv_heads, x, groups, rows).permute(0, 1, 3, 2, 4)
 

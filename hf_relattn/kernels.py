@@ -198,7 +198,7 @@ def computed_pairs(module: nn.Module, variant: Variant, q: torch.Tensor, k: torc
     """(query, key) pairs the block-sparse path computes per batch entry and head, averaged over
     heads: the gathered key blocks (whole blocks, as computed) times the query rows reading them."""
     length = q.shape[2]
-    if getattr(variant, "residue_layout", False):  # strided: the band blocks plus the residue sequences
+    if variant.layout == "strided":  # the band blocks plus the residue sequences
         stride = variant.stride
         return float(length * ((2 if module.is_causal else 3) * stride + -(-length // stride)))
     block = variant.key_block(module)

@@ -334,17 +334,26 @@ def test_strided_band_and_residue_layout_with_gqa(stride, long_ids):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_strided_fused_inference_matches_autograd_path(causal):
-    """Without autograd the strided pieces run through the CPU flash kernel (which returns the
-    log-sum-exp); with it, through plain matmuls: the same outputs, for a batch of two, grouped
-    K/V heads, no padding and a length that is not a multiple of the stride."""
+@pytest.mark.parametrize("name, options, heads", [("strided", {"stride": 7}, 6), ("fixed", {"block": 8, "summary": 3}, 6),
+                                                  ("fixed", {"block": 8, "summary": 3}, 3)])
+def test_layouts_fused_inference_and_autograd_match_the_pattern(causal, name, options, heads):
+    """Without autograd the layout pieces run through the CPU flash kernel (which returns the
+    log-sum-exp; one query head per K/V head takes its causal mode); with autograd, through
+    plain matmuls: both equal the materialised pattern, for a batch of two, no padding and a
+    length that is not a multiple of the block."""
     torch.manual_seed(0)
-    q = torch.randn(2, 6, 50, 16)
+    q = torch.randn(2, heads, 50, 16)
     k, v = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 50, 16)
+
+    def run(q):
+        if name == "strided":
+            return engine.strided_attention(q, k, v, None, options["stride"], causal, 0.25, 0.0)
+        return engine.fixed_attention(q, k, v, None, options["block"], options["summary"], causal, 0.25, 0.0)
+
     with torch.no_grad():
-        fused = engine.strided_attention(q, k, v, None, 7, causal, 0.25, 0.0)
-    plain = engine.strided_attention(q.requires_grad_(), k, v, None, 7, causal, 0.25, 0.0)
-    keep = pattern_mask("strided", {"stride": 7}, list(range(50)), 50, causal)
-    expected = materialized_attention(q.detach(), k, v, 0.25, causal=causal, allowed=keep[None, None])
+        fused = run(q)
+    plain = run(q.clone().requires_grad_())
+    keep = pattern_mask(name, options, list(range(50)), 50, causal)
+    expected = materialized_attention(q, k, v, 0.25, causal=causal, allowed=keep[None, None])
     torch.testing.assert_close(fused, expected.float(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(plain.detach(), expected.float(), atol=2e-5, rtol=1e-5)

@@ -3,9 +3,10 @@ with Sparse Transformers", section 4.2.
 
 Query i attends its own block of `block` tokens (floor(j / block) == floor(i / block)) and the
 last `summary` tokens of every block (j mod block >= block - summary): of the earlier blocks
-for decoders (causal), of all blocks for encoders. Parameter-free (flag or convert). The engine
-reads key blocks of gcd(block, summary) tokens, so it reads exactly the own block and the
-summaries.
+for decoders (causal), of all blocks for encoders. Parameter-free (flag or convert).
+Self-attention runs as two dense pieces merged by log-sum-exp (`engine.fixed_attention`): the
+own blocks as a batch, and the summaries gathered once into T / block * summary keys. Cached
+decoding reads key blocks of gcd(block, summary) tokens: exactly the own block and the summaries.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Fixed(SparseVariant):
 
     name = "fixed"
     flag = True
+    layout = "fixed"  # self-attention: engine.fixed_attention
     description = "Own block of `block` tokens plus the last `summary` tokens of every block (Sparse Transformer, fixed)."
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
     limits = "A dense-pretrained model loses quality under a sparse pattern until it is trained with it."

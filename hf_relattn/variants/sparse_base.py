@@ -41,6 +41,9 @@ class SparseVariant(Variant):
     # the exact pattern), "block" (the same for every token of an absolute key-block-sized
     # query block), "token" (per token, e.g. MoBA's gate).
     choice: ClassVar[str] = "rule"
+    # A pattern whose self-attention the engine runs in its own dense layout ("strided",
+    # "fixed": pieces merged by log-sum-exp) instead of gathering key blocks; None: block path.
+    layout: ClassVar[str | None] = None
 
     def key_block(self, module: nn.Module) -> int:
         """Tokens per key block (blocks start at absolute key position 0)."""

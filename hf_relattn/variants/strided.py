@@ -30,8 +30,7 @@ class Strided(SparseVariant):
 
     name = "strided"
     flag = True
-    # self-attention runs as a band plus residue-major dense pieces (engine.strided_attention)
-    residue_layout = True
+    layout = "strided"  # self-attention: engine.strided_attention
     description = "Previous `stride` tokens plus every stride-th token (Sparse Transformer, strided)."
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
     limits = (
