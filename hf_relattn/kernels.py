@@ -221,7 +221,7 @@ def build_sparse_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, 
         MoBA(block_size=512, top_k=3),
         MoBA(block_size=512, top_k=3, gate="block"),
         Strided(stride=256, block_size=64),
-        Fixed(block=length // 8, summary=64),
+        Fixed(block=length // 8, summary=min(64, length // 8)),
         Power(block_size=64, window=length // 16),
     ]
     cases = _sparse_pattern_cases(heads, head_dim, length, q, k, variants)
