@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -271,13 +272,27 @@ def _sparse(
     return out.transpose(1, 2).contiguous(), None
 
 
+# The last mask `_plain_key_padding` read (weakly) and its answer: every layer of a forward
+# passes the same mask object, so the O(B Q K) comparison runs once per forward.
+_plain_seen: tuple[Any, bool, Any] | None = None
+
+
 def _plain_key_padding(mask: torch.Tensor | None, causal: bool) -> torch.Tensor | None | bool:
     """The (B, K) key validity when a self-attention mask is nothing but key padding (and the
     causality the engine applies anyway); None without a mask; False when it says more."""
+    global _plain_seen
     if mask is None:
         return None
     if mask.dtype != torch.bool or mask.shape[1] != 1:
         return False
+    if _plain_seen is not None and _plain_seen[0]() is mask and _plain_seen[1] == causal:
+        return _plain_seen[2]
+    answer = _key_padding_of(mask, causal)
+    _plain_seen = (weakref.ref(mask), causal, answer)
+    return answer
+
+
+def _key_padding_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | bool:
     valid = mask.any(dim=-2)[:, 0]
     q_len, k_len = mask.shape[-2], mask.shape[-1]
     if q_len == 1:  # one key-padding row for every query

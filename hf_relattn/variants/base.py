@@ -165,6 +165,18 @@ def track_input(module: nn.Module) -> None:
         module._relattn_input_hook = True
 
 
+def add_router(attn: nn.Module, adapter: FamilyAdapter, name: str, outputs: int, std: float | None) -> None:
+    """A bias-free linear router from the layer input (hidden size) to `outputs`, on the query
+    projection's device and dtype, stored as `name` and fed by `track_input`; initialised
+    N(0, std), zero with std=0, left as built with std=None (a checkpoint fills it)."""
+    like = getattr(attn, adapter.q_proj).weight
+    router = torch.nn.Linear(attn.config.hidden_size, outputs, bias=False, device=like.device, dtype=like.dtype)
+    if std is not None:
+        torch.nn.init.normal_(router.weight, std=std) if std > 0 else torch.nn.init.zeros_(router.weight)
+    setattr(attn, name, router)
+    track_input(attn)
+
+
 def layer_input(module: nn.Module) -> torch.Tensor:
     """The input of the current call of an attention block with `track_input`."""
     x = getattr(module, INPUT, None)

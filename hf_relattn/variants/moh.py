@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import ATTACHED, Variant, attach, layer_input, register_variant, track_input
+from .base import ATTACHED, Variant, add_router, attach, layer_input, register_variant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -159,8 +159,7 @@ class MoH(Variant):
             self.shared_heads = {int(k): sorted(int(h) for h in v) for k, v in self.shared_heads.items()}
         if isinstance(self.shared_heads, tuple):
             self.shared_heads = list(self.shared_heads)
-        config = model.config
-        std = getattr(config, "initializer_range", 0.02)
+        std = getattr(model.config, "initializer_range", 0.02)
         for idx in layers:
             attn = adapter.attention_modules(model)[idx]
             heads = module_heads(attn, adapter)
@@ -168,18 +167,9 @@ class MoH(Variant):
             routed = heads - shared
             picks = self._active_count(heads) - shared
             if self.router == "learned":
-                like = getattr(attn, adapter.q_proj).weight
                 for name, size, wanted in ((ROUTED, routed, picks > 0), (SHARED, shared, shared > 1), (MIX, 2, shared > 0 and picks > 0)):
-                    if not wanted:
-                        continue
-                    linear = nn.Linear(config.hidden_size, size, bias=False, device=like.device, dtype=like.dtype)
-                    if initialize:
-                        if name == ROUTED:
-                            nn.init.normal_(linear.weight, std=std)
-                        else:
-                            nn.init.zeros_(linear.weight)
-                    setattr(attn, name, linear)
-                track_input(attn)
+                    if wanted:
+                        add_router(attn, adapter, name, size, (std if name == ROUTED else 0.0) if initialize else None)
             attach(attn, self)
         _register_aux_hook(model)
 

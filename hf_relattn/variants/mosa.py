@@ -30,11 +30,11 @@ from torch import nn
 
 from .base import (
     INPUT,
+    add_router,
     attach,
     check_int_options,
     layer_input,
     register_variant,
-    track_input,
 )
 from .sparse_base import SparseVariant
 
@@ -66,17 +66,10 @@ class MoSA(SparseVariant):
         super().validate(model, adapter, layers)
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
-        modules = adapter.attention_modules(model)
-        config = model.config
+        std = getattr(model.config, "initializer_range", 0.02) if initialize else None
         for idx in layers:
-            attn = modules[idx]
-            reference = getattr(attn, adapter.q_proj).weight
-            router = nn.Linear(config.hidden_size, adapter.num_heads(config), bias=False,
-                               device=reference.device, dtype=reference.dtype)
-            if initialize:
-                nn.init.normal_(router.weight, std=getattr(config, "initializer_range", 0.02))
-            setattr(attn, MODULE_NAME, router)
-            track_input(attn)
+            attn = adapter.attention_modules(model)[idx]
+            add_router(attn, adapter, MODULE_NAME, adapter.num_heads(model.config), std)
             attach(attn, self)
 
     def tokens(self, length: int) -> int:
