@@ -315,7 +315,8 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         loader = accelerator.skip_first_batches(train_dl, offset) if offset else train_dl
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                outputs = model(**batch)
+                loss = outputs.loss
                 if not bool(torch.isfinite(accelerator.gather(loss.detach()[None])).all()):
                     where = f"; last good checkpoint: {last_good}" if last_good else " (no checkpoint was saved)"
                     raise FloatingPointError(f"Loss became {loss.item()} at step {step + 1}: training stopped{where}")
@@ -327,7 +328,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
                 optimizer.zero_grad()
             running += float(accelerator.gather(loss.detach()[None]).mean())
             if routed:
-                running_aux += float(moh_aux_loss(inner).detach())
+                running_aux += float(moh_aux_loss(outputs).detach())
             running_n += 1
             if not accelerator.sync_gradients:
                 continue

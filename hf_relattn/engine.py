@@ -4,7 +4,8 @@
 q (B, Hq, Q, D), k/v (B, Hkv, K, D) with possibly fewer K/V heads, the mask built by the
 registered mask function (boolean (B, 1, Q, K) or None), and the calling module. It collects
 the variants acting in that module (attached by `convert`, or selected by the
-`relattn_<name>` flag) and dispatches:
+`relattn_<name>` flag), resolves where the call's queries and keys sit (`AttnCall`) and
+dispatches:
 
 - no variant acts inside attention -> transformers' own sdpa function (zero overhead: an
   identity conversion runs exactly the native kernel);
@@ -16,20 +17,31 @@ the variants acting in that module (attached by `convert`, or selected by the
   label before @ A^V, so nothing of size T x T x d exists; causal chunks skip the keys after
   their last query. In training each chunk is recomputed in the backward pass
   (activation checkpointing), so memory stays O(chunk x K) (Rabe & Staats 2021);
+- a sparse pattern -> the block-sparse path or the pattern's own layout (see `_sparse`);
+- `materialized`: every variant as one attention over materialised (B, H, Q, K) scores, with
+  no data-dependent Python: what runs under `torch.compile` and when `output_attentions=True`
+  asks for the probabilities;
 - `reference`: the materialised formula softmax(q k^T * scale + bias + mask) v, with relation
   terms gathered into (Q, K, D) tensors as transformers v4 BERT's `relative_key` did, for
   tests, debugging and the naive baseline of benchmarks (`force_implementation("reference")`).
 
-Positions are indices in the key/value sequence: the new queries are the last Q of K
-(DynamicCache decoding). Relative terms only use differences, so left padding is harmless.
+Where the queries and keys are. Transformers hands a static cache over whole: K covers every
+preallocated slot, the filled ones first; the queries are the last filled slots. `AttnCall`
+finds the filled length from the mask (or, without a mask, as transformers' own sdpa function
+does) and, outside torch.compile, crops the empty slots, so every path sees the queries as the
+last Q of K. Relative terms only use differences, which padding does not move. Patterns that
+place blocks, sinks or counts at positions of a sample's own sequence (`absolute_positions`)
+get those positions: the eager paths run each left-padding offset of a batch on its own keys
+(the sample alone, exactly), the materialised path counts positions from the mask.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -51,23 +63,34 @@ CHUNK_ELEMENTS = 1 << 24
 # --suite relative).
 RELATION_CHUNK_ELEMENTS = 1 << 18
 
-_forced: list[str] = []
+# The path forced by `force_implementation`, per thread and per asyncio task.
+_forced: ContextVar[str] = ContextVar("relattn_implementation", default="auto")
 
 
 @contextlib.contextmanager
 def force_implementation(name: str) -> Iterator[None]:
-    """Force the engine path inside a `with` block: "auto", "dense" or "reference"."""
+    """Force the engine path inside a `with` block: "auto", "dense", "reference" or "flex". The
+    setting belongs to the calling thread (a context variable): other threads keep theirs."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"Unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-    _forced.append(name)
+    token = _forced.set(name)
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)
+
+
+def implementation() -> str:
+    """The path of this call: "compiled" while torch.compile traces (dynamo cannot read a
+    context variable, and the materialised path has no data-dependent Python), else the forced one."""
+    if torch.compiler.is_compiling():
+        return "compiled"
+    return _forced.get()
 
 
 # ---------------------------------------------------------------------- flag variants
-_flag_cache: dict[tuple[str, str], Variant] = {}
+# Flag variants by name and options, built once (variants are immutable option holders).
+_flag_variants: dict[tuple[Any, ...], Variant] = {}
 
 
 def flag_options(config: Any, name: str) -> dict[str, Any]:
@@ -94,16 +117,27 @@ def flag_options(config: Any, name: str) -> dict[str, Any]:
 
 
 def flag_variant(config: Any) -> Variant | None:
-    """The variant selected by `attn_implementation="relattn_<name>"`, if any."""
+    """The variant selected by `attn_implementation="relattn_<name>"`, if any (looked up by
+    name and options, hashable constants torch.compile traces: no serialising per call)."""
     impl = getattr(config, "_attn_implementation", None)
     if not isinstance(impl, str) or not impl.startswith(FLAG_PREFIX):
         return None
     name = impl[len(FLAG_PREFIX):]
     options = flag_options(config, name)
-    key = (name, json.dumps(options, sort_keys=True))
-    if key not in _flag_cache:
-        _flag_cache[key] = get_variant_class(name).from_options(options)
-    return _flag_cache[key]
+    key = (name, _frozen(options))
+    variant = _flag_variants.get(key)
+    if variant is None:
+        variant = _flag_variants[key] = get_variant_class(name).from_options(options)
+    return variant
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of JSON-like options."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def module_variants(module: nn.Module) -> tuple[Variant, ...]:
@@ -113,6 +147,98 @@ def module_variants(module: nn.Module) -> tuple[Variant, ...]:
     if flag is not None and all(v.name != flag.name for v in attached):
         return attached + (flag,)
     return attached
+
+
+# ----------------------------------------------------------------------- one call
+@dataclass
+class AttnCall:
+    """One attention call: its tensors, options and geometry, resolved once.
+
+    `lead` is the number of key slots before the first query (the queries sit at slots
+    lead .. lead + Q - 1): an int, or a 0-d tensor under torch.compile (where the empty slots of
+    a static cache are masked instead of cropped). `inputs` are the keyword arguments the model
+    passed (relation_ids, a router's layer input, the cache). `router`: MoSA's router logits
+    (B, H, K) of every key, when the layer has it."""
+
+    module: nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+    scale: float
+    dropout: float
+    inputs: dict[str, Any]
+    lead: Any
+    router: torch.Tensor | None = None
+
+    @property
+    def q_slots(self) -> torch.Tensor:
+        return self.lead + torch.arange(self.query.shape[2], device=self.query.device)
+
+    def replace(self, **changes: Any) -> AttnCall:
+        return dataclasses.replace(self, **changes)
+
+
+def _lead(q_len: int, k_len: int, mask: torch.Tensor | None, causal: bool, compiling: bool) -> Any:
+    """Key slots before the first query. K = Q (no cache, or a cache holding just these
+    tokens) and non-causal calls: none beyond K - Q. Without a mask transformers passes a
+    static cache only at prefill, queries first (its sdpa function crops the same way); a
+    decoding step without a mask has a dynamic cache, queries last. With a boolean mask, a real
+    query's last visible key is itself, so the largest (last visible key - row) over the batch
+    is the lead; queries that see nothing (padding everywhere) say nothing."""
+    if k_len == q_len or not causal:
+        return k_len - q_len
+    if mask is None:
+        return 0 if q_len > 1 else k_len - 1
+    if mask.dtype != torch.bool:
+        return k_len - q_len  # a caller's additive mask: the queries are taken to be last
+    cols = torch.arange(k_len, device=mask.device)
+    last = torch.where(mask, cols, -1).amax(-1)  # (B, 1, Q)
+    lead = (last - torch.arange(q_len, device=mask.device)).amax()
+    if compiling:
+        return lead.clamp(min=0)
+    lead = int(lead)
+    return lead if lead >= 0 else k_len - q_len
+
+
+def build_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               dropout: float, scaling: float | None, kwargs: dict[str, Any], compiling: bool) -> AttnCall:
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, k_len = query.shape[2], key.shape[2]
+    lead = _lead(q_len, k_len, mask, causal, compiling)
+    if not compiling and lead + q_len < k_len:  # the empty slots of a static cache
+        key, value = key[:, :, : lead + q_len], value[:, :, : lead + q_len]
+        mask = None if mask is None else mask[..., : lead + q_len]
+    return AttnCall(module, query, key, value, mask, causal, scale, dropout if module.training else 0.0, kwargs, lead)
+
+
+def _key_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, K) True for keys some query may attend (not padding), from a boolean mask."""
+    return mask.any(dim=-2)[:, 0] if mask is not None and mask.dtype == torch.bool else None
+
+
+def positions(call: AttnCall, absolute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(q_pos (1|B, Q), k_pos (1|B, K), key_valid (1|B, K) or None, query_valid (1|B, Q) or None).
+
+    Positions are key slots, or with `absolute` positions in each sample's own sequence
+    (counted over its valid keys: left padding and gaps move nothing). Empty slots of an
+    uncropped static cache are not valid."""
+    k_len = call.key.shape[2]
+    slots = torch.arange(k_len, device=call.key.device)
+    q_slots = call.q_slots
+    valid = _key_valid(call.mask)
+    if valid is None and call.mask is None and not (isinstance(call.lead, int) and call.lead + call.query.shape[2] == k_len):
+        valid = (slots < call.lead + call.query.shape[2])[None]
+    if valid is None:
+        return q_slots[None], slots[None], None, None
+    q_valid = valid[:, q_slots]
+    if not absolute:
+        return q_slots[None], slots[None], valid, q_valid
+    k_pos = valid.long().cumsum(-1) - 1
+    return k_pos[:, q_slots], k_pos, valid, q_valid
 
 
 # --------------------------------------------------------------------------- engine
@@ -132,52 +258,55 @@ def relattn_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention entry point registered as "relattn" and "relattn_<flag>" (see module doc)."""
     variants = module_variants(module)
-    gating = [v for v in variants if v.axis == "gating"]
-    if not gating:
-        return _attention(module, variants, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    # the gating axis (MoH): per-token head weights on the heads' outputs
-    q_len, k_len = query.shape[2], key.shape[2]
-    valid = _key_valid(attention_mask)
-    weights, used = gating[0].head_weights(module, query, None if valid is None else valid[:, k_len - q_len:])
-    others = [v for v in variants if v.axis != "gating"]
-    plain = all(v.axis == "structure" for v in others) and kwargs.get("relation_ids") is None
-    # short inputs and decoding steps compute every head: below ROUTED_MIN_TOKENS the per-head
-    # calls cost more than they save, and a step's cost is reading the KV cache
-    if plain and q_len >= ROUTED_MIN_TOKENS and not module.training and not torch.is_grad_enabled() and (_forced[-1] if _forced else "auto") == "auto":
-        causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = head_routed_attention(query, key, value, attention_mask, used, causal, scale)
-    else:
-        out, _ = _attention(module, others, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    return out * weights[..., None], None
-
-
-def _attention(
-    module: nn.Module,
-    variants: Sequence[Variant],
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float,
-    scaling: float | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention with the structure, scores, values and sparsity axes; output (B, Q, H, D)."""
-    num_heads, q_len, k_len = query.shape[1], query.shape[2], key.shape[2]
-    device = query.device
-    k_pos = torch.arange(k_len, device=device)
-    q_pos = k_pos[k_len - q_len:]
-    term_of = {v.name: v.relation_term(module, num_heads, q_pos, k_pos, kwargs) for v in variants}
-    terms = [t for t in term_of.values() if t is not None]
     if kwargs.get("relation_ids") is not None and not _model_has(module.config, "relation"):
         raise ValueError(
             "relation_ids were passed but the model has no 'relation' variant: convert it first with "
             "hf_relattn.convert(model, 'relation', num_relations=N)."
         )
+    impl = implementation()
+    wants_probs = bool(kwargs.get("output_attentions"))
+    if not variants and not wants_probs and impl in ("auto", "compiled"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    call = build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, impl == "compiled")
+    mosa = next((v for v in variants if getattr(v, "choice", None) == "expert"), None)
+    if mosa is not None:
+        call.router = mosa.router_logits(module, kwargs, call.query.shape[2], call.key.shape[2], call.lead)
+    if impl == "compiled" or wants_probs:
+        out, probs = materialized_attention(call, variants)
+        return out.transpose(1, 2).contiguous(), probs if wants_probs else None
+    gating = [v for v in variants if v.axis == "gating"]
+    others = [v for v in variants if v.axis != "gating"]
+    if not gating:
+        return _attention(call, others, impl), None
+    # the gating axis (MoH): per-token head weights on the heads' outputs
+    weights, used = gating[0].head_weights(module, call.query, _query_valid(call), kwargs)
+    plain = all(v.axis == "structure" for v in others) and kwargs.get("relation_ids") is None
+    # short inputs and decoding steps compute every head: below ROUTED_MIN_TOKENS the per-head
+    # calls cost more than they save, and a step's cost is reading the KV cache
+    if plain and call.query.shape[2] >= ROUTED_MIN_TOKENS and not module.training and not torch.is_grad_enabled() and impl == "auto":
+        out = head_routed_attention(call.query, call.key, call.value, call.mask, used, call.causal, call.scale)
+    else:
+        out = _attention(call, others, impl)
+    return out * weights[..., None], None
+
+
+def _query_valid(call: AttnCall) -> torch.Tensor | None:
+    """(B, Q) True for queries that are not padding."""
+    valid = _key_valid(call.mask)
+    return None if valid is None else valid[:, call.q_slots]
+
+
+def _attention(call: AttnCall, variants: Sequence[Variant], impl: str) -> torch.Tensor:
+    """Attention with the structure, scores, values and sparsity axes; output (B, Q, H, D)."""
+    module, query = call.module, call.query
+    num_heads, q_len, k_len = query.shape[1], query.shape[2], call.key.shape[2]
+    k_pos = torch.arange(k_len, device=query.device)
+    q_pos = k_pos[k_len - q_len:]
+    term_of = {v.name: v.relation_term(module, num_heads, q_pos, k_pos, call.inputs) for v in variants}
+    terms = [t for t in term_of.values() if t is not None]
     for term in terms:
         if isinstance(term.labels, torch.Tensor) and term.labels.shape[0] not in (1, query.shape[0]):
             raise ValueError(
@@ -191,17 +320,15 @@ def _attention(
         scorers = [v for v in scorers if term_of[v.name] is None]
     else:
         terms = []  # bias-only terms: their score_bias runs on the SDPA path
-    impl = _forced[-1] if _forced else "auto"
     sparse = [v for v in variants if v.axis == "sparsity"]
     if sparse:
-        return _sparse(module, sparse, scorers or terms, query, key, value, attention_mask, dropout, scaling, impl, q_pos, k_pos, kwargs)
+        if len(sparse) > 1 or scorers or terms:
+            names = [v.name for v in sparse] + [v.name for v in scorers] + ["relation term"] * len(terms)
+            raise ValueError(f"A sparse variant acts alone inside attention (with gqa); this layer has {names}")
+        return _sparse(call, sparse[0], impl)
     if not scorers and not terms and impl == "auto":
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return sdpa_attention_forward(module, query, call.key, call.value, call.mask, dropout=call.dropout,
+                                      scaling=call.scale, is_causal=call.causal)[0]
 
     def bias_fn(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor | None:
         biases = [t for t in (v.score_bias(module, num_heads, qp, kp) for v in scorers) if t is not None]
@@ -213,67 +340,111 @@ def _attention(
         run = partial(relational_attention, terms=terms)
     else:
         run = dense_attention
-    out = run(query, key, value, attention_mask, bias_fn, q_pos, k_pos, causal, scale, dropout if module.training else 0.0)
-    return out.transpose(1, 2).contiguous(), None
+    out = run(query, call.key, call.value, call.mask, bias_fn, q_pos, k_pos, call.causal, call.scale, call.dropout)
+    return out.transpose(1, 2).contiguous()
 
 
-def _key_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, K) True for keys some query may attend (not padding), from a boolean mask."""
-    return mask.any(dim=-2)[:, 0] if mask is not None and mask.dtype == torch.bool else None
+def _sparse(call: AttnCall, variant: Any, impl: str) -> torch.Tensor:
+    """The sparsity axis (B, Q, H, D). Patterns tied to positions in each sample's own sequence
+    run once per left-padding offset of the batch, on that offset's keys: each sample exactly
+    as alone."""
+    if impl != "reference" and variant.absolute_positions:
+        groups = _offset_groups(call, variant)
+        if groups is not None:
+            return _by_offset(call, groups, lambda part: _sparse_paths(part, variant, impl))
+    return _sparse_paths(call, variant, impl)
 
 
-def _sparse(
-    module: nn.Module, sparse: list[Variant], others: list[Any], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, dropout: float, scaling: float | None, impl: str, q_pos: torch.Tensor,
-    k_pos: torch.Tensor, kwargs: dict[str, Any],
-) -> tuple[torch.Tensor, None]:
-    """The sparsity axis: the block-sparse path, or the dense masked reference."""
-    if len(sparse) > 1 or others:
-        names = [v.name for v in sparse] + [getattr(v, "name", "relation term") for v in others]
-        raise ValueError(f"A sparse variant acts alone inside attention (with gqa); this layer has {names}")
-    variant = sparse[0]
-    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", False)))
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    drop = dropout if module.training else 0.0
+def _offset_groups(call: AttnCall, variant: Any) -> list[tuple[int, list[int]]] | None:
+    """[(offset, batch rows)] of the samples' first real key slots; None when all are 0."""
+    valid = _key_valid(call.mask)
+    if valid is None:
+        return None
+    first = valid.int().argmax(-1)
+    if not bool(first.any()):
+        return None
+    k_len = valid.shape[-1]
+    count = valid.sum(-1)
+    last = k_len - 1 - valid.flip(-1).int().argmax(-1)
+    if bool(((count > 0) & (last - first + 1 != count)).any()):
+        raise ValueError(
+            f"{variant.name} places its pattern at positions of each sample's own sequence, which needs each sample's "
+            "tokens to be one contiguous run (left or right padding); this attention mask has gaps inside a sample."
+        )
+    groups: dict[int, list[int]] = {}
+    for row, offset in enumerate(first.tolist()):
+        groups.setdefault(offset, []).append(row)
+    return sorted(groups.items())
+
+
+def _by_offset(call: AttnCall, groups: list[tuple[int, list[int]]], run: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
+    """`run` on each group's samples with the keys before its offset (and the queries there,
+    which are padding) left out; their outputs are zero."""
+    batch, heads, q_len, _ = call.query.shape
+    out = call.query.new_zeros(batch, q_len, heads, call.value.shape[-1])
+    for offset, rows in groups:
+        skip = max(0, offset - call.lead)
+        if skip >= q_len:
+            continue
+        idx = torch.tensor(rows, device=call.query.device)
+        mask = call.mask[idx]
+        part = call.replace(
+            query=call.query[idx, :, skip:], key=call.key[idx, :, offset:], value=call.value[idx, :, offset:],
+            mask=(mask[..., skip:, offset:] if mask.shape[-2] > 1 else mask[..., offset:]),
+            lead=call.lead + skip - offset, router=None if call.router is None else call.router[idx, :, offset:],
+        )
+        out[idx, skip:] = run(part)
+    return out
+
+
+def _sparse_paths(call: AttnCall, variant: Any, impl: str) -> torch.Tensor:
+    """The block-sparse path, a pattern's own layout, flex, or the masked reference; (B, Q, H, D)."""
+    module, query, key, value, mask = call.module, call.query, call.key, call.value, call.mask
+    causal, scale, drop = call.causal, call.scale, call.dropout
+    k_len = key.shape[2]
+    k_pos = torch.arange(k_len, device=query.device)
+    q_pos = k_pos[k_len - query.shape[2]:]
     if variant.choice == "expert":  # MoSA: heads choose their tokens
-        out = expert_choice_attention(query, key, value, attention_mask, variant, module, scale, drop)
-        return out.transpose(1, 2).contiguous(), None
+        out = expert_choice_attention(query, key, value, mask, variant, call.router, scale, drop)
+        return out.transpose(1, 2).contiguous()
     if impl == "reference":
-        pattern = variant.dense_mask(module, q_pos, k_pos, query, key, _key_valid(attention_mask))
-        if pattern is not None and attention_mask is not None:
-            pattern = pattern & attention_mask
+        qp, kp, valid, q_valid = positions(call, variant.absolute_positions)
+        pattern = variant.pair_mask(module, qp, kp, query, key, valid, q_valid)
+        if pattern is not None and mask is not None:
+            pattern = pattern & mask
         elif pattern is not None and causal:
             pattern = pattern & (k_pos[None, :] <= q_pos[:, None])
-        out = reference_attention(query, key, value, attention_mask if pattern is None else pattern,
+        out = reference_attention(query, key, value, mask if pattern is None else pattern,
                                   lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous()
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     # self-attention of a pattern with its own dense layout (the block path reads whole key
     # blocks for scattered keys); fixed's own blocks are large, so its training keeps the block
     # path, whose SDPA calls have a fused backward (the layout's plain matmuls were 0.77x dense)
-    if impl == "auto" and variant.layout and query.shape[2] == key.shape[2] and not (variant.layout == "fixed" and training):
-        valid = _plain_key_padding(attention_mask, causal)
+    if impl == "auto" and variant.layout and query.shape[2] == k_len and not (variant.layout == "fixed" and training):
+        valid = _plain_key_padding(mask, causal)
         if valid is not False:
             if variant.layout == "strided":
                 out = strided_attention(query, key, value, valid, variant.stride, causal, scale, drop)
             else:
                 out = fixed_attention(query, key, value, valid, variant.block, variant.summary, causal, scale, drop)
-            return out.transpose(1, 2).contiguous(), None
+            return out.transpose(1, 2).contiguous()
     out = None
     use_flex = impl == "flex" or (impl == "auto" and query.device.type == "cuda" and drop == 0 and query.shape[2] >= FLEX_MIN_TOKENS)
     if use_flex:
-        out = flex_sparse_attention(query, key, value, attention_mask, variant, module, q_pos, k_pos, causal, scale)
+        out = flex_sparse_attention(query, key, value, mask, variant, module, q_pos, k_pos, causal, scale)
         if out is None and impl == "flex":
             raise ValueError(f"{variant.name} (choice {variant.choice!r}) has no FlexAttention form; use 'auto'")
     if out is None:
-        out = block_sparse_attention(query, key, value, attention_mask, variant, module, q_pos, k_pos, causal, scale, drop)
+        out = block_sparse_attention(query, key, value, mask, variant, module, q_pos, k_pos, causal, scale, drop)
     if out is None:  # a dense layer of the pattern
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return out.transpose(1, 2).contiguous(), None
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=drop, scaling=scale, is_causal=causal)[0]
+    return out.transpose(1, 2).contiguous()
 
 
 # The last mask `_plain_key_padding` read (weakly) and its answer: every layer of a forward
-# passes the same mask object, so the O(B Q K) comparison runs once per forward.
+# passes the same mask object, so the O(B Q K) comparison runs once per forward. One tuple,
+# read once per call, so threads at worst recompute.
 _plain_seen: tuple[Any, bool, Any] | None = None
 
 
@@ -285,8 +456,9 @@ def _plain_key_padding(mask: torch.Tensor | None, causal: bool) -> torch.Tensor 
         return None
     if mask.dtype != torch.bool or mask.shape[1] != 1:
         return False
-    if _plain_seen is not None and _plain_seen[0]() is mask and _plain_seen[1] == causal:
-        return _plain_seen[2]
+    seen = _plain_seen
+    if seen is not None and seen[0]() is mask and seen[1] == causal:
+        return seen[2]
     answer = _key_padding_of(mask, causal)
     _plain_seen = (weakref.ref(mask), causal, answer)
     return answer
@@ -344,8 +516,9 @@ def _piece(
 
 def _merge(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Outputs of attention over disjoint key sets, merged by their log-sum-exps."""
-    total = torch.logsumexp(torch.stack([lse for _, lse in pieces]), dim=0)
-    return sum(out * torch.exp(lse - total)[..., None] for out, lse in pieces)
+    total = torch.logsumexp(torch.stack([lse.float() for _, lse in pieces]), dim=0)
+    merged = sum(out.float() * torch.exp(lse.float() - total)[..., None] for out, lse in pieces)
+    return merged.to(pieces[0][0].dtype)  # the kernels' log-sum-exps are float32 whatever the inputs
 
 
 def strided_attention(
@@ -534,6 +707,111 @@ def reference_attention(
             pattern = "bhqk,bqkd->bhqd" if term.value.dim() == 2 else "bhqk,hbqkd->bhqd"
             out = out + torch.einsum(pattern, probs, table)
     return out.to(query.dtype)
+
+
+# ------------------------------------------------------------------ materialised path
+def materialized_attention(call: AttnCall, variants: Sequence[Variant]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every axis at once over materialised scores: (out (B, H, Q, D), probabilities (B, H, Q, K)).
+
+    scores = q k^T * scale + score biases + relation terms (q . A^K gathered by label), masked
+    by the call's mask (or causality) and each sparse variant's `pair_mask` at positions in the
+    samples' own sequences; softmax in float32 for half precision; out = P v + (P summed per
+    label) A^V, times MoSA's router gate or MoH's head weights. No Python depends on tensor
+    values, so torch.compile traces it whole; memory is O(B H Q K), as eager attention's.
+    The probabilities are zero where a head does not compute a token (MoH, MoSA)."""
+    module, query = call.module, call.query
+    batch, heads, q_len, _ = query.shape
+    groups = heads // call.key.shape[1]
+    k_len = call.key.shape[2]
+    dtype = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    q = query.to(dtype)
+    k = call.key.to(dtype).repeat_interleave(groups, dim=1)
+    v = call.value.to(dtype).repeat_interleave(groups, dim=1)
+    q_slots, k_slots = call.q_slots, torch.arange(k_len, device=query.device)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
+    placed = []
+    for variant in variants:
+        term = variant.relation_term(module, heads, q_slots, k_slots, call.inputs)
+        if term is not None and (term.key is not None or term.value is not None):
+            labels = term_labels(term, q_slots, k_slots).expand(batch, q_len, k_len)
+            index = labels[:, None].expand(batch, heads, q_len, k_len)
+            if term.key is not None:
+                scores = scores + _project(q, term.key.to(dtype), transpose=True).mul(call.scale).gather(-1, index)
+            if term.bias is not None:
+                scores = scores + term.bias.to(dtype)[:, labels].transpose(0, 1)
+            placed.append((term, index))
+        elif variant.axis == "scores":
+            bias = variant.score_bias(module, heads, q_slots, k_slots)
+            if bias is not None:
+                scores = scores + bias.to(dtype)
+    keep: torch.Tensor | None
+    if call.mask is None:
+        keep = (k_slots[None, :] <= q_slots[:, None]) if call.causal else None
+    elif call.mask.dtype == torch.bool:
+        keep = call.mask
+    else:
+        scores, keep = scores + call.mask.to(dtype), None
+    rows = None  # (B, H, Q) weight of each (token, head) output
+    for variant in variants:
+        if variant.axis != "sparsity":
+            continue
+        if variant.choice == "expert":
+            pattern, rows = _expert_choice_pattern(call, variant)
+        else:
+            q_pos, k_pos, valid, q_valid = positions(call, variant.absolute_positions)
+            pattern = variant.pair_mask(module, q_pos, k_pos, query, call.key, valid, q_valid)
+        if pattern is not None:
+            if call.causal:
+                pattern = pattern & (k_slots[None, :] <= q_slots[:, None])
+            keep = pattern if keep is None else keep & pattern
+    if keep is not None:
+        scores = scores.masked_fill(~keep, torch.finfo(dtype).min)
+    probs = torch.softmax(scores, dim=-1)
+    if call.dropout > 0:
+        probs = F.dropout(probs, p=call.dropout)
+    out = torch.matmul(probs, v)
+    for term, index in placed:
+        if term.value is not None:
+            table = term.value.to(dtype)
+            sums = probs.new_zeros(batch, heads, q_len, table.shape[-2]).scatter_add(-1, index, probs)
+            out = out + _project(sums, table, transpose=False)
+    gating = [variant for variant in variants if variant.axis == "gating"]
+    if gating:
+        weights, used = gating[0].head_weights(module, query, _query_valid(call), call.inputs)
+        head_rows = weights.to(dtype).transpose(1, 2)
+        rows = head_rows if rows is None else rows * head_rows
+        probs = probs * used.transpose(1, 2)[..., None]
+    if rows is not None:
+        out = out * rows[..., None]
+    return out.to(query.dtype), probs
+
+
+def _expert_choice_pattern(call: AttnCall, variant: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoSA as a mask: (keep (B, H, Q, K), gate (B, H, Q): the router score of tokens a head
+    processes, 0 for the others). In a full forward each head keeps the top `tokens(n)` of
+    its sample's n tokens; a query after cached keys (decoding) chooses among the tokens up to
+    itself, as in `expert_choice_attention`. Padding never competes."""
+    batch, heads, q_len, _ = call.query.shape
+    k_len = call.key.shape[2]
+    logits = call.router
+    if logits.shape[-1] < k_len:  # an uncropped static cache: empty slots after the filled ones
+        logits = F.pad(logits, (0, k_len - logits.shape[-1]))
+    _, _, valid, _ = positions(call, absolute=True)
+    valid = valid if valid is not None else torch.ones(1, k_len, dtype=torch.bool, device=logits.device)
+    k_slots, q_slots = torch.arange(k_len, device=logits.device), call.q_slots
+    if isinstance(call.lead, int) and call.lead == 0:  # a full forward: one choice over each sample
+        horizon = valid[:, None, None, :]  # (1|B, 1, 1, K)
+    else:  # each query among the valid tokens up to itself
+        horizon = valid[:, None, None, :] & (k_slots[None, :] <= q_slots[:, None])[None, None]  # (1|B, 1, Q, K)
+    ranked = logits[:, :, None, :].masked_fill(~horizon, float("-inf"))
+    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(k_len, device=order.device).expand_as(order))
+    count = variant.token_counts(horizon.sum(-1, keepdim=True))
+    chosen = (rank < count) & horizon  # (B, H, 1|Q, K)
+    processed = chosen.expand(batch, heads, q_len, k_len).gather(-1, q_slots[None, None, :, None].expand(batch, heads, q_len, 1))[..., 0]
+    keep = chosen & processed[..., None]
+    gate = torch.sigmoid(logits).gather(-1, q_slots[None, None, :].expand(batch, heads, q_len)) * processed
+    return keep, gate
 
 
 # ----------------------------------------------------------------- relational path
@@ -1212,59 +1490,79 @@ def _float_mask(keep: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), torch.finfo(dtype).min)
 
 
-def _top_tokens(scores: torch.Tensor, count: int) -> torch.Tensor:
+def _top_tokens(scores: torch.Tensor, count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Positions of the `count` best scores per row, ascending; ties go to the earlier position
-    (repeated tokens score alike, so the rule must not depend on the sort kernel)."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
-    return order.sort(dim=-1).values
+    (repeated tokens score alike, so the rule must not depend on the sort kernel). `count`: an
+    int, or one per batch entry (B,): then (positions (B, H, most), taken (B, H, most)), the
+    rows past their count marked not taken (their positions repeat the last one)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    if isinstance(count, int):
+        return order[..., :count].sort(dim=-1).values, None
+    most, length = int(count.max()), scores.shape[-1]
+    taken = torch.arange(most, device=scores.device) < count[:, None, None]
+    chosen = torch.where(taken, order[..., :most], length).sort(dim=-1).values
+    return chosen.clamp(max=length - 1), chosen < length
 
 
 def expert_choice_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, variant: Any,
-    module: nn.Module, scale: float, dropout: float,
+    logits: torch.Tensor, scale: float, dropout: float,
 ) -> torch.Tensor:
     """Heads that choose their tokens (MoSA): each head attends among its chosen tokens only
     (causally by original position), scales by the router score and writes back at the chosen
     positions; (B, H, Q, D), zero where a head chose nothing. A full forward chooses over the
     whole sequence; with a KV cache each new token at position t is processed by the heads for
-    which it is among the top tokens of positions 0..t (see `hf_relattn.variants.mosa`)."""
+    which it is among the top tokens of positions 0..t (see `hf_relattn.variants.mosa`).
+    `logits` (B, H, K): the router's, of every key. Padding keys never compete, and counts are
+    those of each sample's own tokens."""
     batch, heads, q_len, dim = query.shape
     k_len = key.shape[2]
     groups = heads // key.shape[1]
-    logits = variant.router_logits(module, q_len, k_len)  # (B, H, K)
     valid = _key_valid(mask)
     ranked = logits if valid is None else logits.masked_fill(~valid[:, None, :], float("-inf"))
     b_idx = torch.arange(batch, device=query.device)[:, None, None]
     kv_idx = (torch.arange(heads, device=query.device) // groups)[None, :, None]
     lowest = torch.finfo(query.dtype).min
 
-    def attend(q: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    def count(upto: int) -> int | torch.Tensor:
+        """Tokens each head keeps among the first `upto` keys (of each sample's valid ones)."""
+        if valid is None:
+            return variant.tokens(upto)
+        return variant.token_counts(valid[:, :upto].sum(-1))
+
+    def attend(q: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor | None, taken: torch.Tensor | None) -> torch.Tensor:
         """q (B, H, r, D) over the chosen keys idx (B, H, n), allowed (B, H, r, n); None: causal
-        among the chosen (ascending positions, no padding), SDPA's causal kernel."""
-        if allowed is None and valid is None:
+        among the chosen (ascending positions, no padding), SDPA's causal kernel. `taken`
+        (B, H, n): which chosen entries are real (None: all)."""
+        if allowed is None and valid is None and taken is None:
             return F.scaled_dot_product_attention(q, key[b_idx, kv_idx, idx], value[b_idx, kv_idx, idx], is_causal=True,
                                                   dropout_p=dropout, scale=scale)
         if allowed is None:
             allowed = idx[..., :, None] >= idx[..., None, :]
         if valid is not None:
             allowed = allowed & valid.gather(1, idx.flatten(1)).view(batch, heads, 1, -1)
+        if taken is not None:
+            allowed = allowed & taken[..., None, :]
         bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, lowest)
         return F.scaled_dot_product_attention(q, key[b_idx, kv_idx, idx], value[b_idx, kv_idx, idx], attn_mask=bias,
                                               dropout_p=dropout, scale=scale)
 
     gates = torch.sigmoid(logits).to(query.dtype)
     if q_len == k_len:
-        idx = _top_tokens(ranked, variant.tokens(k_len))  # (B, H, n)
+        idx, taken = _top_tokens(ranked, count(k_len))  # (B, H, n)
         chosen_q = query.gather(2, idx[..., None].expand(-1, -1, -1, dim))
-        out = attend(chosen_q, idx, None) * gates.gather(-1, idx)[..., None]
-        return query.new_zeros(batch, heads, q_len, value.shape[-1]).scatter(2, idx[..., None].expand(-1, -1, -1, out.shape[-1]), out)
+        out = attend(chosen_q, idx, None, taken) * gates.gather(-1, idx)[..., None]
+        # rows that are not taken go to a spare row q_len, dropped after the scatter
+        where = idx if taken is None else torch.where(taken, idx, q_len)
+        full = query.new_zeros(batch, heads, q_len + 1, value.shape[-1])
+        return full.scatter(2, where[..., None].expand(-1, -1, -1, out.shape[-1]), out)[:, :, :q_len]
     outs = []
     for a in range(q_len):  # decoding: each new token chooses among the tokens up to itself
         t = k_len - q_len + a
-        idx = _top_tokens(ranked[..., : t + 1], variant.tokens(t + 1))
-        taken = (idx == t).any(-1)  # (B, H): heads that process this token
-        out = attend(query[:, :, a : a + 1], idx, torch.ones(batch, heads, 1, idx.shape[-1], dtype=torch.bool, device=query.device))
-        outs.append(torch.where(taken[..., None, None], out * gates[..., t, None, None], 0.0))
+        idx, taken = _top_tokens(ranked[..., : t + 1], count(t + 1))
+        hit = idx == t if taken is None else (idx == t) & taken
+        out = attend(query[:, :, a : a + 1], idx, torch.ones(batch, heads, 1, idx.shape[-1], dtype=torch.bool, device=query.device), taken)
+        outs.append(torch.where(hit.any(-1)[..., None, None], out * gates[..., t, None, None], 0.0))
     return torch.cat(outs, dim=2)
 
 

@@ -60,7 +60,7 @@ from .engine import (
 )
 from .patches import get_adapter
 from .presets import DTYPES
-from .variants.base import INPUT as LAYER_INPUT
+from .variants.base import LAYER_INPUT
 from .variants.base import VARIANTS, Variant, attach
 from .variants.fixed import Fixed
 from .variants.moba import MoBA
@@ -106,10 +106,11 @@ class Case:
     work: float | None = None
 
 
-def _engine(module: nn.Module, implementation: str = "auto") -> Callable[..., torch.Tensor]:
+def _engine(module: nn.Module, implementation: str = "auto", inputs: Callable[[torch.Tensor], dict] | None = None) -> Callable[..., torch.Tensor]:
+    """The engine on `module`; `inputs(q)`: the call's extra keyword arguments (a router's layer input)."""
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with force_implementation(implementation):
-            out, _ = relattn_attention(module, q, k, v, None, scaling=module.scaling)
+            out, _ = relattn_attention(module, q, k, v, None, scaling=module.scaling, **(inputs(q) if inputs else {}))
         return out  # (B, L, H, D), as transformers expects
 
     return run
@@ -241,17 +242,10 @@ def _mosa_case(heads: int, head_dim: int, length: int, sparsity: int = 8) -> Cas
         router.weight.copy_(0.02 * torch.randn(router.weight.shape, generator=generator))
     module.relattn_mosa = router
     inputs = torch.randn(1, length, hidden, generator=generator)
-    run = _engine(module)
-
-    def with_inputs(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            x = inputs[:, : q.shape[2]].expand(q.shape[0], -1, -1).to(q.dtype)
-            setattr(module, LAYER_INPUT, x)
-            return fn(q, k, v)
-        return call
-
+    # as the attention block's pre-hook passes it
+    run = _engine(module, inputs=lambda q: {LAYER_INPUT: inputs[:, : q.shape[2]].expand(q.shape[0], -1, -1).to(q.dtype)})
     chosen = variant.tokens(length)
-    return Case(f"mosa(sparsity={sparsity})", heads, with_inputs(run), None, baseline="sdpa causal",
+    return Case(f"mosa(sparsity={sparsity})", heads, run, None, baseline="sdpa causal",
                 work=2.0 * head_dim * chosen * (chosen + 1))
 
 

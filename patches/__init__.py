@@ -101,6 +101,11 @@ class FamilyAdapter:
         """(prefix tokens, grid rows, grid columns) of a spatial family's token sequence."""
         raise TypeError(f"{self.model_type} tokens are a sequence, not a 2-D grid")
 
+    def positions_from_mask(self, model: nn.Module) -> None:
+        """Make the backbone count token positions in each sample's own sequence when the caller
+        gives an attention mask but no position ids (for terms that see absolute positions
+        through the queries, e.g. Shaw's on RoPE). Families without such positions: nothing."""
+
     def set_config_kv_heads(self, config: Any, num_kv_heads: int) -> None:
         if not self.native_gqa:
             raise TypeError(f"{self.model_type} has no native num_key_value_heads")

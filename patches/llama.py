@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from . import FamilyAdapter, register_adapter
@@ -17,6 +20,29 @@ class LlamaAdapter(FamilyAdapter):
 
     def output_projection_site(self, layer: nn.Module) -> tuple[nn.Module, str]:
         return layer.self_attn, "o_proj"
+
+    def positions_from_mask(self, model: nn.Module) -> None:
+        # LlamaModel numbers tokens by their index when no position_ids are given, so a
+        # left-padded sample's queries are rotated by RoPE as if it were longer: harmless for
+        # q.k (relative), not for q . a^K (Shaw's key term). Number them as generate() does.
+        backbone = self.base_model(model)
+        if not getattr(backbone, "_relattn_positions_hook", False):
+            backbone.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
+            backbone._relattn_positions_hook = True
+
+
+def _positions_from_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if kwargs.get("position_ids") is not None or len(args) > 2 or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    length = (ids if ids is not None else embeds).shape[1]
+    if mask.shape[1] < length:
+        return None
+    # without padding this is transformers' own numbering (past length + index)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+    return args, {**kwargs, "position_ids": positions}
 
 
 ADAPTER = register_adapter(

@@ -219,22 +219,23 @@ def test_load_balance_loss_hand_computed():
 def test_aux_loss_is_added_to_the_loss_in_training_only(router):
     model = hf_relattn.convert(tiny_llama(heads=6, kv_heads=3), "moh", router=router, aux_loss_coef=0.5)
     layers = [layer.self_attn for layer in model.model.layers]
-    per_layer = []
-    for m in layers:
-        m.register_forward_hook(lambda mod, a, k, o: per_layer.append(mod._relattn_moh_aux), with_kwargs=True)
+    collected = []  # the call's list of per-layer terms (it travels in the keyword arguments)
+    layers[-1].register_forward_hook(lambda mod, a, k, o: collected.append(list(k.get("relattn_moh_aux", []))), with_kwargs=True)
     ids = torch.randint(3, 90, (2, 12))
     model.train()
     out = model(input_ids=ids, labels=ids)
     logits = out.logits.float()
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    per_layer = collected.pop()
+    assert len(per_layer) == len(layers)
     expected_aux = 0.5 * torch.stack(per_layer).mean()
     torch.testing.assert_close(out.loss, ce + expected_aux)
-    torch.testing.assert_close(moh_aux_loss(model), expected_aux)
+    torch.testing.assert_close(moh_aux_loss(out), expected_aux)
     out.loss.backward()  # the aux term has gradients into the router / queries
     assert all(p.grad is not None for n, p in model.named_parameters() if "moh" in n)
     model.eval()
     out = model(input_ids=ids, labels=ids)
-    assert moh_aux_loss(model).item() == 0.0
+    assert moh_aux_loss(out).item() == 0.0
     logits = out.logits.float()
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, ce)

@@ -20,7 +20,7 @@ INPUTS: dict[int, torch.Tensor] = {}
 
 def naive_mosa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Per batch entry and head, with loops: router scores sigmoid(x W_r); the head keeps its
-    k = max(2, T // sparsity) highest-scoring (non-padding) tokens (float64 scores here, float32
+    k = max(2, n // sparsity) highest-scoring of the sample's n non-padding tokens (float64 scores here, float32
     in the model: the test spreads the router weights so no near-tie can flip), attends among them causally
     by position, scales by the score and leaves every other position at zero."""
     variant = next(v for v in module.relattn_variants if v.name == "mosa")
@@ -29,9 +29,10 @@ def naive_mosa(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     batch, heads, length, dim = query.shape
     groups = heads // key.shape[1]
     valid = attention_mask.any(-2)[:, 0] if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
-    k = min(max(2, length // variant.sparsity), length)
     out = torch.zeros(batch, heads, length, value.shape[-1], dtype=torch.float64)
     for b in range(batch):
+        n = int(valid[b].sum())  # the sample's own tokens: it chooses as it would alone
+        k = min(max(2, n // variant.sparsity), n)
         for h in range(heads):
             # ties (repeated tokens score alike) go to the earlier position
             ranked = sorted(range(length), key=lambda t: (bool(valid[b, t]), float(logits[b, t, h]), -t), reverse=True)

@@ -16,11 +16,13 @@ from hf_relattn import engine
 REF = "sparse_reference_for_tests"
 
 
-def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None):
-    """(Q, K) bool: may query i attend key j, by the paper's definition (causality included)."""
+def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None, offset=0):
+    """(Q, K) bool: may query i attend key j, by the paper's definition (causality included).
+    Slots before `offset` are padding: positions count from the sample's first token."""
     keep = torch.zeros(len(q_positions), k_len, dtype=torch.bool)
-    for a, i in enumerate(q_positions):
-        for j in range(k_len):
+    for a, q_slot in enumerate(q_positions):
+        i = q_slot - offset
+        for j in range(-offset, k_len - offset):
             if causal and j > i:
                 continue
             if name == "sliding_window":
@@ -44,38 +46,44 @@ def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None):
                 ok = kb == qb or kb == 0 or (d > 0 and (d & (d - 1)) == 0) or local
             else:
                 raise AssertionError(name)
-            keep[a, j] = ok
+            keep[a, j + offset] = ok
     return keep
 
 
 def naive_moba_mask(q, k, q_positions, block, top_k, key_valid, per_block=False):
     """MoBA (Lu et al. 2025) per token and head: own block, plus the top_k - 1 earlier blocks by
     q . mean(key block) (padding keys left out of the means), causal. (B, H, Q, K) bool.
-    per_block: every token gates with the mean query of its block (among these queries)."""
+    Blocks start at each sample's first real token (left padding moves nothing).
+    per_block: every token gates with the mean query of its block (among these queries that
+    are not padding)."""
     batch, heads, _, _ = q.shape
+    offsets = [int(key_valid[b].int().argmax()) for b in range(batch)]
     if per_block:
         src, q = q, q.clone()
         for b in range(batch):
             for h in range(heads):
                 for a, i in enumerate(q_positions):
-                    same = [x for x, p in enumerate(q_positions) if p // block == i // block]
-                    q[b, h, a] = src[b, h, same].mean(0)
+                    same = [x for x, p in enumerate(q_positions)
+                            if key_valid[b, p] and (p - offsets[b]) // block == (i - offsets[b]) // block]
+                    if same:
+                        q[b, h, a] = src[b, h, same].mean(0)
     groups = heads // k.shape[1]
     k_len = k.shape[2]
     keep = torch.zeros(batch, heads, len(q_positions), k_len, dtype=torch.bool)
     for b in range(batch):
+        off = offsets[b]
         for h in range(heads):
             for a, i in enumerate(q_positions):
-                own = i // block
+                own = (i - off) // block
                 scores = []
                 for blk in range(own):
-                    members = [j for j in range(blk * block, (blk + 1) * block) if key_valid[b, j]]
+                    members = [j for j in range(off + blk * block, off + (blk + 1) * block) if j < k_len and key_valid[b, j]]
                     if members:
                         mean = k[b, h // groups, members].double().mean(0)
                         scores.append((float(q[b, h, a].detach().double() @ mean.detach()), blk))
                 chosen = {own} | {blk for _, blk in sorted(scores, reverse=True)[: top_k - 1]}
-                for j in range(i + 1):
-                    keep[b, h, a, j] = j // block in chosen
+                for j in range(off, i + 1):
+                    keep[b, h, a, j] = (j - off) // block in chosen
     return keep
 
 
@@ -91,7 +99,10 @@ def sparse_reference(module, query, key, value, attention_mask, dropout=0.0, sca
                                                      per_block=variant.gate == "block")
     else:
         cols = module.config.image_size // module.config.patch_size if hasattr(module.config, "patch_size") else None
-        allowed = pattern_mask(variant.name, variant.options(), q_positions, k_len, causal, cols)[None, None]
+        valid = attention_mask.any(-2)[:, 0] if attention_mask is not None else torch.ones(query.shape[0], k_len, dtype=torch.bool)
+        allowed = torch.stack([pattern_mask(variant.name, variant.options(), q_positions, k_len, causal, cols,
+                                            offset=int(valid[b].int().argmax()))
+                               for b in range(query.shape[0])])[:, None]
     if attention_mask is not None:
         allowed = attention_mask if allowed is None else allowed & attention_mask
     out = materialized_attention(query, key, value, scaling, causal=causal, allowed=allowed)

@@ -150,18 +150,24 @@ def get_variant_class(name: str) -> type[Variant]:
 
 
 ATTACHED = "relattn_variants"
-INPUT = "_relattn_input"  # the attention block's input during its call (routers read it)
+# Per-call data of an attention block, added to its call's keyword arguments by `track_input`'s
+# pre-hook (transformers passes them on to the attention function): nothing of a call is kept
+# on the module, so one model can serve several threads and several conversations at once.
+LAYER_INPUT = "relattn_layer_input"  # the block's input hidden states (routers read it)
+CACHE = "relattn_cache"  # the model's KV cache object of this call, if any (MoSA keeps router scores in it)
 
 
-def _keep_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    setattr(module, INPUT, args[0] if args else kwargs["hidden_states"])
+def _call_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return args, {**kwargs, LAYER_INPUT: hidden, CACHE: cache}
 
 
 def track_input(module: nn.Module) -> None:
-    """Keep the attention block's input (hidden states) on the module during each call, for
-    variants whose router reads it (MoSA, MoH); registered once per module."""
+    """Pass the attention block's input (and the KV cache) to the attention function of each
+    call, for variants whose router reads it (MoSA, MoH); registered once per module."""
     if not getattr(module, "_relattn_input_hook", False):
-        module.register_forward_pre_hook(_keep_input, with_kwargs=True)
+        module.register_forward_pre_hook(_call_inputs, with_kwargs=True)
         module._relattn_input_hook = True
 
 
@@ -177,11 +183,12 @@ def add_router(attn: nn.Module, adapter: FamilyAdapter, name: str, outputs: int,
     track_input(attn)
 
 
-def layer_input(module: nn.Module) -> torch.Tensor:
-    """The input of the current call of an attention block with `track_input`."""
-    x = getattr(module, INPUT, None)
+def layer_input(module: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """The input of the current call of an attention block with `track_input` (from the call's
+    keyword arguments `inputs`)."""
+    x = inputs.get(LAYER_INPUT)
     if x is None:
-        raise RuntimeError(f"{type(module).__name__} has no recorded input; was it converted with a router variant?")
+        raise RuntimeError(f"{type(module).__name__} was called without its input; was it converted with a router variant?")
     return x
 
 

@@ -63,36 +63,62 @@ class MoBA(SparseVariant):
             raise ValueError(f"moba: dense_layers ({self.dense_layers}) exceeds the model's {len(modules)} layers")
         super().validate(model, adapter, layers)
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
-        num_layers = module.config.num_hidden_layers
-        if self.dense_layers and module.layer_idx >= num_layers - self.dense_layers:
-            return None
-        batch, heads, _, dim = query.shape
+    absolute_positions = True  # key blocks start at each sample's first token
+
+    def _dense(self, module) -> bool:
+        return bool(self.dense_layers) and module.layer_idx >= module.config.num_hidden_layers - self.dense_layers
+
+    def choose(self, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+               key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, num_blocks: int) -> torch.Tensor:
+        """(B, H, Q, num_blocks) bool: each query's own block and its top_k - 1 earlier blocks by
+        q . mean(key block). Positions q_pos (1|B, Q), k_pos (1|B, K) in each sample's own
+        sequence; padding keys (key_valid (1|B, K) False) are left out of the means and their
+        blocks, padding queries (query_valid (1|B, Q) False) out of a block gate's mean query."""
+        batch, heads, q_len, dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         bs = self.block_size
-        # mean key of every block (padding keys left out)
-        pad = num_blocks * bs - k_len
-        weights = key.new_ones(batch, k_len) if key_valid is None else key_valid.to(key.dtype)
-        counts = torch.nn.functional.pad(weights, (0, pad)).view(batch, num_blocks, bs).sum(-1)
-        keys = key if key_valid is None else key * weights[:, None, :, None]
-        keys = torch.nn.functional.pad(keys, (0, 0, 0, pad)) if pad else keys
-        means = keys.reshape(batch, kv_heads, num_blocks, bs, dim).sum(3) / counts.clamp(min=1)[:, None, :, None]
-        means = means.repeat_interleave(heads // kv_heads, dim=1)
-        own = (q_pos // bs)[:, None]
+        valid = key_valid if key_valid is not None else torch.ones(1, k_len, dtype=torch.bool, device=key.device)
+        last = num_blocks - 1
+        k_block = torch.div(k_pos, bs, rounding_mode="floor").clamp(0, last).expand(batch, k_len)
+        weights = valid.float().expand(batch, k_len)
+        index = k_block[:, None, :, None].expand(-1, kv_heads, -1, dim)
+        sums = key.new_zeros(batch, kv_heads, num_blocks, dim, dtype=torch.float32).scatter_add_(
+            2, index, key.float() * weights[:, None, :, None])
+        counts = weights.new_zeros(batch, num_blocks).scatter_add_(1, k_block, weights)
+        means = (sums / counts.clamp(min=1)[:, None, :, None]).repeat_interleave(heads // kv_heads, dim=1)
+        own = torch.div(q_pos, bs, rounding_mode="floor")  # (1|B, Q)
+        query = query.float()
         if self.gate == "block":
-            # one gate per query block: its mean query (over this call's queries in the block)
-            slots = (q_pos // bs) - int(q_pos[0]) // bs
-            sums = query.new_zeros(batch, heads, int(slots[-1]) + 1, dim).index_add_(2, slots, query)
-            sizes = torch.bincount(slots).to(query.dtype)[None, None, :, None]
-            query = (sums / sizes)[:, :, slots]
+            # one gate per query block: the mean of its real queries among this call's
+            q_block = own.clamp(0, last).expand(batch, q_len)
+            real = (query_valid if query_valid is not None else own >= 0).float().expand(batch, q_len)
+            index = q_block[:, None, :, None].expand(-1, heads, -1, dim)
+            q_sums = query.new_zeros(batch, heads, num_blocks, dim).scatter_add_(2, index, query * real[:, None, :, None])
+            q_counts = real.new_zeros(batch, num_blocks).scatter_add_(1, q_block, real)
+            query = (q_sums / q_counts.clamp(min=1)[:, None, :, None]).gather(2, index)
         gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q, N)
-        blocks = torch.arange(num_blocks, device=q_pos.device)[None, :]
-        earlier = (blocks < own)[None, None] & (counts > 0)[:, None, None, :]
+        blocks = torch.arange(num_blocks, device=query.device)
+        own = own[:, None, :, None]
+        earlier = (blocks < own) & (counts > 0)[:, None, None, :]
         chosen = blocks == own
         picks = min(self.top_k - 1, num_blocks)
         if picks > 0:
             gate = gate.masked_fill(~earlier, float("-inf"))
             top = gate.topk(picks, dim=-1)
-            picked = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, top.indices, True) & earlier
-            chosen = chosen | picked
+            chosen = chosen | (torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, top.indices, True) & earlier)
         return chosen.expand(batch, heads, -1, -1)
+
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+        if self._dense(module):
+            return None
+        k_pos = torch.arange(key.shape[2], device=q_pos.device)[None]
+        q_valid = None if key_valid is None else key_valid[:, key.shape[2] - q_pos.shape[0] :]
+        return self.choose(q_pos[None], k_pos, query, key, key_valid, q_valid, num_blocks)
+
+    def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None):
+        if self._dense(module):
+            return None
+        num_blocks = key.shape[2] // self.block_size + 1  # positions lie in 0..K-1
+        chosen = self.choose(q_pos, k_pos, query, key, key_valid, query_valid, num_blocks)
+        k_block = torch.div(k_pos, self.block_size, rounding_mode="floor").clamp(0, num_blocks - 1)
+        return chosen.gather(-1, k_block[:, None, None, :].expand(chosen.shape[0], chosen.shape[1], chosen.shape[2], -1))

@@ -24,7 +24,9 @@ Two routers, as in the official code:
 Load balance (paper Eq. 7, scaled as the official code: E * sum_i P_i f_i over the E routed
 heads, P_i the mean gate, f_i the fraction of tokens selecting head i; padding tokens left out)
 is computed per layer in training; the model averages it over layers, multiplies it by
-`aux_loss_coef` and adds it to `loss` when labels are given (see `moh_aux_loss`).
+`aux_loss_coef`, adds it to `loss` when labels are given and returns it as the output's
+`moh_aux_loss` (see `moh_aux_loss`). The per-layer terms travel with the call (a list in its
+keyword arguments), never on the modules, so concurrent calls do not mix.
 
 Shared heads: a count, a fraction of the heads (the official recipe takes the first half), an
 explicit list of head indices (every layer) or {layer: [heads]}, or "importance" with
@@ -51,8 +53,8 @@ if TYPE_CHECKING:
 
 ROUTERS = ("learned", "query_norm")
 ROUTED, SHARED, MIX = "relattn_moh_routed", "relattn_moh_shared", "relattn_moh_mix"
-AUX = "_relattn_moh_aux"  # a layer's load-balance loss of the current training forward
-MODEL_AUX = "_relattn_moh_aux_total"  # the model's weighted term of its last forward
+AUX = "relattn_moh_aux"  # keyword argument of a training call: the list of its layers' balance terms
+OUTPUT = "moh_aux_loss"  # the output key of the weighted term
 HOOKED = "_relattn_moh_hooked"
 
 
@@ -174,10 +176,12 @@ class MoH(Variant):
         _register_aux_hook(model)
 
     # ----------------------------------------------------------------- run time
-    def head_weights(self, module: nn.Module, query: torch.Tensor, token_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_weights(self, module: nn.Module, query: torch.Tensor, token_valid: torch.Tensor | None,
+                     inputs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights (B, Q, H) in the query's dtype, used (B, Q, H) bool) for this call's tokens;
-        records the layer's load-balance loss when the module is training.
-        `token_valid` (B, Q): tokens that are not padding (for the loss)."""
+        appends the layer's load-balance loss to the call's collector in training.
+        `token_valid` (B, Q): tokens that are not padding (for the loss); `inputs`: the call's
+        keyword arguments (the layer input for the learned router, the collector)."""
         batch, heads, q_len, _ = query.shape
         layer = getattr(module, "layer_idx", None)
         shared_idx = self._shared_for(layer, heads) if isinstance(self.shared_heads, dict) else self._shared_for(-1, heads)
@@ -190,7 +194,9 @@ class MoH(Variant):
         weights = query.new_zeros(batch, q_len, heads, dtype=torch.float32)
         used = torch.zeros(batch, q_len, heads, dtype=torch.bool, device=query.device)
         used[..., shared_t] = True
-        x = layer_input(module) if self.router == "learned" else None
+        inputs = inputs or {}
+        x = layer_input(module, inputs) if self.router == "learned" else None
+        collector = inputs.get(AUX) if module.training else None
         if picks > 0:
             if self.router == "learned":
                 logits = getattr(module, ROUTED)(x).float()
@@ -207,10 +213,8 @@ class MoH(Variant):
             else:
                 routed_w = hard + gates - gates.detach()  # straight-through: value 0/1, gradient of the gates
             used[..., routed_idx] = hard.bool()
-            if module.training:
-                setattr(module, AUX, _balance_loss(gates, hard, token_valid))
-        elif module.training:
-            setattr(module, AUX, None)
+            if collector is not None:
+                collector.append(_balance_loss(gates, hard, token_valid))
         if n_shared:
             if self.router == "learned" and n_shared > 1:
                 shared_w = torch.softmax(getattr(module, SHARED)(x).float(), dim=-1) * n_shared
@@ -242,28 +246,30 @@ def moh_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(v.name == MoH.name for v in getattr(m, ATTACHED, ()))]
 
 
-def moh_aux_loss(model: nn.Module) -> torch.Tensor:
-    """The load-balance term of the model's last forward, as added to its loss: aux_loss_coef
-    times the mean over MoH layers of E * sum_i P_i f_i (Jin et al. 2024, Eq. 7). It keeps its
-    graph (add it to a loss computed outside the model); zero when that forward was not training."""
-    value = getattr(model, MODEL_AUX, None)
+def moh_aux_loss(outputs: Any) -> torch.Tensor:
+    """The load-balance term a training forward added to its loss, from that forward's outputs:
+    aux_loss_coef times the mean over MoH layers of E * sum_i P_i f_i (Jin et al. 2024, Eq. 7).
+    It keeps its graph (add it to a loss computed outside the model); zero for a forward that
+    was not training."""
+    value = outputs.get(OUTPUT) if isinstance(outputs, dict) else None
     return torch.zeros(()) if value is None else value
 
 
+def _collect(model: nn.Module, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+    # a training call carries its own list for the layers' balance terms
+    return (args, {**kwargs, AUX: []}) if model.training else None
+
+
 def _add_aux_loss(model: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
-    layers = moh_layers(model)
-    values = [getattr(m, AUX) for m in layers if getattr(m, AUX, None) is not None]
-    for m in layers:  # each forward's losses count once
-        setattr(m, AUX, None)
+    values = kwargs.get(AUX)
     if not model.training or not values:
-        setattr(model, MODEL_AUX, None)
         return output
-    coef = next(v for v in getattr(layers[0], ATTACHED) if v.name == MoH.name).aux_loss_coef
+    coef = next(v for v in getattr(moh_layers(model)[0], ATTACHED) if v.name == MoH.name).aux_loss_coef
     aux = coef * torch.stack([v.to(values[0].device) for v in values]).mean()
-    setattr(model, MODEL_AUX, aux)
     if isinstance(output, dict):
         if output.get("loss") is not None:
             output["loss"] = output["loss"] + aux.to(output["loss"].dtype)
+        output[OUTPUT] = aux
     elif isinstance(output, tuple) and kwargs.get("labels") is not None and output and torch.is_tensor(output[0]) and output[0].ndim == 0:
         output = (output[0] + aux.to(output[0].dtype),) + output[1:]
     return output
@@ -271,5 +277,6 @@ def _add_aux_loss(model: nn.Module, args: Any, kwargs: dict[str, Any], output: A
 
 def _register_aux_hook(model: nn.Module) -> None:
     if not getattr(model, HOOKED, False):
+        model.register_forward_pre_hook(_collect, with_kwargs=True)
         model.register_forward_hook(_add_aux_loss, with_kwargs=True)
         setattr(model, HOOKED, True)

@@ -15,21 +15,26 @@ Selection and time. In a full forward the choice is the paper's: the top k of th
 sequence, so whether token t is chosen depends on the scores of later tokens too (the paper
 trains this way). Generation must not look ahead: with a KV cache, the new token at position t
 is processed by a head only if it is among the top max(2, (t + 1) // sparsity) tokens of
-positions 0..t (router scores of earlier tokens are kept per layer during generation), and it
-attends to those tokens only. This is exactly what a full forward of the prefix 0..t computes
-for its last token; earlier tokens were processed with the choices of their own steps.
+positions 0..t, and it attends to those tokens only. This is exactly what a full forward of the
+prefix 0..t computes for its last token; earlier tokens were processed with the choices of
+their own steps. The router scores of the cached tokens live in the KV cache itself (its layer
+object gains a `relattn_scores` tensor that follows the cache through beam reordering, batch
+selection and cropping), so two conversations decoded alternately never mix.
+
+Counts and positions are those of each sample's own tokens: padding never competes, and a
+padded sample chooses what it chooses alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from .base import (
-    INPUT,
+    CACHE,
     add_router,
     attach,
     check_int_options,
@@ -42,7 +47,6 @@ if TYPE_CHECKING:
     from ..patches import FamilyAdapter
 
 MODULE_NAME = "relattn_mosa"
-SCORES = "_relattn_mosa_scores"  # router logits of the tokens so far, for generation
 
 
 @register_variant
@@ -72,26 +76,83 @@ class MoSA(SparseVariant):
             add_router(attn, adapter, MODULE_NAME, adapter.num_heads(model.config), std)
             attach(attn, self)
 
+    absolute_positions = True  # token counts are those of each sample's own sequence
+
     def tokens(self, length: int) -> int:
         return min(max(2, length // self.sparsity), length)
 
-    def router_logits(self, module: nn.Module, q_len: int, k_len: int) -> torch.Tensor:
-        """(B, H, K) router logits of every key position: computed for the new tokens, kept
-        from earlier calls for the cached ones (generation)."""
-        new = getattr(module, MODULE_NAME)(layer_input(module)).transpose(1, 2).float()
-        setattr(module, INPUT, None)  # do not hold on to the activations after the call
-        if q_len == k_len:
-            setattr(module, SCORES, new)
+    def token_counts(self, lengths: torch.Tensor) -> torch.Tensor:
+        """`tokens` of each length in a tensor."""
+        return torch.minimum(torch.clamp(torch.div(lengths, self.sparsity, rounding_mode="floor"), min=2), lengths)
+
+    def router_logits(self, module: nn.Module, inputs: dict, q_len: int, k_len: int, cached: Any) -> torch.Tensor:
+        """(B, H, cached + Q) router logits of every key position: computed for this call's
+        tokens, taken from the KV cache for the `cached` ones before them (kept there when the
+        cache was filled)."""
+        new = getattr(module, MODULE_NAME)(layer_input(module, inputs)).transpose(1, 2).float()
+        cache = inputs.get(CACHE)
+        if isinstance(cached, torch.Tensor):
+            raise ValueError("mosa: decoding from a KV cache under torch.compile is not supported; compile the full "
+                             "forward, or decode without compiling")
+        layer = None if cache is None else scores_layer(cache, module.layer_idx)
+        if cached == 0:
+            if layer is not None:
+                layer.relattn_scores = new
             return new
-        past = getattr(module, SCORES, None)
-        if past is not None and past.shape[-1] > k_len - q_len:
-            # decoding again from an earlier (copied) cache: its positions are the first ones kept
-            past = past[..., : k_len - q_len]
-        if past is None or past.shape[-1] != k_len - q_len or past.shape[0] != new.shape[0]:
+        past = None if layer is None else layer.relattn_scores
+        if past is None or past.shape[-1] < cached or past.shape[0] != new.shape[0]:
             raise ValueError(
-                "mosa: decoding with a KV cache needs the router scores of the cached tokens, kept when this "
-                "model built the cache; run the prompt through this model first (as generate() does)."
+                "mosa: decoding with a KV cache needs the router scores of the cached tokens, kept in the cache when "
+                "this model filled it; run the prompt through this model with that cache first (as generate() does)."
             )
-        scores = torch.cat([past, new], dim=-1)
-        setattr(module, SCORES, scores)
+        scores = torch.cat([past[..., :cached], new], dim=-1)  # a longer past: the cache was cropped or copied
+        layer.relattn_scores = scores
         return scores
+
+
+class RouterScores:
+    """Marker of KV-cache layers that also hold MoSA's router scores (B, H, T) of their tokens
+    (`relattn_scores`), kept in step with the keys when the cache is reordered (beam search),
+    selected, repeated or reset (see `_scored_class`)."""
+
+    relattn_scores: torch.Tensor | None = None
+
+
+def _scored_class(base: type) -> type:
+    """`base` (a cache layer class) with router scores: the same object layout, so a layer of
+    the cache can take it in place."""
+
+    def follow(name: str, change: Any) -> Any:
+        def method(self: Any, *args: Any) -> None:
+            getattr(base, name)(self, *args)
+            if self.relattn_scores is not None:
+                self.relattn_scores = change(self.relattn_scores, *args)
+        return method
+
+    methods = {
+        "reorder_cache": follow("reorder_cache", lambda s, idx: s.index_select(0, idx.to(s.device))),
+        "batch_repeat_interleave": follow("batch_repeat_interleave", lambda s, n: s.repeat_interleave(n, dim=0)),
+        "batch_select_indices": follow("batch_select_indices", lambda s, idx: s[idx]),
+        "reset": follow("reset", lambda s: None),
+    }
+    methods = {name: fn for name, fn in methods.items() if hasattr(base, name)}
+    return type("RouterScores" + base.__name__, (base, RouterScores), {**methods, "__module__": __name__})
+
+
+_scored: dict[type, type] = {}
+
+
+def scores_layer(cache: Any, layer_idx: int) -> Any:
+    """The layer object of `cache` for `layer_idx`, made to carry router scores (its class
+    becomes a `RouterScores` subclass of its own, in place, on first use)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        raise ValueError(f"mosa: cannot keep router scores in a {type(cache).__name__}; use a DynamicCache or StaticCache")
+    layer = layers[layer_idx]
+    if not isinstance(layer, RouterScores):
+        base = type(layer)
+        if base not in _scored:
+            _scored[base] = _scored_class(base)
+            globals()[_scored[base].__name__] = _scored[base]
+        layer.__class__ = _scored[base]
+    return layer

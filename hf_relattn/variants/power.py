@@ -35,16 +35,23 @@ class Power(SparseVariant):
         check_int_options(self, "window")
         super().validate(model, adapter, layers)
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
-        bs = self.block_size
-        blocks = torch.arange(num_blocks, device=q_pos.device)[None, :]
-        own = (q_pos // bs)[:, None]
-        distance = own - blocks
-        if not getattr(module, "is_causal", False):
-            distance = distance.abs()
+    absolute_positions = True  # blocks and the sink block start at each sample's first token
+
+    def reads(self, module, i: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """May the query at position i read key block b (broadcast)? Power-of-two block
+        distance, the blocks of its `window` most recent tokens, and the sink block."""
+        bs, causal = self.block_size, getattr(module, "is_causal", False)
+        own = torch.div(i, bs, rounding_mode="floor")
+        distance = own - b if causal else (own - b).abs()
         power = (distance > 0) & ((distance & (distance - 1)) == 0)
-        i = q_pos[:, None]
-        local = (blocks * bs + bs - 1 > i - self.window) & (blocks <= own)
-        if not getattr(module, "is_causal", False):
-            local = local | ((blocks * bs < i + self.window) & (blocks >= own))
-        return (power | local | (blocks == 0))[None, None]
+        local = (b * bs + bs - 1 > i - self.window) & (b <= own)
+        if not causal:
+            local = local | ((b * bs < i + self.window) & (b >= own))
+        return power | local | (b == 0)
+
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+        return self.reads(module, q_pos[:, None], torch.arange(num_blocks, device=q_pos.device)[None, :])[None, None]
+
+    def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None):
+        blocks = torch.div(k_pos, self.block_size, rounding_mode="floor")
+        return self.reads(module, q_pos[:, None, :, None], blocks[:, None, None, :])

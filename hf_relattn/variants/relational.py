@@ -82,6 +82,7 @@ class RelationalVariant(Variant):
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         modules = adapter.attention_modules(model)
         config = model.config
+        adapter.positions_from_mask(model)  # q . a^K sees each query's own position
         for idx in layers:
             attn = modules[idx]
             reference = getattr(attn, adapter.q_proj).weight

@@ -44,6 +44,10 @@ class SparseVariant(Variant):
     # A pattern whose self-attention the engine runs in its own dense layout ("strided",
     # "fixed": pieces merged by log-sum-exp) instead of gathering key blocks; None: block path.
     layout: ClassVar[str | None] = None
+    # True when the pattern depends on where tokens are in their own sequence (block boundaries,
+    # sink blocks, token counts), not only on their distances: the engine then gives every
+    # sample positions that start at its first real token (left padding moves nothing).
+    absolute_positions: ClassVar[bool] = False
 
     def key_block(self, module: nn.Module) -> int:
         """Tokens per key block (blocks start at absolute key position 0)."""
@@ -71,16 +75,11 @@ class SparseVariant(Variant):
         if clash:
             raise ValueError(f"{self.name} cannot be combined with {clash} in the same layer (yet); valid: gqa")
 
-    def dense_mask(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                   key_valid: torch.Tensor | None) -> torch.Tensor | None:
-        """The pattern as a dense (1|B, 1|H, Q, K) bool mask (without causality/padding), for the
-        reference path; None = dense layer."""
-        block = self.key_block(module)
-        num_blocks = -(-k_pos.shape[0] // block)
-        blocks = self.token_blocks(module, q_pos, num_blocks, query, key, key_valid)
-        if blocks is None:
-            return None
-        keep = blocks[..., k_pos // block]
-        rule = self.allowed(module, q_pos[:, None], k_pos[None, :], k_pos.shape[0])
-        return keep if rule is None else keep & rule
-
+    def pair_mask(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                  key_valid: torch.Tensor | None, query_valid: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The pattern as a (1|B, 1|H, Q, K) bool mask, causality and padding left to the caller:
+        q_pos (1|B, Q) and k_pos (1|B, K) are positions in each sample's own sequence, key_valid
+        (1|B, K) and query_valid (1|B, Q) say which tokens are not padding. For the
+        materialised paths (reference, torch.compile, output_attentions); None = a dense layer.
+        The default is the token rule, exact for patterns whose `choice` is "rule"."""
+        return self.allowed(module, q_pos[:, None, :, None], k_pos[:, None, None, :], k_pos.shape[-1])
