@@ -767,6 +767,8 @@ def materialized_attention(call: AttnCall, variants: Sequence[Variant]) -> tuple
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(dtype).min)
     probs = torch.softmax(scores, dim=-1)
+    if keep is not None:  # rows that see no key (padding queries, tokens MoSA leaves) get nothing
+        probs = probs * keep.any(-1, keepdim=True)
     if call.dropout > 0:
         probs = F.dropout(probs, p=call.dropout)
     out = torch.matmul(probs, v)

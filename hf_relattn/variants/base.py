@@ -68,7 +68,9 @@ class Variant:
     # ------------------------------------------------------------------ options
     @classmethod
     def option_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        # read off the class once (torch.compile cannot trace dataclasses.fields)
+        names = cls.__dict__.get("_option_names")
+        return list(names) if names is not None else [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Variant:
@@ -138,6 +140,7 @@ VARIANTS: dict[str, type[Variant]] = {}
 def register_variant(cls: type[Variant]) -> type[Variant]:
     if cls.axis not in AXES:
         raise ValueError(f"{cls.__name__}.axis must be one of {AXES}, got {cls.axis!r}")
+    cls._option_names = tuple(f.name for f in dataclasses.fields(cls))
     VARIANTS[cls.name] = cls
     return cls
 

@@ -185,10 +185,9 @@ class MoH(Variant):
         batch, heads, q_len, _ = query.shape
         layer = getattr(module, "layer_idx", None)
         shared_idx = self._shared_for(layer, heads) if isinstance(self.shared_heads, dict) else self._shared_for(-1, heads)
-        is_shared = torch.zeros(heads, dtype=torch.bool, device=query.device)
-        is_shared[shared_idx] = True
-        routed_idx = (~is_shared).nonzero().squeeze(-1)
-        shared_t = is_shared.nonzero().squeeze(-1)
+        # head indices as constants (no data-dependent shapes: torch.compile traces them)
+        shared_t = torch.tensor(shared_idx, dtype=torch.long, device=query.device)
+        routed_idx = torch.tensor([h for h in range(heads) if h not in shared_idx], dtype=torch.long, device=query.device)
         n_shared, n_routed = len(shared_idx), heads - len(shared_idx)
         picks = self._active_count(heads) - n_shared
         weights = query.new_zeros(batch, q_len, heads, dtype=torch.float32)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
 from .base import (
     CACHE,
@@ -89,11 +90,19 @@ class MoSA(SparseVariant):
         """(B, H, cached + Q) router logits of every key position: computed for this call's
         tokens, taken from the KV cache for the `cached` ones before them (kept there when the
         cache was filled)."""
-        new = getattr(module, MODULE_NAME)(layer_input(module, inputs)).transpose(1, 2).float()
+        # float64, then float32: repeated tokens score exactly alike however many rows a call
+        # has (a float32 matmul's rounding depends on its shape), so ties break the same way in a
+        # full forward and in a decoding step
+        router = getattr(module, MODULE_NAME)
+        new = torch.nn.functional.linear(layer_input(module, inputs).double(), router.weight.double()).float().transpose(1, 2)
         cache = inputs.get(CACHE)
-        if isinstance(cached, torch.Tensor):
-            raise ValueError("mosa: decoding from a KV cache under torch.compile is not supported; compile the full "
-                             "forward, or decode without compiling")
+        if torch.compiler.is_compiling():
+            # dynamo cannot give a cache layer its scores (a class change): a compiled full forward
+            # leaves the cache without them, and decoding from it says so
+            if isinstance(cached, torch.Tensor) or cached:
+                raise ValueError("mosa: decoding from a KV cache under torch.compile is not supported; compile the full "
+                                 "forward only, and decode without compiling")
+            return new
         layer = None if cache is None else scores_layer(cache, module.layer_idx)
         if cached == 0:
             if layer is not None:
@@ -103,7 +112,8 @@ class MoSA(SparseVariant):
         if past is None or past.shape[-1] < cached or past.shape[0] != new.shape[0]:
             raise ValueError(
                 "mosa: decoding with a KV cache needs the router scores of the cached tokens, kept in the cache when "
-                "this model filled it; run the prompt through this model with that cache first (as generate() does)."
+                "this model filled it outside torch.compile; run the prompt through this model with that cache first "
+                "(as generate() does)."
             )
         scores = torch.cat([past[..., :cached], new], dim=-1)  # a longer past: the cache was cropped or copied
         layer.relattn_scores = scores
@@ -140,6 +150,10 @@ def _scored_class(base: type) -> type:
 
 
 _scored: dict[type, type] = {}
+# the cache layers of transformers' dynamic and static caches, ready before any traced call
+for _base in (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer):
+    _scored[_base] = _scored_class(_base)
+    globals()[_scored[_base].__name__] = _scored[_base]
 
 
 def scores_layer(cache: Any, layer_idx: int) -> Any:
