@@ -1599,8 +1599,13 @@ def flex_sparse_attention(
         return None
     valid = _key_valid(mask)
     # every layer of a forward shares the pattern: build its block mask once
-    cache_key = (id(variant), q_len, k_len, causal, query.device, None if valid is None else (id(mask), mask._version))
-    block_mask = _block_masks.get(cache_key)
+    # the variant and the mask are held weakly and compared by identity: an id reused by a
+    # new object never finds another's block mask
+    cache_key = (q_len, k_len, causal, query.device, None if valid is None else mask._version)
+    cached = _block_masks.get(cache_key)
+    block_mask = None
+    if cached is not None and cached[0]() is variant and (valid is None or cached[1]() is mask):
+        block_mask = cached[2]
     if block_mask is None:
         table, offset = chosen[0, 0], k_len - q_len
 
@@ -1619,7 +1624,7 @@ def flex_sparse_attention(
         _block_masks.clear()
         block_mask = create_block_mask(mask_mod, batch if valid is not None else None, None, q_len, k_len,
                                        device=query.device, BLOCK_SIZE=128)
-        _block_masks[cache_key] = block_mask
+        _block_masks[cache_key] = (weakref.ref(variant), None if valid is None else weakref.ref(mask), block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != heads)

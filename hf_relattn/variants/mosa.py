@@ -15,9 +15,11 @@ Selection and time. In a full forward the choice is the paper's: the top k of th
 sequence, so whether token t is chosen depends on the scores of later tokens too (the paper
 trains this way). Generation must not look ahead: with a KV cache, the new token at position t
 is processed by a head only if it is among the top max(2, (t + 1) // sparsity) tokens of
-positions 0..t, and it attends to those tokens only. This is exactly what a full forward of the
-prefix 0..t computes for its last token; earlier tokens were processed with the choices of
-their own steps. The router scores of the cached tokens live in the KV cache itself (its layer
+positions 0..t, and it attends to those tokens only. In the first layer this is exactly what a
+full forward of the prefix 0..t computes for its last token; deeper layers attend to keys that
+earlier steps cached, computed with the choices of their own steps, so cached generation differs
+from uncached generation (`use_cache=False`, a full forward per step) past the first layer, and
+speculative decoding (a forward over prompt and draft tokens at once) is refused. The router scores of the cached tokens live in the KV cache itself (its layer
 object gains a `relattn_scores` tensor that follows the cache through beam reordering, batch
 selection and cropping), so two conversations decoded alternately never mix.
 
@@ -60,7 +62,10 @@ class MoSA(SparseVariant):
     description = ("Each head routes itself the top T/sparsity tokens (expert choice, learned sigmoid router, "
                    "new parameters: needs training).")
     paper = "Piękos, Csordás & Schmidhuber 2025, Mixture of Sparse Attention (MoSA)"
-    limits = "Learned router (new parameters): needs training before use."
+    limits = ("Learned router (new parameters): needs training before use. Expert choice over a whole sequence "
+              "is not causal: generation with the KV cache decodes token by token (each token chooses among the "
+              "tokens up to itself), which differs from uncached generation past the first layer; assisted and "
+              "prompt-lookup decoding are refused.")
     choice = "expert"
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
