@@ -390,6 +390,7 @@ def save(accelerator: Accelerator, model: torch.nn.Module, processor: Any, args:
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
+    adapter_base = None
     if args.lora_r and args.merge:
         model = model.merge_and_unload()
     elif args.lora_r:
@@ -399,10 +400,33 @@ def save(accelerator: Accelerator, model: torch.nn.Module, processor: Any, args:
         base = copy.deepcopy(model).unload()
         base.save_pretrained(output / "base_model")
         model.peft_config["default"].base_model_name_or_path = str((output / "base_model").resolve())
+        adapter_base = base
     model.save_pretrained(output)
+    if adapter_base is not None:
+        point_adapter_at_auto_class(output, adapter_base)
     processor.save_pretrained(output)
     (output / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     (output / "final_metrics.json").write_text(json.dumps({**metrics, "trainable_parameters": len(trainable)}, indent=2))
+
+
+def point_adapter_at_auto_class(output: Path, base: torch.nn.Module) -> None:
+    """Make OUTPUT's adapter load with `peft.AutoPeftModel*.from_pretrained(OUTPUT)` alone.
+
+    The LoRA config has no task type, so PEFT records the base model's class in the adapter's
+    `auto_mapping`; for an adapted model that is `hf_relattn.modeling.Relattn<Head>`, a library
+    outside PEFT's import allowlist, and AutoPeftModel* refuses the folder. The transformers
+    Auto class of the head (which hf_relattn registers for the adapted types) loads the same
+    class from OUTPUT/base_model."""
+    path = output / "adapter_config.json"
+    config = json.loads(path.read_text())
+    mapping = config.get("auto_mapping")
+    if not mapping or mapping.get("parent_library") == "transformers":
+        return
+    task = next((t for suffix, t in HEAD_SUFFIXES.items() if type(base).__name__.endswith(suffix)), None)
+    if task is None:
+        return
+    config["auto_mapping"] = {"base_model_class": AUTO_CLASSES[task].__name__, "parent_library": "transformers"}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

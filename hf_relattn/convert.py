@@ -46,6 +46,9 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
     flag = flag_variant(model.config)  # a runtime flag (e.g. relattn_alibi) is kept by persisting it
 
     # --- from here on the model changes
+    # it no longer is the checkpoint its name_or_path names (PEFT records that as an adapter's
+    # base model); saving names the new folder
+    model.name_or_path = ""
     native = spec_variant.native(adapter, num_layers, layer_list)
     if not native:
         make_adapted(model)

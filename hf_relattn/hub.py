@@ -697,10 +697,13 @@ def push_to_hub(
                     "use model.push_to_hub(repo_id), or hf_relattn.convert(model, ...) first"
                 )
             folder = Path(tmp) / "checkpoint"
-            model_or_folder.save_pretrained(folder)
+            identity = getattr(model_or_folder, "name_or_path", None) or None
+            try:
+                model_or_folder.save_pretrained(folder)
+            finally:  # the temporary folder is not where the model lives (PEFT would record it)
+                model_or_folder.name_or_path = identity or ""
             if processor is not None:
                 processor.save_pretrained(folder)
-            identity = getattr(model_or_folder, "name_or_path", None) or None
         elif isinstance(model_or_folder, (str, os.PathLike)):
             folder = Path(model_or_folder)
         else:

@@ -12,11 +12,51 @@ On load, the subclass first builds the family's native model from the config, th
 the spec's structural changes (shapes only), so the checkpoint's weights fit exactly.
 Plain transformers does not know `relattn_<family>` and refuses the folder loudly.
 A model whose change is expressible natively (GQA/MQA on every LLaMA layer) stays native.
+
+Load paths that would silently drop the variants are refused (transformers would build the
+family's native model from whatever fits and report the rest only in its load report):
+
+- A concrete class, `LlamaForCausalLM.from_pretrained(adapted_folder)`, reads config.json with
+  its own config class (`LlamaConfig.from_pretrained`), which sets the spec as a plain
+  attribute. `config.relattn` is a data descriptor on `PreTrainedConfig` (installed by
+  `register_attention`, class-level value None, instance value in the instance `__dict__`, so
+  it serialises as before) that refuses a full spec (a dict with "variants") on a config whose
+  *class* is not an adapted config class (class-level model_type without `relattn_`). The
+  error comes while the config is parsed, before any model is built, and names the Auto class
+  to use. A plain options dict (no "variants") stays allowed everywhere: it is how
+  `from_pretrained(p, attn_implementation="relattn_alibi", relattn={...})` passes a flag's
+  options to a native model. (Hooking the concrete model classes instead would mean patching
+  transformers' classes; the config attribute is ours already.)
+- An adapted config given to a native class, `LlamaForCausalLM(adapted_config)` or
+  `LlamaForCausalLM.from_pretrained(folder, config=AutoConfig.from_pretrained(folder))`: the
+  native class cannot replay the spec, so it must not be built. Every model's
+  `PreTrainedModel.__init__` stores its resolved attention implementation on its config
+  (`config._attn_implementation_internal = ...`); the adapted config class checks that
+  assignment when it comes from `PreTrainedModel.__init__` (the caller's frame) and refuses it
+  for a model class that is not adapted, unless an adapted model is being built with this
+  config (its native backbone, e.g. the `LlamaModel` inside `RelattnLlamaForCausalLM`, shares
+  the config). Other assignments pass unchecked: a requested implementation set through
+  `config._attn_implementation` (from_pretrained's `attn_implementation=`), an adapted model's
+  `set_attn_implementation` (its own check refuses non-engine backends), and direct
+  assignments that bypass the adapted class's check on purpose (reference tests). A check on
+  the value alone could not tell a native class's "sdpa" from a requested "sdpa", nor catch a
+  native class given a config that already says "relattn".
+- Continuous batching (`generate_batch`, `init_continuous_batching`,
+  `generate(cache_implementation="paged")`) switches attention to transformers' paged
+  implementations, which know nothing of the variants: adapted classes refuse it.
+
+Adapted classes keep their native class's `__init__` signature (`__signature__`), register
+with transformers' output-capture registry (`output_hidden_states`/`output_attentions`, keyed
+by class), and a converted model forgets the `name_or_path` of the model it was converted
+from until it is saved (then it names the saved folder), so tools that record a base model
+(PEFT's `base_model_name_or_path`) point at the adapted weights, not the unconverted ones.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +72,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
+try:  # output capture (output_hidden_states / output_attentions) is registered per model class
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # pragma: no cover (transformers without the registry)
+    _CAN_RECORD_REGISTRY = None
+
 from .engine import ENGINE_NAME, FLAG_PREFIX, relattn_attention
 from .patches import ADAPTED_PREFIX, ADAPTERS, get_adapter
-from .variants.base import VARIANTS, get_variant_class
+from .variants.base import ATTACHED, VARIANTS, get_variant_class
 
 SPEC_KEY = "relattn"
 SPEC_FORMAT = 1
@@ -51,6 +96,8 @@ SAVE_HOOKS: list[Any] = []
 # save_pretrained(push_to_hub=True) upload with our model card (the remote copy uses transformers').
 PUSH_HOOKS: list[Any] = []
 PUSH_OPTIONS = ("repo_id", "private", "commit_message")
+# generate() arguments (or generation config fields) that ask for speculative decoding
+SPECULATIVE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
 # Model inputs that variants read inside attention (passed through the models' **kwargs).
 ATTENTION_INPUTS = ("relation_ids",)
@@ -82,16 +129,117 @@ def rebuild_from_spec(model: nn.Module, spec: dict[str, Any]) -> None:
         variant.apply(model, adapter, list(entry["layers"]), initialize=False)
 
 
+# ------------------------------------------------------------- refusing silent vanilla loads
+# Class attribute of every adapted model class (this module's and its remote copies').
+ADAPTED_MARK = "_relattn_adapted"
+# Ids of the configs an adapted model is being built with, in this thread/task: the native
+# backbone an adapted task model builds inside (e.g. its LlamaModel) shares that config.
+_BUILDING: ContextVar[tuple[int, ...]] = ContextVar("relattn_building", default=())
+_MODEL_INIT_CODE = inspect.unwrap(PreTrainedModel.__init__).__code__
+
+
+def _is_adapted_config_class(cls: type) -> bool:
+    return str(getattr(cls, "model_type", "") or "").startswith(ADAPTED_PREFIX)
+
+
+def _auto_class_name(family: str, class_name: str | None) -> str | None:
+    """The Auto class that maps `family` to the native class `class_name` (shortest name first:
+    AutoModel rather than AutoModelForTextEncoding)."""
+    if not class_name:
+        return None
+    class_name = class_name[len("Relattn"):] if class_name.startswith("Relattn") else class_name
+    names = [auto.__name__ for auto in _auto_classes() if auto._model_mapping._model_mapping.get(family) == class_name]
+    return min(names, key=len) if names else None
+
+
+def _spec_names(spec: Any) -> str:
+    entries = spec.get("variants") if isinstance(spec, dict) else None
+    names = [str(e.get("name")) for e in entries or () if isinstance(e, dict)]
+    return ", ".join(dict.fromkeys(names)) or "none"
+
+
+def _concrete_config_error(config: PreTrainedConfig, spec: dict[str, Any]) -> ValueError:
+    family = type(config).model_type
+    architectures = config.__dict__.get("architectures") or []
+    auto = next(filter(None, (_auto_class_name(family, name) for name in architectures)), None)
+    where = getattr(config, "_name_or_path", "") or "This checkpoint"
+    model_type = config.__dict__.get("model_type") or ADAPTED_PREFIX + (family or "<family>")
+    example = f"{auto}.from_pretrained(path)" if auto else "AutoModelFor<Task>.from_pretrained(path)"
+    native = next((n[len("Relattn"):] if n.startswith("Relattn") else n for n in architectures), None)
+    return ValueError(
+        f"{where} is an hf_relattn adapted checkpoint (model_type {model_type!r}, variants: {_spec_names(spec)}), "
+        f"but it is being read with {type(config).__name__}, the config class of native {repr(family) + ' ' if family else ''}model classes"
+        f"{f' (e.g. {native})' if native else ''}: they would load it as a vanilla model and silently drop the variants "
+        f"and their weights. Load it with the Auto class: {example} (AutoModel.from_pretrained(path) for the bare "
+        "backbone, AutoConfig.from_pretrained(path) for the config alone)."
+    )
+
+
+class _SpecAttribute:
+    """`config.relattn` on every `PreTrainedConfig` (see the module docstring).
+
+    Class-level value None (a vanilla config writes no `relattn` key); an instance's value
+    lives in its `__dict__`, so `to_dict`, deepcopy and pickling see it as before. Setting a
+    full variant spec on a config whose class is not an adapted config class raises."""
+
+    def __get__(self, config: Any, owner: type | None = None) -> Any:
+        return None if config is None else config.__dict__.get(SPEC_KEY)
+
+    def __set__(self, config: Any, value: Any) -> None:
+        if isinstance(value, dict) and "variants" in value and not _is_adapted_config_class(type(config)):
+            raise _concrete_config_error(config, value)
+        config.__dict__[SPEC_KEY] = value
+
+    def __delete__(self, config: Any) -> None:
+        config.__dict__.pop(SPEC_KEY, None)
+
+
+def _check_model_class(config: PreTrainedConfig, caller: Any) -> None:
+    """Refuse building a native (not adapted) model class with an adapted config: called when
+    `PreTrainedModel.__init__` (frame `caller`) stores the model's attention implementation."""
+    if caller is None or caller.f_code is not _MODEL_INIT_CODE:
+        return
+    model = caller.f_locals.get("self")
+    if model is None or getattr(type(model), ADAPTED_MARK, False) or id(config) in _BUILDING.get():
+        return
+    name = type(model).__name__
+    auto = _auto_class_name(type(config).model_type[len(ADAPTED_PREFIX):], name) or "AutoModelFor<Task>"
+    raise ValueError(
+        f"{name} cannot be built from {type(config).__name__}: that is the config of an hf_relattn adapted model "
+        f"(model_type {config.model_type!r}, variants: {_spec_names(getattr(config, SPEC_KEY, None))}), and {name} is the "
+        f"native class, which would silently drop the variants (and their weights). Build the adapted class with the Auto "
+        f"class instead: {auto}.from_pretrained(path) or {auto}.from_config(config) (it is Relattn{name} in hf_relattn.modeling)."
+    )
+
+
 def _adapted_config_class(base: type) -> type:
     model_type = ADAPTED_PREFIX + base.model_type
     if model_type not in _config_classes:
+
+        def __setattr__(self: PreTrainedConfig, key: str, value: Any) -> None:
+            if key == "_attn_implementation_internal":
+                _check_model_class(self, sys._getframe(1))
+            base.__setattr__(self, key, value)
+
         _config_classes[model_type] = type(
             "Relattn" + base.__name__,
             (base,),
-            {"model_type": model_type, "__module__": __name__, "__doc__": f"{base.__name__} adapted by hf_relattn."},
+            {
+                "model_type": model_type,
+                "__setattr__": __setattr__,
+                "__module__": __name__,
+                "__doc__": f"{base.__name__} adapted by hf_relattn.",
+            },
         )
         globals()[_config_classes[model_type].__name__] = _config_classes[model_type]
     return _config_classes[model_type]
+
+
+def _register_output_capture(model: Any) -> None:
+    """Register `model`'s class for output capture, as `PreTrainedModel.__init__` does (the
+    registry is keyed by class, so a model whose class changed in place is not in it)."""
+    if _CAN_RECORD_REGISTRY is not None:
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
 
 
 def adapted_class(base: type) -> type:
@@ -103,8 +251,15 @@ def adapted_class(base: type) -> type:
     config_cls = _adapted_config_class(base.config_class)
 
     def __init__(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
-        base.__init__(self, config, *args, **kwargs)
+        token = _BUILDING.set((*_BUILDING.get(), id(config)))
+        try:
+            base.__init__(self, config, *args, **kwargs)
+        finally:
+            _BUILDING.reset(token)
         rebuild_from_spec(self, spec_of(config))
+
+    # tools (and transformers' own tests) read the native signature, e.g. add_pooling_layer
+    __init__.__signature__ = inspect.signature(base.__init__)
 
     def get_correct_attn_implementation(self: PreTrainedModel, requested: str | None, is_init_check: bool = False) -> str:
         # The variants only run inside the plugin's engine; any other backend would silently
@@ -128,6 +283,9 @@ def adapted_class(base: type) -> type:
         ours = push_to_hub and PUSH_HOOKS
         hub = {k: kwargs.pop(k) for k in PUSH_OPTIONS if k in kwargs} if ours else {}
         result = base.save_pretrained(self, save_directory, *args, push_to_hub=push_to_hub and not ours, **kwargs)
+        if not self.name_or_path:
+            # converted in memory: the saved folder is now where this model's weights live
+            self.name_or_path = str(Path(save_directory).resolve())
         if kwargs.get("is_main_process", True):
             for hook in SAVE_HOOKS:
                 hook(self, save_directory)
@@ -143,9 +301,42 @@ def adapted_class(base: type) -> type:
         if args or unknown:
             raise TypeError(f"push_to_hub of an adapted model takes repo_id and {', '.join(PUSH_OPTIONS[1:])}, token; "
                             f"got {list(args) + unknown} (see hf_relattn.push_to_hub for results= and dry_run=)")
-        return PUSH_HOOKS[0](self, repo_id, **kwargs)
+        origin = self.name_or_path  # the hook saves into a temporary folder first
+        try:
+            return PUSH_HOOKS[0](self, repo_id, **kwargs)
+        finally:
+            self.name_or_path = origin
+
+    def init_continuous_batching(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+        # transformers' continuous batching switches attention to 'paged|eager', 'sdpa' or flash
+        # attention (paged KV cache, packed sequences), none of which applies the variants
+        raise ValueError(
+            f"{type(self).__name__} is adapted by hf_relattn (variants: {_spec_names(spec_of(self.config))}): continuous batching "
+            "(generate_batch, init_continuous_batching, generate(cache_implementation='paged')) is not supported, because "
+            "transformers runs it with its paged attention implementations ('paged|eager', 'sdpa', flash attention), which "
+            f"would drop the variants; the variants run only in attn_implementation={ENGINE_NAME!r}. Use model.generate(...) "
+            "(dynamic or static cache, batched with padding) instead."
+        )
+
+    def generate(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+        # speculative decoding runs prompt and draft tokens as one forward: for a variant whose
+        # choices look at later tokens (MoSA) that is not what decoding token by token computes
+        config = kwargs.get("generation_config") or self.generation_config
+        asked = [k for k in SPECULATIVE if kwargs.get(k) is not None or getattr(config, k, None) is not None]
+        ahead = sorted({v.name for m in self.modules() for v in getattr(m, ATTACHED, ()) if v.looks_ahead}) if asked else []
+        if ahead:
+            raise ValueError(
+                f"{', '.join(asked)}: speculative decoding is not supported with {', '.join(ahead)}, whose choice for a token "
+                "depends on the later tokens of a forward (a forward over prompt and draft tokens would choose differently "
+                "from decoding token by token). Use model.generate(...) without it."
+            )
+        return base.generate(self, *args, **kwargs)
 
     methods = {"_validate_model_kwargs": _validate_model_kwargs} if hasattr(base, "_validate_model_kwargs") else {}
+    if hasattr(base, "init_continuous_batching"):
+        methods["init_continuous_batching"] = init_continuous_batching
+    if hasattr(base, "generate"):
+        methods["generate"] = generate
     cls = type(
         "Relattn" + base.__name__,
         (base,),
@@ -156,20 +347,27 @@ def adapted_class(base: type) -> type:
             "get_correct_attn_implementation": get_correct_attn_implementation,
             "save_pretrained": save_pretrained,
             "push_to_hub": push_to_hub,
+            ADAPTED_MARK: True,
             "__module__": __name__,
             "__doc__": f"{base.__name__} with hf_relattn attention variants (spec in config.relattn).",
         },
     )
     _model_classes[base] = cls
+    _register_output_capture(cls.__new__(cls))  # e.g. an unpickled model, whose __init__ never ran
     globals()[cls.__name__] = cls
     return cls
 
 
 def make_adapted(model: PreTrainedModel) -> None:
-    """Turn a native model into its adapted type in place (class and config class)."""
+    """Turn a native model into its adapted type in place (class and config class).
+
+    Called before every conversion that is not expressible natively (`convert` also forgets the
+    model's `name_or_path`, as PEFT records it as an adapter's base model, until it is saved;
+    `config._name_or_path` keeps the origin for model cards)."""
     if is_adapted(model):
         return
     model.__class__ = adapted_class(type(model))
+    _register_output_capture(model)
     model.config.__class__ = _adapted_config_class(type(model.config))
     # A config read from config.json (every from_pretrained model) holds `model_type` as an
     # instance attribute, which would shadow the adapted class's and make is_adapted() False.
@@ -210,6 +408,8 @@ def register_attention() -> None:
     for name in attention_names():
         AttentionInterface.register(name, relattn_attention)
         AttentionMaskInterface.register(name, sdpa_mask)
-    if not hasattr(PreTrainedConfig, SPEC_KEY):
-        # class-level default only: vanilla configs keep writing no `relattn` key
-        setattr(PreTrainedConfig, SPEC_KEY, None)
+    if not hasattr(vars(PreTrainedConfig).get(SPEC_KEY), "__set__"):
+        # class-level value None: vanilla configs keep writing no `relattn` key; refuses a full
+        # spec on a native config class (see the module docstring). A copy of this module
+        # (remote code) may have installed it first: one is enough.
+        setattr(PreTrainedConfig, SPEC_KEY, _SpecAttribute())

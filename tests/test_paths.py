@@ -253,6 +253,16 @@ def test_assisted_decoding_equals_greedy(case, ids):
     assert torch.equal(assisted, plain)
 
 
+@pytest.mark.parametrize("speculative", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_mosa_refuses_speculative_decoding(speculative, ids):
+    """Assisted decoding runs the prompt with the draft as one forward, where MoSA's expert
+    choice would see the draft: refused with a clear error, not a different output."""
+    model = build("mosa")
+    value = tiny_llama(layers=1) if speculative == "assistant_model" else 3
+    with pytest.raises(ValueError, match="speculative decoding is not supported with mosa"):
+        model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False, **{speculative: value})
+
+
 def test_mosa_two_conversations_decoded_alternately_do_not_mix(ids):
     """MoSA's router scores of cached tokens travel with each cache, not with the model (one
     layer: each step equals the full forward of its prefix)."""

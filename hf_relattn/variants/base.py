@@ -64,6 +64,10 @@ class Variant:
     # True when the variant sizes something per head from the config (tables, slopes, routers,
     # K/V groups): it goes before pruning, which leaves layers with fewer heads.
     heads_from_config: ClassVar[bool] = False
+    # True when a forward's choice for a token depends on the tokens after it (MoSA's expert
+    # choice): generation then goes token by token, and speculative decoding (one forward over
+    # prompt and draft tokens) would compute something else, so it is refused.
+    looks_ahead: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ options
     @classmethod

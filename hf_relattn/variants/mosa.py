@@ -67,6 +67,7 @@ class MoSA(SparseVariant):
               "tokens up to itself), which differs from uncached generation past the first layer; assisted and "
               "prompt-lookup decoding are refused.")
     choice = "expert"
+    looks_ahead = True
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         check_int_options(self, "sparsity")
