@@ -361,8 +361,6 @@ def _offset_groups(call: AttnCall, variant: Any) -> list[tuple[int, list[int]]] 
     if valid is None:
         return None
     first = valid.int().argmax(-1)
-    if not bool(first.any()):
-        return None
     k_len = valid.shape[-1]
     count = valid.sum(-1)
     last = k_len - 1 - valid.flip(-1).int().argmax(-1)
@@ -371,6 +369,8 @@ def _offset_groups(call: AttnCall, variant: Any) -> list[tuple[int, list[int]]] 
             f"{variant.name} places its pattern at positions of each sample's own sequence, which needs each sample's "
             "tokens to be one contiguous run (left or right padding); this attention mask has gaps inside a sample."
         )
+    if not bool(first.any()):
+        return None
     groups: dict[int, list[int]] = {}
     for row, offset in enumerate(first.tolist()):
         groups.setdefault(offset, []).append(row)

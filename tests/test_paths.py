@@ -207,6 +207,17 @@ def test_right_padded_sample_equals_the_sample_alone(case, ids):
             torch.testing.assert_close(padded[row, :n], alone, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("case", ["fixed", "power", "moba", "mosa"])
+def test_gaps_inside_a_sample_are_refused_by_patterns_at_own_positions(case, ids):
+    """Positions of a sample's own sequence need its tokens in one run: a mask with a hole in
+    the middle gets a clear error, not positions silently counted another way."""
+    model = build(case)
+    mask = torch.ones_like(ids)
+    mask[0, 5] = 0
+    with pytest.raises(ValueError, match="contiguous run"), torch.no_grad():
+        model(ids, attention_mask=mask)
+
+
 @pytest.mark.parametrize("case", list(DECODER_CASES))
 def test_left_padded_batched_generate_equals_each_row_alone(case, ids):
     model = build(case)
