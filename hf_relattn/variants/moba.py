@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .base import check_int_options, register_variant
 from .sparse_base import SparseVariant
@@ -69,34 +70,54 @@ class MoBA(SparseVariant):
         return bool(self.dense_layers) and module.layer_idx >= module.config.num_hidden_layers - self.dense_layers
 
     def choose(self, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-               key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, num_blocks: int) -> torch.Tensor:
+               key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, num_blocks: int,
+               contiguous: bool = False) -> torch.Tensor:
         """(B, H, Q, num_blocks) bool: each query's own block and its top_k - 1 earlier blocks by
         q . mean(key block). Positions q_pos (1|B, Q), k_pos (1|B, K) in each sample's own
         sequence; padding keys (key_valid (1|B, K) False) are left out of the means and their
-        blocks, padding queries (query_valid (1|B, Q) False) out of a block gate's mean query."""
+        blocks, padding queries (query_valid (1|B, Q) False) out of a block gate's mean query.
+        `contiguous`: the keys are at positions 0..K-1 and the queries consecutive (the eager
+        paths), so blocks are reshapes rather than scatters."""
         batch, heads, q_len, dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         bs = self.block_size
         valid = key_valid if key_valid is not None else torch.ones(1, k_len, dtype=torch.bool, device=key.device)
         last = num_blocks - 1
-        k_block = torch.div(k_pos, bs, rounding_mode="floor").clamp(0, last).expand(batch, k_len)
         weights = valid.float().expand(batch, k_len)
-        index = k_block[:, None, :, None].expand(-1, kv_heads, -1, dim)
-        sums = key.new_zeros(batch, kv_heads, num_blocks, dim, dtype=torch.float32).scatter_add_(
-            2, index, key.float() * weights[:, None, :, None])
-        counts = weights.new_zeros(batch, num_blocks).scatter_add_(1, k_block, weights)
+        weighted = key.float() if key_valid is None else key.float() * weights[:, None, :, None]
+        if contiguous:
+            pad = num_blocks * bs - k_len
+            sums = F.pad(weighted, (0, 0, 0, pad)).view(batch, kv_heads, num_blocks, bs, dim).sum(3)
+            counts = F.pad(weights, (0, pad)).view(batch, num_blocks, bs).sum(-1)
+        else:
+            k_block = torch.div(k_pos, bs, rounding_mode="floor").clamp(0, last).expand(batch, k_len)
+            index = k_block[:, None, :, None].expand(-1, kv_heads, -1, dim)
+            sums = key.new_zeros(batch, kv_heads, num_blocks, dim, dtype=torch.float32).scatter_add_(2, index, weighted)
+            counts = weights.new_zeros(batch, num_blocks).scatter_add_(1, k_block, weights)
         means = (sums / counts.clamp(min=1)[:, None, :, None]).repeat_interleave(heads // kv_heads, dim=1)
         own = torch.div(q_pos, bs, rounding_mode="floor")  # (1|B, Q)
         query = query.float()
         if self.gate == "block":
             # one gate per query block: the mean of its real queries among this call's
-            q_block = own.clamp(0, last).expand(batch, q_len)
             real = (query_valid if query_valid is not None else own >= 0).float().expand(batch, q_len)
-            index = q_block[:, None, :, None].expand(-1, heads, -1, dim)
-            q_sums = query.new_zeros(batch, heads, num_blocks, dim).scatter_add_(2, index, query * real[:, None, :, None])
-            q_counts = real.new_zeros(batch, num_blocks).scatter_add_(1, q_block, real)
-            query = (q_sums / q_counts.clamp(min=1)[:, None, :, None]).gather(2, index)
-        gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q, N)
+            weighted_q = query if query_valid is None else query * real[:, None, :, None]
+            if contiguous:
+                front = int(q_pos[0, 0]) % bs
+                count = -(-(front + q_len) // bs)
+                back = count * bs - front - q_len
+                q_sums = F.pad(weighted_q, (0, 0, front, back)).view(batch, heads, count, bs, dim).sum(3)
+                q_counts = F.pad(real, (front, back)).view(batch, count, bs).sum(-1)
+                q_means = q_sums / q_counts.clamp(min=1)[:, None, :, None]
+                # gate per query block, then per token (N scores per token, not D)
+                gate = torch.matmul(q_means, means.transpose(-1, -2)).repeat_interleave(bs, dim=2)[:, :, front : front + q_len]
+            else:
+                q_block = own.clamp(0, last).expand(batch, q_len)
+                index = q_block[:, None, :, None].expand(-1, heads, -1, dim)
+                q_sums = query.new_zeros(batch, heads, num_blocks, dim).scatter_add_(2, index, weighted_q)
+                q_counts = real.new_zeros(batch, num_blocks).scatter_add_(1, q_block, real)
+                query = (q_sums / q_counts.clamp(min=1)[:, None, :, None]).gather(2, index)
+        if not (contiguous and self.gate == "block"):
+            gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q, N)
         blocks = torch.arange(num_blocks, device=query.device)
         own = own[:, None, :, None]
         earlier = (blocks < own) & (counts > 0)[:, None, None, :]
@@ -113,7 +134,7 @@ class MoBA(SparseVariant):
             return None
         k_pos = torch.arange(key.shape[2], device=q_pos.device)[None]
         q_valid = None if key_valid is None else key_valid[:, key.shape[2] - q_pos.shape[0] :]
-        return self.choose(q_pos[None], k_pos, query, key, key_valid, q_valid, num_blocks)
+        return self.choose(q_pos[None], k_pos, query, key, key_valid, q_valid, num_blocks, contiguous=True)
 
     def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None):
         if self._dense(module):
