@@ -24,6 +24,7 @@ from .modeling import (
     register_model_types,
 )
 from .remote import write_remote_code
+from .streaming import StreamingCache
 from .variants import VARIANTS
 from .variants.moh import moh_aux_loss
 
@@ -38,6 +39,7 @@ __all__ = [
     "is_adapted",
     "moh_aux_loss",
     "push_to_hub",
+    "StreamingCache",
     "variants",
 ]
 

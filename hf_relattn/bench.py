@@ -71,6 +71,7 @@ from . import __version__, convert
 from .cli import _value, read_settings_file
 from .modeling import SPEC_KEY, is_adapted
 from .patches import get_adapter
+from .streaming import StreamingCache, streaming_window
 from .variants.base import VARIANTS
 
 RESULTS_FORMAT = 1
@@ -191,7 +192,7 @@ class SameTokenGraph:
         ids = kwargs.get("input_ids")
         if kwargs.get("relation_ids") is not None or ids is None:
             return None
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         self.tokens = ids if past == 0 or self.tokens is None else torch.cat([self.tokens[:, :past], ids], dim=1)
         kwargs["relation_ids"] = (ids[:, :, None] == self.tokens[:, None, :]).long()
@@ -221,6 +222,9 @@ def _int_list(value: Any, name: str) -> tuple[int, ...]:
     return out
 
 
+CACHES = ("dynamic", "streaming")  # --cache
+
+
 @dataclasses.dataclass
 class BenchConfig:
     """Every setting of a bench run (flags, or keys of a --config YAML/JSON file)."""
@@ -248,6 +252,7 @@ class BenchConfig:
     contexts: Any = (256, 1024)
     decode_contexts: Any = (1024,)
     new_tokens: int = 16
+    cache: str = "dynamic"  # decode cache: "dynamic", or "streaming" (hf_relattn.StreamingCache where a model has a window)
     warmup: int = 1
     reps: int = 3
     plots: bool = True
@@ -268,6 +273,8 @@ class BenchConfig:
         for name in ("context", "stride", "max_tokens", "batch_size", "max_length", "new_tokens", "reps"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.cache not in CACHES:
+            raise ValueError(f"Unknown --cache {self.cache!r}; valid: {', '.join(CACHES)}")
         if self.warmup < 1:
             raise ValueError("--warmup must be at least 1: the warm-up runs are where peak memory is sampled")
         if self.stride > self.context:
@@ -322,6 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--contexts", help=f"prefill lengths, comma-separated (default {','.join(map(str, d.contexts))})")
     a("--decode-contexts", help=f"decode prefill lengths, causal LMs; empty to skip (default {','.join(map(str, d.decode_contexts))})")
     a("--new-tokens", type=int, help=f"greedy decode steps per repetition (default {d.new_tokens})")
+    a("--cache", help="decode cache: dynamic, or streaming (hf_relattn.StreamingCache for models with a causal sliding "
+                      f"window: a bounded KV cache; the others keep the dynamic cache) (default {d.cache})")
     a("--warmup", type=int, help=f"untimed runs before timing; peak memory is sampled in them (default {d.warmup})")
     a("--reps", type=int, help=f"timed repetitions (default {d.reps})")
     a("--no-plots", dest="plots", action="store_const", const=False, help="skip the PNG plots")
@@ -507,9 +516,10 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 @torch.inference_mode()
-def prefill(model: nn.Module, ids: torch.Tensor) -> Any:
-    """One forward over `ids` (1, L) building the KV cache and only the last logits, like `generate`."""
-    kwargs: dict[str, Any] = {"use_cache": True}
+def prefill(model: nn.Module, ids: torch.Tensor, cache: Any = None) -> Any:
+    """One forward over `ids` (1, L) building the KV cache (`cache`, or the model's default) and
+    only the last logits, like `generate`."""
+    kwargs: dict[str, Any] = {"use_cache": True, **({"cache": cache} if cache is not None else {})}
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     return model(input_ids=ids, **kwargs)
@@ -522,8 +532,8 @@ def decode_steps(model: nn.Module, cache: Any, next_token: torch.Tensor, new_tok
     _sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=next_token, past_key_values=cache, use_cache=True)
-        cache, next_token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=next_token, cache=cache, use_cache=True)
+        cache, next_token = out.cache, out.logits[:, -1:].argmax(-1)
     _sync(device)
     return time.perf_counter() - start
 
@@ -535,8 +545,8 @@ def decode_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[fl
     Returns (decode tokens/s, KV-cache bytes after the prefill)."""
     ids = ids[None] if ids.dim() == 1 else ids
     out = prefill(model, ids)
-    kv_bytes = cache_bytes(out.past_key_values)
-    seconds = decode_steps(model, out.past_key_values, out.logits[:, -1:].argmax(-1), new_tokens)
+    kv_bytes = cache_bytes(out.cache)
+    seconds = decode_steps(model, out.cache, out.logits[:, -1:].argmax(-1), new_tokens)
     return new_tokens / seconds, kv_bytes
 
 
@@ -867,7 +877,7 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
                         _, output = _timed_forward(entry.model, inputs, causal, device)
                     if pm.peak_bytes is not None:
                         memory[entry.label].append(pm.peak_bytes)
-                    kv[entry.label] = cache_bytes(output.past_key_values) if getattr(output, "past_key_values", None) is not None else None
+                    kv[entry.label] = cache_bytes(output.cache) if getattr(output, "cache", None) is not None else None
                 else:
                     seconds, output = _timed_forward(entry.model, inputs, causal, device)
                     times[entry.label].append(seconds)
@@ -890,8 +900,8 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
         state: dict[str, tuple[Any, torch.Tensor]] = {}
         for entry in entries:
             bar.set_postfix_str(f"{entry.label}: decode prefill {context}", refresh=False)
-            output = prefill(entry.model, work.decode_inputs[context])
-            state[entry.label] = (output.past_key_values, output.logits[:, -1:].argmax(-1))
+            output = prefill(entry.model, work.decode_inputs[context], decode_cache(entry.model, cfg.cache))
+            state[entry.label] = (output.cache, output.logits[:, -1:].argmax(-1))
             del output
             bar.update()
         times = {e.label: [] for e in entries}
@@ -911,6 +921,7 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
                 "seconds": summarize(t),
                 "tokens_per_s": summarize([cfg.new_tokens / s for s in t]),
                 "kv_cache_bytes": cache_bytes(state[entry.label][0]),
+                "cache": type(state[entry.label][0]).__name__,
             })
         del state
     bar.close()
@@ -918,6 +929,13 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
     results = assemble(cfg, specs, task, base, work, entries, device, time.perf_counter() - started, load_info)
     write_outputs(results, out_dir, plots=cfg.plots)
     return results
+
+
+def decode_cache(model: nn.Module, kind: str) -> Any:
+    """A fresh decode cache of `kind` for `model`; None: the model's own default."""
+    if kind == "streaming" and any(streaming_window(m) is not None for m in get_adapter(model).attention_modules(model)):
+        return StreamingCache(model)
+    return None
 
 
 def _note(message: str) -> None:
@@ -1150,14 +1168,15 @@ def render_markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
             ])
     lines += ["## Prefill", "", markdown_table(detail_h, detail), ""]
     if results["results"][0]["decode"]:
-        dec_h = ["variant", "context", "new tokens", "tok/s median [min-max]", "tok/s x base", "KV cache", "KV x base"]
+        dec_h = ["variant", "context", "new tokens", "tok/s median [min-max]", "tok/s x base", "KV cache", "KV x base", "cache"]
         dec = []
         for r in results["results"]:
             for m in r["decode"]:
                 tps, ratio = m["tokens_per_s"], r["ratios"]["decode"][str(m["context"])]
                 dec.append([r["label"], str(m["context"]), str(m["new_tokens"]),
                             f"{_fmt_num(tps['median'])} [{_fmt_num(tps['min'])}-{_fmt_num(tps['max'])}]",
-                            _fmt_ratio(ratio["tokens_per_s"]), fmt_bytes(m["kv_cache_bytes"]), _fmt_ratio(ratio["kv_cache_bytes"])])
+                            _fmt_ratio(ratio["tokens_per_s"]), fmt_bytes(m["kv_cache_bytes"]), _fmt_ratio(ratio["kv_cache_bytes"]),
+                            m.get("cache", "")])
         lines += ["## Decode (greedy, KV cache)", "", markdown_table(dec_h, dec), ""]
     spec_rows = [[r["label"], json.dumps(r["spec"]) if r["spec"] else "(unmodified, native sdpa)", r["model_class"], r["attn_implementation"]] for r in results["results"]]
     lines += ["## Variants", "", markdown_table(["variant", "conversions", "model class", "attention"], spec_rows, left=4), ""]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .variants.base import ATTACHED, RelationTerm, Variant, get_variant_class
+from .variants.base import ATTACHED, CACHE, RelationTerm, Variant, get_variant_class
 
 ENGINE_NAME = "relattn"
 FLAG_PREFIX = "relattn_"
@@ -105,8 +105,8 @@ def flag_options(config: Any, name: str) -> dict[str, Any]:
         raise ValueError(f"config.relattn must be a dict, got {type(spec).__name__}")
     if "variants" in spec:
         for entry in spec["variants"]:
-            if entry["name"] == name:
-                return dict(entry.get("options", {}))
+            if entry["name"] == name:  # a saved spec: options it did not write keep their old meaning
+                return {**get_variant_class(name).legacy_options, **entry.get("options", {})}
         return {}
     if "layers" in spec:
         raise ValueError(
@@ -270,10 +270,32 @@ def relattn_attention(
     wants_probs = bool(kwargs.get("output_attentions"))
     if not variants and not wants_probs and impl in ("auto", "compiled"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    stream = _streaming_layer(module, kwargs)
+    if stream is not None:  # a StreamingCache layer holds only some keys: their mask columns
+        if impl == "compiled":
+            raise ValueError("StreamingCache is not supported under torch.compile; use it in eager mode")
+        attention_mask = stream.kept_mask(attention_mask, query.shape[2], key.shape[2])
     call = build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, impl == "compiled")
+    out, probs = _dispatch(call, variants, impl, wants_probs)
+    if stream is not None:
+        stream.evict(_key_valid(call.mask))
+    return out, probs
+
+
+def _streaming_layer(module: nn.Module, inputs: dict[str, Any]) -> Any:
+    """The call's KV-cache layer when it evicts keys (hf_relattn.streaming.StreamingLayer), else None."""
+    layers = getattr(inputs.get(CACHE), "layers", None)
+    idx = getattr(module, "layer_idx", None)
+    layer = layers[idx] if layers is not None and idx is not None and idx < len(layers) else None
+    return layer if hasattr(layer, "kept_mask") else None
+
+
+def _dispatch(call: AttnCall, variants: Sequence[Variant], impl: str, wants_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out (B, Q, H, D), probabilities or None) of a call with variants."""
+    module = call.module
     mosa = next((v for v in variants if getattr(v, "choice", None) == "expert"), None)
     if mosa is not None:
-        call.router = mosa.router_logits(module, kwargs, call.query.shape[2], call.key.shape[2], call.lead)
+        call.router = mosa.router_logits(module, call.inputs, call.query.shape[2], call.key.shape[2], call.lead)
     if impl == "compiled" or wants_probs:
         out, probs = materialized_attention(call, variants)
         return out.transpose(1, 2).contiguous(), probs if wants_probs else None
@@ -282,8 +304,8 @@ def relattn_attention(
     if not gating:
         return _attention(call, others, impl), None
     # the gating axis (MoH): per-token head weights on the heads' outputs
-    weights, used = gating[0].head_weights(module, call.query, _query_valid(call), kwargs)
-    plain = all(v.axis == "structure" for v in others) and kwargs.get("relation_ids") is None
+    weights, used = gating[0].head_weights(module, call.query, _query_valid(call), call.inputs)
+    plain = all(v.axis == "structure" for v in others) and call.inputs.get("relation_ids") is None
     # short inputs and decoding steps compute every head: below ROUTED_MIN_TOKENS the per-head
     # calls cost more than they save, and a step's cost is reading the KV cache
     if plain and call.query.shape[2] >= ROUTED_MIN_TOKENS and not module.training and not torch.is_grad_enabled() and impl == "auto":
@@ -408,15 +430,10 @@ def _sparse_paths(call: AttnCall, variant: Any, impl: str) -> torch.Tensor:
         out = expert_choice_attention(query, key, value, mask, variant, call.router, scale, drop)
         return out.transpose(1, 2).contiguous()
     if impl == "reference":
-        qp, kp, valid, q_valid = positions(call, variant.absolute_positions)
-        pattern = variant.pair_mask(module, qp, kp, query, key, valid, q_valid)
-        if pattern is not None and mask is not None:
-            pattern = pattern & mask
-        elif pattern is not None and causal:
-            pattern = pattern & (k_pos[None, :] <= q_pos[:, None])
-        out = reference_attention(query, key, value, mask if pattern is None else pattern,
-                                  lambda qp, kp: None, q_pos, k_pos, causal, scale, drop)
+        out, _ = materialized_attention(call, [variant])
         return out.transpose(1, 2).contiguous()
+    sinks = variant.sink_tokens(module, k_len)
+    sink = variant.sink_logits(module)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     # self-attention of a pattern with its own dense layout (the block path reads whole key
     # blocks for scattered keys); fixed's own blocks are large, so its training keeps the block
@@ -424,22 +441,42 @@ def _sparse_paths(call: AttnCall, variant: Any, impl: str) -> torch.Tensor:
     if impl == "auto" and variant.layout and query.shape[2] == k_len and not (variant.layout == "fixed" and training):
         valid = _plain_key_padding(mask, causal)
         if valid is not False:
+            extra = _layout_sinks(module, variant, sinks, sink)
             if variant.layout == "strided":
-                out = strided_attention(query, key, value, valid, variant.stride, causal, scale, drop)
+                out = strided_attention(query, key, value, valid, variant.stride, causal, scale, drop, extra)
             else:
-                out = fixed_attention(query, key, value, valid, variant.block, variant.summary, causal, scale, drop)
+                out = fixed_attention(query, key, value, valid, variant.block, variant.summary, causal, scale, drop, extra)
             return out.transpose(1, 2).contiguous()
     out = None
     use_flex = impl == "flex" or (impl == "auto" and query.device.type == "cuda" and drop == 0 and query.shape[2] >= FLEX_MIN_TOKENS)
     if use_flex:
-        out = flex_sparse_attention(query, key, value, mask, variant, module, q_pos, k_pos, causal, scale)
+        out = None if sink is not None else flex_sparse_attention(query, key, value, mask, variant, module, q_pos, k_pos, causal, scale, sinks)
         if out is None and impl == "flex":
-            raise ValueError(f"{variant.name} (choice {variant.choice!r}) has no FlexAttention form; use 'auto'")
+            raise ValueError(f"{variant.name} (choice {variant.choice!r}, sink_logit {variant.sink_logit}) has no FlexAttention form; use 'auto'")
     if out is None:
-        out = block_sparse_attention(query, key, value, mask, variant, module, q_pos, k_pos, causal, scale, drop)
+        out = block_sparse_attention(query, key, value, mask, variant, module, q_pos, k_pos, causal, scale, drop, sinks, sink)
     if out is None:  # a dense layer of the pattern
+        if sink is not None:  # the sink logit still joins the softmax
+            return materialized_attention(call, [variant])[0].transpose(1, 2).contiguous()
         return sdpa_attention_forward(module, query, key, value, mask, dropout=drop, scaling=scale, is_causal=causal)[0]
     return out.transpose(1, 2).contiguous()
+
+
+@dataclass
+class _LayoutSinks:
+    """What a pattern layout adds to its pieces: the first `tokens` keys for every query (those
+    its own pieces do not already cover, by `covered(i, j)`), and a per-head `logit` in the
+    softmax denominator."""
+
+    tokens: int
+    covered: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    logit: torch.Tensor | None
+
+
+def _layout_sinks(module: nn.Module, variant: Any, sinks: int, sink: torch.Tensor | None) -> _LayoutSinks | None:
+    if not sinks and sink is None:
+        return None
+    return _LayoutSinks(sinks, lambda i, j: variant.allowed(module, i, j, 0), sink)
 
 
 # The last mask `_plain_key_padding` read (weakly) and its answer: every layer of a forward
@@ -514,16 +551,53 @@ def _piece(
     return torch.matmul(probs, v), lse
 
 
-def _merge(pieces: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Outputs of attention over disjoint key sets, merged by their log-sum-exps."""
+def _sink_pieces(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, extra: _LayoutSinks | None, causal: bool,
+    scale: float,
+) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    """A layout's pieces for its sinks: q (B, G, g, n, size, D) as all n * size rows against the
+    first `tokens` keys its own pieces do not reach (`_sink_piece`), and the sink logit as a
+    piece without output whose log-sum-exp is the logit. Shaped as the layout's pieces."""
+    if extra is None:
+        return []
+    batch, kv_heads, groups, n, size, dim = q.shape
+    pieces: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+    if extra.tokens:
+        count = min(extra.tokens, k.shape[2])
+        rows = torch.arange(n * size, device=q.device)
+        uncovered = ~extra.covered(rows[:, None], rows[None, :count])
+        keys = valid[:, None, None, :count]  # (B, 1, 1, count): padding keys stay out
+        out, lse = _sink_piece(q.reshape(batch, kv_heads * groups, n * size, dim), k, v, count, uncovered, rows, causal, keys, scale)
+        pieces.append((out.view(q.shape[:-1] + (-1,)), lse.view(q.shape[:-1])))
+    if extra.logit is not None:
+        pieces.append((None, extra.logit.float().view(1, kv_heads, groups, 1, 1).expand(batch, -1, -1, n, size)))
+    return pieces
+
+
+def _merge(pieces: Sequence[tuple[torch.Tensor | None, torch.Tensor]]) -> torch.Tensor:
+    """Outputs of attention over disjoint key sets, merged by their log-sum-exps; a piece with no
+    output (None: a sink logit) only adds to the denominator. The weights are computed on the
+    (..., rows) log-sum-exps; without autograd the outputs accumulate in place."""
     total = torch.logsumexp(torch.stack([lse.float() for _, lse in pieces]), dim=0)
-    merged = sum(out.float() * torch.exp(lse.float() - total)[..., None] for out, lse in pieces)
-    return merged.to(pieces[0][0].dtype)  # the kernels' log-sum-exps are float32 whatever the inputs
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for piece in pieces for t in piece)
+    dtype = next(out.dtype for out, _ in pieces if out is not None)
+    merged = None
+    for out, lse in pieces:
+        if out is None:
+            continue
+        weight = torch.exp(lse.float() - total)[..., None]
+        if merged is None:  # the first piece's tensor is the callers' own: rescaled in place
+            merged = out.float() * weight if grad or out.dtype != torch.float32 else out.mul_(weight)
+        elif grad:
+            merged = merged + out.float() * weight
+        else:
+            merged.addcmul_(out.float(), weight)
+    return merged.to(dtype)  # the kernels' log-sum-exps are float32 whatever the inputs
 
 
 def strided_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, stride: int,
-    causal: bool, scale: float, dropout: float,
+    causal: bool, scale: float, dropout: float, sinks: _LayoutSinks | None = None,
 ) -> torch.Tensor:
     """The strided pattern of Child et al. 2019 as two dense pieces merged by log-sum-exp, for
     self-attention without a cache (Q = K): (B, Hq, T, D) -> (B, Hq, T, D).
@@ -551,13 +625,14 @@ def strided_attention(
     other = (a[None, :] < a[:, None]) if causal else (a[None, :] != a[:, None])  # key index b vs query index a
     keep_res = other & valid.view(batch, n, s).transpose(1, 2)[:, None, None, :, None, :]
     out_r, lse_r = _piece(flash, q.transpose(-3, -2), k_r, v_r, keep_res, static, scale, dropout)
-    out = _merge([band, (out_r.transpose(-3, -2), lse_r.transpose(-2, -1))])
+    extra = _sink_pieces(q, k, v, valid, sinks, causal, scale)
+    out = _merge([band, (out_r.transpose(-3, -2), lse_r.transpose(-2, -1)), *extra])
     return out.reshape(batch, heads, n * s, -1)[:, :, :length]
 
 
 def fixed_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, block: int,
-    summary: int, causal: bool, scale: float, dropout: float,
+    summary: int, causal: bool, scale: float, dropout: float, sinks: _LayoutSinks | None = None,
 ) -> torch.Tensor:
     """The fixed pattern of Child et al. 2019 as two dense pieces merged by log-sum-exp, for
     self-attention without a cache: each query's own block of `block` tokens (causal inside
@@ -579,7 +654,8 @@ def fixed_attention(
     other = (k_block[None, :] < q_block[:, None]) if causal else (k_block[None, :] != q_block[:, None])
     keep_sum = other & blocks[:, :, block - summary :].reshape(batch, 1, 1, 1, 1, n * summary)
     out_s, lse_s = _piece(flash, q.reshape(batch, kv_heads, -1, 1, n * block, dim), ks, vs, keep_sum, static, scale, dropout)
-    out = _merge([own, (out_s.view(own[0].shape), lse_s.view(own[1].shape))])
+    extra = _sink_pieces(q, k, v, valid, sinks, causal, scale)
+    out = _merge([own, (out_s.view(own[0].shape), lse_s.view(own[1].shape)), *extra])
     return out.reshape(batch, heads, n * block, -1)[:, :, :length]
 
 
@@ -752,6 +828,7 @@ def materialized_attention(call: AttnCall, variants: Sequence[Variant]) -> tuple
     else:
         scores, keep = scores + call.mask.to(dtype), None
     rows = None  # (B, H, Q) weight of each (token, head) output
+    sink = None  # (H,) sink logits of a pattern
     for variant in variants:
         if variant.axis != "sparsity":
             continue
@@ -760,13 +837,21 @@ def materialized_attention(call: AttnCall, variants: Sequence[Variant]) -> tuple
         else:
             q_pos, k_pos, valid, q_valid = positions(call, variant.absolute_positions)
             pattern = variant.pair_mask(module, q_pos, k_pos, query, call.key, valid, q_valid)
+            sinks = variant.sink_tokens(module, k_len)
+            if pattern is not None and sinks:
+                pattern = pattern | (k_pos < sinks)[:, None, None, :]
+            sink = variant.sink_logits(module)
         if pattern is not None:
             if call.causal:
                 pattern = pattern & (k_slots[None, :] <= q_slots[:, None])
             keep = pattern if keep is None else keep & pattern
     if keep is not None:
         scores = scores.masked_fill(~keep, torch.finfo(dtype).min)
-    probs = torch.softmax(scores, dim=-1)
+    if sink is not None:  # one more column: the sink logit in the denominator, no value
+        column = sink.to(dtype)[None, :, None, None].expand(batch, heads, q_len, 1)
+        probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     if keep is not None:  # rows that see no key (padding queries, tokens MoSA leaves) get nothing
         probs = probs * keep.any(-1, keepdim=True)
     if call.dropout > 0:
@@ -1158,14 +1243,37 @@ def _key_blocks(t: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
 
 
 def _pattern_keep(
-    keep: torch.Tensor | None, variant: Any, module: nn.Module, rows: torch.Tensor, kpos: torch.Tensor, k_len: int, causal: bool
+    base: torch.Tensor | None, choice: torch.Tensor | None, variant: Any, module: nn.Module, rows: torch.Tensor,
+    kpos: torch.Tensor, k_len: int, causal: bool, sinks: int = 0,
 ) -> torch.Tensor | None:
-    """`keep` (None = all) and the variant's token rule and causality, for query positions
-    `rows` (..., 1) and key positions `kpos` (..., 1, K')."""
-    for extra in (variant.allowed(module, rows, kpos, k_len), (kpos <= rows) if causal else None):
+    """Which gathered keys each query attends (None = all): among real key slots (`base`), the
+    pattern's (the token's own block `choice` and the variant's token rule) and the first
+    `sinks` positions, causally; query positions `rows` (..., 1), key positions `kpos` (..., 1, K')."""
+    keep = choice
+    rule = variant.allowed(module, rows, kpos, k_len)
+    if rule is not None:
+        keep = rule if keep is None else keep & rule
+    if sinks and keep is not None:
+        keep = keep | (kpos < sinks)
+    for extra in (base, (kpos <= rows) if causal else None):
         if extra is not None:
             keep = extra if keep is None else keep & extra
     return keep
+
+
+def _sink_column(bias: torch.Tensor, sink: torch.Tensor, hx: int, gx: int, rows: int) -> torch.Tensor:
+    """`bias` (P, 1|hx, ..., gx * rows, C) with one more column holding each query head's sink
+    logit (head = K/V-index * gx + g): the score of a zero key whose value is zero, which is the
+    logit's place in the softmax denominator. -> (P, hx, ..., gx * rows, C + 1)."""
+    column = sink.to(bias.dtype).view(hx, gx, 1).expand(hx, gx, rows).reshape(hx, gx * rows, 1)
+    column = column.view(1, hx, *([1] * (bias.dim() - 4)), gx * rows, 1)
+    shape = (bias.shape[0], hx, *bias.shape[2:-1], 1)
+    return torch.cat([bias.expand(*shape[:-1], bias.shape[-1]), column.expand(shape)], dim=-1)
+
+
+def _zero_key(t: torch.Tensor) -> torch.Tensor:
+    """K or V (..., C, D) with one more key of zeros (see `_sink_column`)."""
+    return F.pad(t, (0, 0, 0, 1))
 
 
 def _selected_blocks(token_blocks: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1197,6 +1305,72 @@ def _chunks(count: int, step: int, flags: list[bool] | None) -> Iterator[tuple[s
             a = b
 
 
+# The CPU flash kernel: like SDPA, and it returns each row's log-sum-exp (no gradient through it).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _inference_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> Any:
+    """The CPU flash kernel when nothing needs a gradient (its log-sum-exp has none), else None."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    usable = _CPU_FLASH is not None and not needs_grad and dropout == 0 and query.device.type == "cpu"
+    return _CPU_FLASH if usable else None
+
+
+def _sink_scores(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int, uncovered: torch.Tensor, q_pos: torch.Tensor,
+    causal: bool, mask: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of every query (B, H, Q, D) against the first `sinks` keys where `uncovered`
+    (1|B, 1|H, Q, S) says the main path did not read them, causally and as the mask allows
+    (float32, masked ones at the minimum): ((B, H, Q, S), their values (B, H, S, D) float32)."""
+    count = min(sinks, key.shape[2])
+    groups = query.shape[1] // key.shape[1]
+    k, v = (t[:, :, :count].float().repeat_interleave(groups, dim=1) for t in (key, value))
+    scores = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
+    keep = uncovered[..., :count]
+    if causal:
+        keep = keep & (torch.arange(count, device=query.device)[None, :] <= q_pos[:, None])
+    if mask is not None:
+        m = mask[..., :count]
+        keep = keep & (m if m.dtype == torch.bool else m == 0)
+    return scores.masked_fill(~keep, torch.finfo(torch.float32).min), v
+
+
+def _sink_piece(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int, uncovered: torch.Tensor, q_pos: torch.Tensor,
+    causal: bool, mask: torch.Tensor | None, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sink_scores` as a piece to merge by log-sum-exp: (out (B, H, Q, D) float32, lse (B, H, Q)),
+    by plain matmuls (autograd flows)."""
+    scores, v = _sink_scores(query, key, value, sinks, uncovered, q_pos, causal, mask, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]), v), lse
+
+
+def _with_sinks(
+    out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int,
+    uncovered: torch.Tensor | None, q_pos: torch.Tensor, causal: bool, mask: torch.Tensor | None, scale: float,
+    sink: torch.Tensor | None,
+) -> torch.Tensor:
+    """The main path's (out, lse) (B, H, Q, ...) with the sinks it did not read and the sink
+    logit joined to every softmax: weights from the (B, H, Q) log-sum-exps, the main output
+    rescaled and the sinks' probabilities @ values added, in place (inference only: the main
+    path's log-sum-exp comes from the flash kernel, which has no gradient for it)."""
+    total = lse.float()
+    if sinks:
+        scores, v = _sink_scores(query, key, value, sinks, uncovered, q_pos, causal, mask, scale)
+        total = torch.logaddexp(total, torch.logsumexp(scores, dim=-1))
+    if sink is not None:
+        total = torch.logaddexp(total, sink.float()[None, :, None])
+    merged = out.float() if out.dtype != torch.float32 else out.contiguous()
+    merged.mul_(torch.exp(lse.float() - total)[..., None])
+    if sinks:
+        batch, heads, q_len, dim = merged.shape
+        probs = torch.exp(scores - total[..., None])
+        merged.view(batch * heads, q_len, dim).baddbmm_(probs.reshape(batch * heads, q_len, -1), v.reshape(batch * heads, -1, dim))
+    return merged.to(out.dtype)
+
+
 def block_sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -1209,6 +1383,8 @@ def block_sparse_attention(
     causal: bool,
     scale: float,
     dropout: float,
+    sinks: int = 0,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Attention computed only on the key blocks a sparse variant keeps; (B, Hq, Q, D), or None
     when the variant leaves this layer dense.
@@ -1219,7 +1395,13 @@ def block_sparse_attention(
     the exact token-level mask: the pattern's rule, the token's own block choice, causality,
     padding. Compute and memory are proportional to the gathered blocks; autograd flows
     through the gathers. Chunks of query blocks keep the gathered K/V under
-    SPARSE_CHUNK_ELEMENTS floats."""
+    SPARSE_CHUNK_ELEMENTS floats.
+
+    Sinks (the first `sinks` positions, for every query) inside the gathered blocks are kept by
+    the mask. At inference the sinks outside them are a small piece of their own merged by
+    log-sum-exp (the CPU flash kernel returns the main path's), so a sink costs no extra block;
+    with autograd their blocks join every union instead. `sink` (heads,): a logit per head in
+    every softmax denominator (a piece of zero output, or a zero key with that score)."""
     batch, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -1229,7 +1411,10 @@ def block_sparse_attention(
     if chosen is None:
         return None
     if variant.choice == "token" and q_len > 1:  # one query (decoding): its union is its own choice
-        return _per_token_blocks(query, key, value, mask, chosen, variant, module, q_pos, k_pos, causal, scale, dropout)
+        return _per_token_blocks(query, key, value, mask, chosen, variant, module, q_pos, k_pos, causal, scale, dropout,
+                                 sinks, sink)
+    flash = _inference_flash(query, key, value, dropout) if sinks or sink is not None else None
+    union_sinks = sinks if flash is None else 0  # sinks added to the gathered blocks (autograd)
     per_head = chosen.shape[1] > 1
     qb = query_rows(variant, block, q_len)
     sel, sel_valid = _selected_blocks(chosen, qb)
@@ -1238,42 +1423,81 @@ def block_sparse_attention(
     hx, gx = (heads, 1) if per_head else (kv_heads, groups)
     q = F.pad(query, (0, 0, 0, nq * qb - q_len)).view(batch, hx, gx, nq, qb, dim)
     qp = F.pad(q_pos, (0, nq * qb - q_len), value=int(q_pos[-1])).view(nq, qb)
+    full_mask = mask
     if mask is not None:  # rows padded to whole query blocks, once
         mask = F.pad(mask, (0, 0, 0, nq * qb - q_len)) if mask.shape[-2] > 1 else mask.expand(-1, -1, nq * qb, -1)
+    lowest = torch.finfo(query.dtype).min
+    s_cols = torch.arange(min(sinks, k_len), device=query.device)
+
+    def finish(outs: list[torch.Tensor], lses: list[torch.Tensor], uncovered: torch.Tensor | None) -> torch.Tensor:
+        # query blocks back in order; at inference the sinks outside them and the sink logit merged in
+        out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
+        out = out.reshape(batch, heads, nq * qb, -1)[:, :, :q_len]
+        if flash is None:
+            return out
+        lse = (torch.cat(lses, dim=3) if len(lses) > 1 else lses[0]).reshape(batch, heads, nq * qb)[:, :, :q_len]
+        return _with_sinks(out, lse, query, key, value, sinks, uncovered, q_pos, causal, full_mask, scale, sink)
+
+    def attend(qc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if flash is not None:
+            return flash(qc, k, v, 0.0, False, attn_mask=bias, scale=scale)
+        if sink is not None:  # a zero key scoring each head's sink logit
+            bias, k, v = _sink_column(bias, sink, hx, gx, qb), _zero_key(k), _zero_key(v)
+        return F.scaled_dot_product_attention(qc, k, v, attn_mask=bias, dropout_p=dropout, scale=scale), None
+
     # the union of a query block's choices may hold blocks some of its tokens did not choose
     aligned = (k_len - q_len) % block == 0
     own_needed = variant.choice == "token" or (variant.choice == "block" and not (qb == 1 or aligned and qb == block))
+    # sink blocks joining the union are whole for nobody: each token keeps to its own choice there
+    own_needed = own_needed or bool(union_sinks and variant.choice != "rule")
     if not own_needed and sel.shape[:2] == (1, 1) and bool(((sel[..., 1:] - sel[..., :-1] == 1) | ~sel_valid[..., 1:]).all()):
         # every query block reads one run of consecutive key blocks (e.g. a sliding window):
-        # attend on slices of K/V, no copies
-        outs = []
+        # attend on slices of K/V, no copies (with autograd, the sinks before the run: a copy)
+        outs, lses, leads = [], [], []
         for i in range(nq):
             first, count = int(sel[0, 0, i, 0]), int(sel_valid[0, 0, i].sum())
             k0, k1 = first * block, min(k_len, (first + count) * block)
-            kpos, rows = k_pos[k0:k1][None, :], qp[i][:, None]
-            keep = _pattern_keep(torch.ones(1, 1, qb, k1 - k0, dtype=torch.bool, device=query.device),
-                                 variant, module, rows, kpos, k_len, causal)
+            lead = min(union_sinks, k0)  # sink keys put before the run
+            leads.append(min(sinks, k0))
+            kpos, rows = torch.cat([k_pos[:lead], k_pos[k0:k1]])[None, :], qp[i][:, None]
+            keep = _pattern_keep(None, None, variant, module, rows, kpos, k_len, causal, sinks)
+            keep = torch.ones(1, 1, qb, kpos.shape[-1], dtype=torch.bool, device=query.device) if keep is None else keep[None, None]
             if mask is not None:
-                m = mask[:, :, i * qb : (i + 1) * qb, k0:k1]
+                m = mask[:, :, i * qb : (i + 1) * qb, kpos[0]] if lead else mask[:, :, i * qb : (i + 1) * qb, k0:k1]
                 keep = keep & (m if m.dtype == torch.bool else m == 0)
             if gx > 1:
-                keep = keep[:, :, None].expand(-1, -1, gx, -1, -1).reshape(keep.shape[0], 1, gx * qb, k1 - k0)
-            bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, torch.finfo(query.dtype).min)
-            qc = q[:, :, :, i].reshape(batch, hx, gx * qb, dim)
-            out = F.scaled_dot_product_attention(qc, key[:, :, k0:k1], value[:, :, k0:k1], attn_mask=bias, dropout_p=dropout, scale=scale)
+                keep = keep[:, :, None].expand(-1, -1, gx, -1, -1).reshape(keep.shape[0], 1, gx * qb, -1)
+            bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, lowest)
+            k_run, v_run = key[:, :, k0:k1], value[:, :, k0:k1]
+            if lead:
+                k_run, v_run = torch.cat([key[:, :, :lead], k_run], dim=2), torch.cat([value[:, :, :lead], v_run], dim=2)
+            out, lse = attend(q[:, :, :, i].reshape(batch, hx, gx * qb, dim), k_run, v_run, bias)
             outs.append(out.view(batch, hx, gx, 1, qb, -1))
-        return torch.cat(outs, dim=3).reshape(batch, heads, nq * qb, -1)[:, :, :q_len]
+            if lse is not None:
+                lses.append(lse.view(batch, hx, gx, 1, qb))
+        # sinks left of a query block's run are not read by it
+        lead_of = torch.tensor(leads, device=query.device).repeat_interleave(qb)[:q_len]
+        return finish(outs, lses, (s_cols[None, :] < lead_of[:, None])[None, None])
     chosen_rows = F.pad(chosen, (0, 0, 0, nq * qb - q_len)).view(*chosen.shape[:2], nq, qb, num_blocks)
+    union = None
+    if flash is not None and sinks:  # the sinks whose blocks a query block does not gather
+        union = torch.zeros(*sel.shape[:3], num_blocks + 1, dtype=torch.bool, device=query.device)
+        union = union.scatter_(-1, torch.where(sel_valid, sel, num_blocks), True)[..., :num_blocks]  # (Bs, Hs, nq, N)
+    if union_sinks:  # the sink blocks join every query block's union (the mask keeps their sink keys)
+        sink_blocks = torch.arange(num_blocks, device=query.device) < -(-union_sinks // block)
+        sel, sel_valid = _selected_blocks(chosen | sink_blocks, qb)
+        width = sel.shape[3]
     offsets = torch.arange(block, device=query.device)
     b_idx = torch.arange(batch, device=query.device)[:, None, None, None]
     h_idx = (torch.arange(hx, device=query.device) // (groups if per_head else 1))[None, :, None, None]
     step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(qb * gx, dim)))
-    outs = []
+    outs, lses = [], []
     kb, vb = (_key_blocks(t, num_blocks, block) for t in (key, value))
     # query blocks gated whole (aligned, no rule, no padding) that read `width` blocks, their own
     # last, share one mask: earlier blocks whole, the own block causal
     tail_causal = None
     if (variant.choice == "block" and not own_needed and mask is None and causal and qb == block and k_len % block == 0
+            and not union_sinks and (sink is None or flash is not None)
             and variant.allowed(module, qp[:1, :, None], k_pos[None, None, :1], k_len) is None):
         tail_causal = torch.ones(qb, width * block, dtype=torch.bool, device=query.device)
         tail_causal[:, -block:] = torch.ones(qb, block, dtype=torch.bool, device=query.device).tril()
@@ -1287,51 +1511,64 @@ def block_sparse_attention(
         v_sel = vb[b_idx, h_idx, idx].reshape(batch * hx, n, width * block, -1)
         qc = q[:, :, :, c].permute(0, 1, 3, 2, 4, 5).reshape(batch * hx, n, gx * qb, dim)
         if shared_mask:
-            out = F.scaled_dot_product_attention(qc, k_sel, v_sel, attn_mask=tail_causal, dropout_p=dropout, scale=scale)
-            outs.append(out.view(batch, hx, n, gx, qb, -1).permute(0, 1, 3, 2, 4, 5))
-            continue
-        # the token-level mask, as small as its dependencies allow: (1|B, 1|hx, n, bq, S * bs)
-        kpos = (sidx[..., None] * block + offsets).reshape(*sidx.shape[:2], n, 1, width * block)
-        rows = qp[c][None, None, :, :, None]  # (1, 1, n, bq, 1)
-        keep = sel_valid[..., c, :].repeat_interleave(block, dim=-1)[..., None, :] & (kpos < k_len)
-        if own_needed:
-            own = chosen_rows[..., c, :, :].gather(-1, sidx[..., None, :].expand(-1, -1, -1, qb, -1))
-            keep = keep & own.repeat_interleave(block, dim=-1)
-        keep = _pattern_keep(keep, variant, module, rows, kpos, k_len, causal)
-        if mask is not None:
-            m = mask.view(mask.shape[0], 1, nq, qb, k_len)[:, :, c]
-            if m.dtype != torch.bool:
-                m = m == 0
-            cols = kpos.clamp(max=k_len - 1).expand(m.shape[0], -1, -1, qb, -1)
-            keep = keep & m.expand(-1, cols.shape[1], -1, -1, -1).gather(-1, cols)
-        if gx > 1:  # grouped query heads share the gathered K/V: (G * bq) rows per query block
-            keep = keep[:, :, :, None].expand(-1, -1, -1, gx, -1, -1).reshape(*keep.shape[:3], gx * qb, width * block)
-        bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, torch.finfo(query.dtype).min)
-        if bias.shape[:2] == (1, 1):
-            bias = bias[0]  # (1, n, rows, S * bs): broadcast over batch and heads
+            bias = tail_causal
         else:
-            bias = bias.expand(batch, hx, -1, -1, -1).reshape(batch * hx, n, gx * qb, width * block)
-        out = F.scaled_dot_product_attention(qc, k_sel, v_sel, attn_mask=bias, dropout_p=dropout, scale=scale)
+            # the token-level mask, as small as its dependencies allow: (1|B, 1|hx, n, bq, S * bs)
+            kpos = (sidx[..., None] * block + offsets).reshape(*sidx.shape[:2], n, 1, width * block)
+            rows = qp[c][None, None, :, :, None]  # (1, 1, n, bq, 1)
+            base = sel_valid[..., c, :].repeat_interleave(block, dim=-1)[..., None, :] & (kpos < k_len)
+            own = None
+            if own_needed:
+                own = chosen_rows[..., c, :, :].gather(-1, sidx[..., None, :].expand(-1, -1, -1, qb, -1)).repeat_interleave(block, dim=-1)
+            keep = _pattern_keep(base, own, variant, module, rows, kpos, k_len, causal, sinks)
+            if mask is not None:
+                m = mask.view(mask.shape[0], 1, nq, qb, k_len)[:, :, c]
+                if m.dtype != torch.bool:
+                    m = m == 0
+                cols = kpos.clamp(max=k_len - 1).expand(m.shape[0], -1, -1, qb, -1)
+                keep = keep & m.expand(-1, cols.shape[1], -1, -1, -1).gather(-1, cols)
+            if gx > 1:  # grouped query heads share the gathered K/V: (G * bq) rows per query block
+                keep = keep[:, :, :, None].expand(-1, -1, -1, gx, -1, -1).reshape(*keep.shape[:3], gx * qb, width * block)
+            bias = torch.zeros(keep.shape, dtype=query.dtype, device=query.device).masked_fill_(~keep, lowest)
+            if sink is not None and flash is None:  # a zero key scoring each head's sink logit
+                bias, k_sel, v_sel = _sink_column(bias, sink, hx, gx, qb), _zero_key(k_sel), _zero_key(v_sel)
+            if bias.shape[:2] == (1, 1):
+                bias = bias[0]  # (1, n, rows, S * bs): broadcast over batch and heads
+            else:
+                bias = bias.expand(batch, hx, -1, -1, -1).reshape(batch * hx, n, gx * qb, -1)
+        if flash is not None:
+            out, lse = flash(qc, k_sel, v_sel, 0.0, False, attn_mask=bias, scale=scale)
+            lses.append(lse.view(batch, hx, n, gx, qb).permute(0, 1, 3, 2, 4))
+        else:
+            out = F.scaled_dot_product_attention(qc, k_sel, v_sel, attn_mask=bias, dropout_p=dropout, scale=scale)
         outs.append(out.view(batch, hx, n, gx, qb, -1).permute(0, 1, 3, 2, 4, 5))
-    out = torch.cat(outs, dim=3) if len(outs) > 1 else outs[0]
-    return out.reshape(batch, heads, nq * qb, -1)[:, :, :q_len]
+    uncovered = None
+    if union is not None:  # (Bs, Hs, Q, S): the sink key's block is not among its query block's
+        per_query = union.repeat_interleave(qb, dim=2)[:, :, :q_len]
+        uncovered = ~per_query[..., s_cols // block]
+        uncovered = uncovered if per_head else uncovered.expand(-1, groups, -1, -1) if uncovered.shape[1] > 1 else uncovered
+    return finish(outs, lses, uncovered)
 
 
 def _per_token_blocks(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, chosen: torch.Tensor,
     variant: Any, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, scale: float, dropout: float,
+    sinks: int = 0, sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Key-block-major attention for choices made per token (MoBA): for each (batch, head, key
     block), the queries that chose the block attend it, giving a partial output and its
     log-sum-exp; each query then merges its partials (at most its number of chosen blocks).
     Exactly the chosen (token, block) pairs are computed, whether or not neighbouring tokens
-    agree, as MoBA's own implementation does with variable-length kernels."""
+    agree, as MoBA's own implementation does with variable-length kernels. The first `sinks`
+    keys outside a token's chosen blocks are one more partial (`_sink_piece`); `sink` (heads,)
+    joins each merge as a partial of zero output."""
     batch, heads, q_len, dim = query.shape
     groups = heads // key.shape[1]
     k_len = key.shape[2]
     block = variant.key_block(module)
     chosen = chosen.expand(batch, heads, -1, -1)
-    width = max(1, int(chosen.sum(-1).max()))  # partials per token, at most
+    extra = (sinks > 0) + (sink is not None)  # the sink piece and the sink logit: the last slots
+    width = max(1, int(chosen.sum(-1).max())) + extra  # partials per token, at most
     slot = chosen.cumsum(-1) - 1  # rank of each chosen block among the token's choices
     places: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
@@ -1358,7 +1595,7 @@ def _per_token_blocks(
         kpos, qpos = (k0 + torch.arange(block, device=query.device))[None, :], q_pos[rows][:, None]
         scores = torch.matmul(q_parts[g] * scale, k_parts[g].transpose(0, 1))
         # rows ascend: causality matters only for a block reaching past the first query
-        keep = _pattern_keep((kpos < k_len) if k0 + block > k_len else None, variant, module, qpos, kpos, k_len,
+        keep = _pattern_keep((kpos < k_len) if k0 + block > k_len else None, None, variant, module, qpos, kpos, k_len,
                              causal and k0 + block - 1 > int(q_pos[rows[0]]))
         if mask is not None:
             cols = kpos.clamp(max=k_len - 1).expand(rows.shape[0], -1)
@@ -1381,8 +1618,21 @@ def _per_token_blocks(
     where = torch.cat(places)
     partial = query.new_zeros(batch * heads * q_len * width, value.shape[-1]).index_put((where,), torch.cat(outs))
     lse = query.new_full((batch * heads * q_len * width,), float("-inf")).index_put((where,), torch.cat(lses))
-    weights = torch.softmax(lse.view(batch, heads, q_len, width), dim=-1).nan_to_num(0.0)
-    return (weights[..., None] * partial.view(batch, heads, q_len, width, -1)).sum(-2)
+    partial, lse = partial.view(batch, heads, q_len, width, -1), lse.view(batch, heads, q_len, width)
+    if extra:
+        parts, logs = [partial[..., : width - extra, :]], [lse[..., : width - extra]]
+        if sinks:  # sink keys in blocks the token did not choose
+            s_cols = torch.arange(min(sinks, k_len), device=query.device)
+            uncovered = ~chosen[..., s_cols // block]
+            out_s, lse_s = _sink_piece(query, key, value, sinks, uncovered, q_pos, causal, mask, scale)
+            parts.append(out_s[..., None, :].to(partial.dtype))
+            logs.append(lse_s[..., None].to(lse.dtype))
+        if sink is not None:
+            parts.append(partial.new_zeros(batch, heads, q_len, 1, partial.shape[-1]))
+            logs.append(sink.to(lse.dtype)[None, :, None, None].expand(batch, -1, q_len, 1))
+        partial, lse = torch.cat(parts, dim=-2), torch.cat(logs, dim=-1)
+    weights = torch.softmax(lse, dim=-1).nan_to_num(0.0)
+    return (weights[..., None] * partial).sum(-2)
 
 
 # Query tokens from which MoH inference computes only the selected (token, head) pairs
@@ -1581,10 +1831,11 @@ _block_masks: dict[tuple[Any, ...], Any] = {}
 
 def flex_sparse_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, variant: Any,
-    module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, scale: float,
+    module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, causal: bool, scale: float, sinks: int = 0,
 ) -> torch.Tensor | None:
     """A static pattern (the same for every batch entry and head) as a FlexAttention BlockMask,
-    run by compiled `flex_attention`; None for patterns chosen per head or per token (MoBA, MoSA)."""
+    run by compiled `flex_attention`; None for patterns chosen per head or per token (MoBA, MoSA).
+    The first `sinks` keys are visible to every query."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -1601,7 +1852,7 @@ def flex_sparse_attention(
     # every layer of a forward shares the pattern: build its block mask once
     # the variant and the mask are held weakly and compared by identity: an id reused by a
     # new object never finds another's block mask
-    cache_key = (q_len, k_len, causal, query.device, None if valid is None else mask._version)
+    cache_key = (q_len, k_len, causal, sinks, query.device, None if valid is None else mask._version)
     cached = _block_masks.get(cache_key)
     block_mask = None
     if cached is not None and cached[0]() is variant and (valid is None or cached[1]() is mask):
@@ -1615,6 +1866,8 @@ def flex_sparse_attention(
             rule = variant.allowed(module, position, ki, k_len)
             if rule is not None:
                 keep = keep & rule
+            if sinks:
+                keep = keep | (ki < sinks)
             if causal:
                 keep = keep & (ki <= position)
             if valid is not None:

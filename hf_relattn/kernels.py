@@ -216,14 +216,19 @@ def computed_pairs(module: nn.Module, variant: Variant, q: torch.Tensor, k: torc
 def build_sparse_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, k: torch.Tensor) -> list[Case]:
     """Dense causal SDPA (transformers' sdpa function) against the sparse variants at one length:
     sliding window T/8, MoBA (block 512, top-3; per-token and per-block gate), strided, fixed and
-    PowerAttention with about the same reach, and MoSA. `work` counts the computed pairs."""
+    PowerAttention with about the same reach, each without and with 4 attention sinks, and
+    MoSA. `work` counts the computed pairs."""
     variants = [
-        SlidingWindow(window=length // 8, block_size=64),
-        MoBA(block_size=512, top_k=3),
-        MoBA(block_size=512, top_k=3, gate="block"),
-        Strided(stride=256, block_size=64),
-        Fixed(block=length // 8, summary=min(64, length // 8)),
-        Power(block_size=64, window=length // 16),
+        pattern
+        for sinks in (0, 4)
+        for pattern in (
+            SlidingWindow(window=length // 8, block_size=64, sinks=sinks),
+            MoBA(block_size=512, top_k=3, sinks=sinks),
+            MoBA(block_size=512, top_k=3, gate="block", sinks=sinks),
+            Strided(stride=256, block_size=64, sinks=sinks),
+            Fixed(block=length // 8, summary=min(64, length // 8), sinks=sinks),
+            Power(block_size=64, window=length // 16, sinks=sinks),
+        )
     ]
     cases = _sparse_pattern_cases(heads, head_dim, length, q, k, variants)
     cases.append(_mosa_case(heads, head_dim, length))
@@ -255,7 +260,8 @@ def _sparse_pattern_cases(heads: int, head_dim: int, length: int, q: torch.Tenso
     for variant in variants:
         module = attention_stub(heads, heads, head_dim, [variant])
         module.config.num_hidden_layers = 1
-        options = ",".join(f"{key}={value}" for key, value in variant.options().items() if key != "dense_layers")
+        shown = {k: v for k, v in variant.options().items() if k not in ("dense_layers", "sinks", "sink_logit")}
+        options = ",".join(f"{key}={value}" for key, value in {**shown, "sinks": variant.sinks}.items())
         pairs = computed_pairs(module, variant, q, k)
         cases.append(Case(f"{variant.name}({options})", heads, _engine(module), _engine(module, "reference"),
                           baseline="sdpa causal", work=4.0 * head_dim * pairs))

@@ -125,7 +125,7 @@ def rebuild_from_spec(model: nn.Module, spec: dict[str, Any]) -> None:
         raise ValueError(f"Unsupported relattn spec format {spec.get('format')!r}; this plugin reads {SPEC_FORMAT}")
     adapter = get_adapter(model)
     for entry in spec.get("variants", []):
-        variant = get_variant_class(entry["name"]).from_options(entry.get("options", {}))
+        variant = get_variant_class(entry["name"]).from_saved(entry.get("options", {}))
         variant.apply(model, adapter, list(entry["layers"]), initialize=False)
 
 

@@ -281,10 +281,10 @@ def test_flag_incremental_decoding_matches_reference(mode, ids):
         full_ref = reference(ids, use_cache=False).logits
         out = model(ids[:, :7], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = out.cache
         for t in range(7, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full_ref, atol=ATOL, rtol=0)
 

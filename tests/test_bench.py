@@ -439,7 +439,7 @@ def test_same_token_graph_feeds_prefill_and_decoding():
         out = model(input_ids=ids[:, :5], use_cache=True)
         steps = [out.logits[:, -1]]
         for t in range(5, 8):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 4:], atol=1e-5, rtol=1e-5)
 

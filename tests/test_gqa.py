@@ -226,7 +226,7 @@ def test_kv_cache_is_h_over_g_smaller(groups, ids):
 
     def cache_keys(model):
         out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
-        return [layer.keys for layer in out.past_key_values.layers], [layer.values for layer in out.past_key_values.layers]
+        return [layer.keys for layer in out.cache.layers], [layer.values for layer in out.cache.layers]
 
     base_k, base_v = cache_keys(src)
     conv_k, conv_v = cache_keys(converted)
@@ -240,7 +240,7 @@ def test_kv_cache_is_h_over_g_smaller(groups, ids):
 
     # a single forward with use_cache stores the same reduced heads
     with torch.no_grad():
-        pkv = converted(ids, use_cache=True).past_key_values
+        pkv = converted(ids, use_cache=True).cache
     assert [layer.keys.shape for layer in pkv.layers] == [(2, groups, ids.shape[1], 16)] * 2
 
 

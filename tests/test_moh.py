@@ -249,10 +249,10 @@ def test_decoding_equals_full_forward_and_save_load(router, tmp_path):
         full = model(ids).logits
         out = model(ids[:, :6], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = out.cache
         for t in range(6, 9):
-            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.cache
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     model.save_pretrained(tmp_path)

@@ -88,7 +88,7 @@ def test_generation_never_looks_ahead():
         out = model(ids[:, :12], use_cache=True)
         steps = [out.logits[:, -1]]
         for t in range(12, 30):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits[:, -1])
         prefixes = [model(ids[:, : t + 1]).logits[:, -1] for t in range(11, 30)]
     torch.testing.assert_close(torch.stack(steps), torch.stack(prefixes), atol=1e-5, rtol=1e-5)
@@ -96,13 +96,13 @@ def test_generation_never_looks_ahead():
     assert generated.shape == (1, 17)
     # decoding twice from copies of one prefill cache (as a benchmark does) repeats the same steps
     with torch.no_grad():
-        prefill = model(ids[:, :12], use_cache=True).past_key_values
+        prefill = model(ids[:, :12], use_cache=True).cache
         runs = []
         for _ in range(2):
             cache = copy.deepcopy(prefill)
             for t in range(12, 15):
-                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+                cache = out.cache
             runs.append(out.logits)
     torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
     torch.testing.assert_close(runs[1][:, -1], prefixes[14 - 11], atol=1e-5, rtol=1e-5)
@@ -132,6 +132,6 @@ def test_bad_uses():
         hf_relattn.convert(tiny_bert(), "mosa")
     model = hf_relattn.convert(tiny_llama(), "mosa")
     with torch.no_grad():
-        cache = tiny_llama()(torch.randint(3, 97, (1, 8)), use_cache=True).past_key_values
+        cache = tiny_llama()(torch.randint(3, 97, (1, 8)), use_cache=True).cache
         with pytest.raises(ValueError, match="needs the router scores of the cached tokens"):
-            model(torch.randint(3, 97, (1, 1)), past_key_values=cache, use_cache=True)
+            model(torch.randint(3, 97, (1, 1)), cache=cache, use_cache=True)

@@ -151,11 +151,11 @@ def test_llama_kv_cache_decoding_matches_full_forward(kind: str, ids: torch.Tens
         full = model(ids).logits
         out = model(ids[:, :prefix], use_cache=True)
         torch.testing.assert_close(out.logits, full[:, :prefix], atol=ATOL_CACHE, rtol=0)
-        past = out.past_key_values
+        past = out.cache
         assert past is not None and past.get_seq_length() == prefix
         for t in range(prefix, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(ids[:, t : t + 1], cache=past, use_cache=True)
+            past = out.cache
             torch.testing.assert_close(out.logits[:, 0], full[:, t], atol=ATOL_CACHE, rtol=0)
         assert past.get_seq_length() == ids.shape[1]
     if kind in ("gqa_all", "gqa_partial", "gqa_alibi"):

@@ -30,12 +30,13 @@ DECODER_CASES = {
     "t5_bias": ("t5_bias", {"num_buckets": 8, "max_distance": 16}),
     "shaw": ("shaw", {"max_distance": 3}),
     "relation": ("relation", {"num_relations": NUM_RELATIONS}),
-    "sliding_window": ("sliding_window", {"window": 4, "block_size": 2}),
-    "strided": ("strided", {"stride": 3, "block_size": 2}),
-    "fixed": ("fixed", {"block": 4, "summary": 1}),
-    "power": ("power", {"block_size": 2, "window": 2}),
-    "moba": ("moba", {"block_size": 2, "top_k": 2}),
-    "moba_block_gate": ("moba", {"block_size": 3, "top_k": 2, "gate": "block"}),
+    "sliding_window": ("sliding_window", {"window": 4, "block_size": 2, "sinks": 2}),
+    "sink_logit": ("sliding_window", {"window": 3, "block_size": 2, "sinks": 1, "sink_logit": True}),
+    "strided": ("strided", {"stride": 3, "block_size": 2, "sinks": 0}),
+    "fixed": ("fixed", {"block": 4, "summary": 1, "sinks": 3}),
+    "power": ("power", {"block_size": 2, "window": 2, "sinks": 0}),
+    "moba": ("moba", {"block_size": 2, "top_k": 2, "sinks": 3}),
+    "moba_block_gate": ("moba", {"block_size": 3, "top_k": 2, "gate": "block", "sinks": 0}),
     "moh_query_norm": ("moh", {"router": "query_norm"}),
     "moh_learned": ("moh", {"router": "learned", "active_heads": 0.5, "shared_heads": 1}),
     "mosa": ("mosa", {"sparsity": 3}),
@@ -125,7 +126,7 @@ def test_static_cache_generate_equals_dynamic(case, padding, ids):
 
 @pytest.mark.parametrize("case", list(DECODER_CASES))
 def test_static_cache_passed_in_equals_dynamic_and_full_forward(case, ids):
-    """A StaticCache given as past_key_values: prefill and single-token steps give the dynamic
+    """A StaticCache given as the cache: prefill and single-token steps give the dynamic
     cache's logits, and the uncached full forward's (MoBA's block gate excepted: a decoding
     step is its own query block, by definition; MoSA: the prefill is the full forward of the
     prompt, as its expert choice over a whole sequence sees the later tokens, and each step
@@ -139,9 +140,9 @@ def test_static_cache_passed_in_equals_dynamic_and_full_forward(case, ids):
             full[:, :prefix] = model(ids[:, :prefix]).logits
         steps = {}
         for kind, cache in (("static", StaticCache(config=model.config, max_cache_len=32)), ("dynamic", DynamicCache())):
-            logits = [model(ids[:, :prefix], past_key_values=cache, use_cache=True, **extra(case, graph[:, :prefix, :prefix])).logits]
+            logits = [model(ids[:, :prefix], cache=cache, use_cache=True, **extra(case, graph[:, :prefix, :prefix])).logits]
             for t in range(prefix, ids.shape[1]):
-                logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True,
+                logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True,
                                     **extra(case, graph[:, : t + 1, : t + 1])).logits)
             steps[kind] = torch.cat(logits, dim=1)
     torch.testing.assert_close(steps["static"], steps["dynamic"], atol=1e-4, rtol=0)
@@ -282,10 +283,10 @@ def test_mosa_two_conversations_decoded_alternately_do_not_mix(ids):
         full = [torch.stack([model(ids[row : row + 1, : t + 1]).logits[0, -1] for t in range(13)]) for row in range(2)]
         caches = [DynamicCache(), DynamicCache()]
         for row in range(2):
-            model(ids[row : row + 1, :5], past_key_values=caches[row], use_cache=True)
+            model(ids[row : row + 1, :5], cache=caches[row], use_cache=True)
         for t in range(5, ids.shape[1]):
             for row in range(2):  # one step of each conversation in turn
-                out = model(ids[row : row + 1, t : t + 1], past_key_values=caches[row], use_cache=True)
+                out = model(ids[row : row + 1, t : t + 1], cache=caches[row], use_cache=True)
                 torch.testing.assert_close(out.logits[0, 0], full[row][t], atol=1e-4, rtol=0)
 
 
@@ -374,20 +375,21 @@ def test_output_attentions_of_learned_and_routed_variants(case, ids):
 
 @pytest.mark.parametrize("family", ["bert", "vit"])
 def test_output_attentions_of_encoders(family, pixels=None):
-    """Encoders: a bidirectional sliding window against native eager attention with the same
-    pattern (BERT with right padding; ViT: the 2-D neighbourhood with [CLS] global)."""
+    """Encoders: a bidirectional sliding window with sinks against native eager attention with
+    the same pattern (BERT with right padding; ViT: the 2-D neighbourhood with [CLS] global, the
+    first patch a sink)."""
     torch.manual_seed(0)
     if family == "bert":
-        model = hf_relattn.convert(tiny_bert(), "sliding_window", window=3, block_size=2)
+        model = hf_relattn.convert(tiny_bert(), "sliding_window", window=3, block_size=2, sinks=2)
         inputs = {"input_ids": torch.randint(3, 97, (2, 11)), "attention_mask": torch.ones(2, 11, dtype=torch.long)}
         inputs["attention_mask"][1, 8:] = 0
-        keep = pattern_mask("sliding_window", {"window": 3}, list(range(11)), 11, False)[None, None]
+        keep = pattern_mask("sliding_window", {"window": 3, "sinks": 2}, list(range(11)), 11, False)[None, None]
         keep = keep & inputs["attention_mask"].bool()[:, None, None, :]
         native = tiny_bert()
     else:
-        model = hf_relattn.convert(tiny_vit(), "sliding_window", window=2, block_size=3)
+        model = hf_relattn.convert(tiny_vit(), "sliding_window", window=2, block_size=3, sinks=1)
         inputs = {"pixel_values": torch.randn(2, 1, 16, 16)}
-        keep = pattern_mask("sliding_window", {"window": 2}, list(range(17)), 17, False, vit_cols=4)[None, None]
+        keep = pattern_mask("sliding_window", {"window": 2, "sinks": 1}, list(range(17)), 17, False, vit_cols=4)[None, None]
         native = tiny_vit()
     with torch.no_grad():
         ours = model(**inputs, output_attentions=True)
@@ -544,7 +546,7 @@ def test_force_implementation_belongs_to_its_thread(ids):
     model = build("sliding_window")
     seen = {}
     barrier = threading.Barrier(2)
-    real = hf_relattn.engine.reference_attention
+    real = hf_relattn.engine.materialized_attention
 
     def spy(*args, **kwargs):
         seen[threading.current_thread().name] = True
@@ -561,7 +563,7 @@ def test_force_implementation_belongs_to_its_thread(ids):
         model(ids)
         barrier.wait()
 
-    hf_relattn.engine.reference_attention = spy
+    hf_relattn.engine.materialized_attention = spy
     try:
         threads = [threading.Thread(target=forced, name="forced"), threading.Thread(target=plain, name="plain")]
         for thread in threads:
@@ -569,7 +571,7 @@ def test_force_implementation_belongs_to_its_thread(ids):
         for thread in threads:
             thread.join()
     finally:
-        hf_relattn.engine.reference_attention = real
+        hf_relattn.engine.materialized_attention = real
     assert seen == {"forced": True}
 
 
@@ -579,10 +581,10 @@ def test_copied_model_and_cache_keep_their_own_state(ids):
     with torch.no_grad():
         full = torch.stack([model(ids[:1, : t + 1]).logits[0, -1] for t in range(13)])
         cache = DynamicCache()
-        model(ids[:1, :6], past_key_values=cache, use_cache=True)
+        model(ids[:1, :6], cache=cache, use_cache=True)
         other = copy.deepcopy(cache)
         for t in range(6, 9):
-            out = model(ids[:1, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:1, t : t + 1], cache=cache, use_cache=True)
             torch.testing.assert_close(out.logits[0, 0], full[t], atol=1e-4, rtol=0)
-        out = model(ids[:1, 6:7], past_key_values=other, use_cache=True)  # the copy is still at 6 tokens
+        out = model(ids[:1, 6:7], cache=other, use_cache=True)  # the copy is still at 6 tokens
         torch.testing.assert_close(out.logits[0, 0], full[6], atol=1e-4, rtol=0)

@@ -204,7 +204,7 @@ def test_generate_with_kv_cache_matches_no_cache(ids):
     seq = out.sequences
     assert seq.shape == (2, ids.shape[1] + 6)
     # the cache holds each layer's K/V heads after pruning (duplicates included)
-    assert [layer.keys.shape[1] for layer in out.past_key_values.layers] == [kv for _, kv in after]
+    assert [layer.keys.shape[1] for layer in out.cache.layers] == [kv for _, kv in after]
 
     # no-cache forward of the whole sequence: same step logits, same greedy path
     with torch.no_grad():

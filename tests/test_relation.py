@@ -87,7 +87,7 @@ def test_kv_cache_decoding_equals_full_forward(ids):
         logits = [out.logits[:, -1]]
         for t in range(4, 11):
             # (query positions, all key positions) of this step
-            out = model(ids[:1, t : t + 1], relation_ids=graph[:, t : t + 1, : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:1, t : t + 1], relation_ids=graph[:, t : t + 1, : t + 1], cache=out.cache, use_cache=True)
             logits.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
     # generate() passes the same square graph at every step; the engine cuts it to the step

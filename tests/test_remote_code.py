@@ -26,6 +26,8 @@ CASES = {
     "llama-t5-shaw": ("llama", "AutoModelForCausalLM", [("t5_bias", {}), ("shaw", {"max_distance": 3})]),
     "llama-sliding-window": ("llama", "AutoModelForCausalLM", [("sliding_window", {"window": 4, "block_size": 4})]),
     "llama-moba": ("llama", "AutoModelForCausalLM", [("moba", {"block_size": 4, "top_k": 2})]),
+    "llama-sinks-sink-logit": ("llama", "AutoModelForCausalLM", [("sliding_window", {"window": 4, "block_size": 4, "sinks": 2, "sink_logit": True})]),
+    "llama-fixed-sinks": ("llama", "AutoModelForCausalLM", [("fixed", {"block": 4, "summary": 1, "sinks": 3})]),
     "llama-mosa": ("llama", "AutoModelForCausalLM", [("mosa", {"sparsity": 2})]),
     "llama-moh-gqa": ("llama", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 2}), ("moh", {"active_heads": 0.5, "shared_heads": 1})]),
     "llama-prune": ("llama", "AutoModelForCausalLM", [("prune", {"heads": {0: [1], 1: [0, 3]}})]),

@@ -167,7 +167,7 @@ def test_kv_cache_decoding_equals_full_forward(order, ids):
         out = model(ids[:1, :4], use_cache=True)
         logits = [out.logits[:, -1]]
         for t in range(4, ids.shape[1]):
-            out = model(ids[:1, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:1, t : t + 1], cache=out.cache, use_cache=True)
             logits.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 3:], atol=1e-5, rtol=1e-5)
     generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)

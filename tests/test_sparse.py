@@ -46,11 +46,15 @@ def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None, offset=0):
                 ok = kb == qb or kb == 0 or (d > 0 and (d & (d - 1)) == 0) or local
             else:
                 raise AssertionError(name)
+            # attention sinks (Xiao et al. 2024): the first tokens of the sample, for every query
+            # (ViT: [CLS] and the first patches)
+            sinks = o.get("sinks", 0)
+            ok = ok or (sinks > 0 and j < sinks + (1 if vit_cols is not None else 0))
             keep[a, j + offset] = ok
     return keep
 
 
-def naive_moba_mask(q, k, q_positions, block, top_k, key_valid, per_block=False):
+def naive_moba_mask(q, k, q_positions, block, top_k, key_valid, per_block=False, sinks=0):
     """MoBA (Lu et al. 2025) per token and head: own block, plus the top_k - 1 earlier blocks by
     q . mean(key block) (padding keys left out of the means), causal. (B, H, Q, K) bool.
     Blocks start at each sample's first real token (left padding moves nothing).
@@ -83,29 +87,35 @@ def naive_moba_mask(q, k, q_positions, block, top_k, key_valid, per_block=False)
                         scores.append((float(q[b, h, a].detach().double() @ mean.detach()), blk))
                 chosen = {own} | {blk for _, blk in sorted(scores, reverse=True)[: top_k - 1]}
                 for j in range(off, i + 1):
-                    keep[b, h, a, j] = (j - off) // block in chosen
+                    keep[b, h, a, j] = (j - off) // block in chosen or j - off < sinks
     return keep
 
 
-def sparse_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def allowed_pairs(module, query, key, attention_mask):
+    """(B, 1|H, Q, K) bool: the pairs the module's sparse variant keeps (loops above), with the
+    mask's padding and causality; None for a dense layer without a mask."""
     variant = next(v for v in module.relattn_variants if v.axis == "sparsity")
     q_len, k_len = query.shape[2], key.shape[2]
     q_positions = list(range(k_len - q_len, k_len))
     causal = module.is_causal
+    valid = attention_mask.any(-2)[:, 0] if attention_mask is not None else torch.ones(query.shape[0], k_len, dtype=torch.bool)
     if variant.name == "moba":
-        valid = attention_mask.any(-2)[:, 0] if attention_mask is not None else torch.ones(query.shape[0], k_len, dtype=torch.bool)
         dense = variant.dense_layers and module.layer_idx >= module.config.num_hidden_layers - variant.dense_layers
         allowed = None if dense else naive_moba_mask(query.detach(), key, q_positions, variant.block_size, variant.top_k, valid,
-                                                     per_block=variant.gate == "block")
+                                                     per_block=variant.gate == "block", sinks=variant.sinks)
     else:
         cols = module.config.image_size // module.config.patch_size if hasattr(module.config, "patch_size") else None
-        valid = attention_mask.any(-2)[:, 0] if attention_mask is not None else torch.ones(query.shape[0], k_len, dtype=torch.bool)
         allowed = torch.stack([pattern_mask(variant.name, variant.options(), q_positions, k_len, causal, cols,
                                             offset=int(valid[b].int().argmax()))
                                for b in range(query.shape[0])])[:, None]
     if attention_mask is not None:
         allowed = attention_mask if allowed is None else allowed & attention_mask
-    out = materialized_attention(query, key, value, scaling, causal=causal, allowed=allowed)
+    return allowed
+
+
+def sparse_reference(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    allowed = allowed_pairs(module, query, key, attention_mask)
+    out = materialized_attention(query, key, value, scaling, causal=module.is_causal, allowed=allowed)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -113,14 +123,14 @@ AttentionInterface.register(REF, sparse_reference)
 AttentionMaskInterface.register(REF, sdpa_mask)
 
 CASES = [
-    ("sliding_window", {"window": 7, "block_size": 4}),
-    ("sliding_window", {"window": 3, "block_size": 8}),
-    ("strided", {"stride": 5, "block_size": 4}),
-    ("strided", {"stride": 4, "block_size": 8}),
-    ("fixed", {"block": 8, "summary": 2}),
-    ("fixed", {"block": 6, "summary": 4}),
-    ("power", {"block_size": 4, "window": 6}),
-    ("power", {"block_size": 3, "window": 1}),
+    ("sliding_window", {"window": 7, "block_size": 4, "sinks": 0}),
+    ("sliding_window", {"window": 3, "block_size": 8, "sinks": 5}),
+    ("strided", {"stride": 5, "block_size": 4, "sinks": 0}),
+    ("strided", {"stride": 4, "block_size": 8, "sinks": 3}),
+    ("fixed", {"block": 8, "summary": 2, "sinks": 0}),
+    ("fixed", {"block": 6, "summary": 4, "sinks": 9}),
+    ("power", {"block_size": 4, "window": 6, "sinks": 0}),
+    ("power", {"block_size": 3, "window": 1, "sinks": 5}),
 ]
 
 
@@ -209,7 +219,7 @@ def test_vit_two_d_neighbourhood_with_global_cls(pixels):
         assert (got - tiny_vit()(pixels, output_hidden_states=True).hidden_states[-1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name, options", CASES[::2] + [("moba", {"block_size": 4, "top_k": 2})])
+@pytest.mark.parametrize("name, options", CASES + [("moba", {"block_size": 4, "top_k": 2})])
 def test_gradients_match_the_reference(name, options, long_ids):
     model = hf_relattn.convert(tiny_llama(), name, **options).train()
     mask, _ = padded("llama", long_ids)
@@ -231,7 +241,7 @@ def test_gradients_match_the_reference(name, options, long_ids):
         torch.testing.assert_close(got[n], expected[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("name, options", [c for c in CASES[::2]] + [("moba", {"block_size": 4, "top_k": 2})])
+@pytest.mark.parametrize("name, options", CASES + [("moba", {"block_size": 4, "top_k": 2})])
 def test_kv_cache_decoding_equals_full_forward(name, options, long_ids):
     model = hf_relattn.convert(tiny_llama(), name, **options)
     ids = long_ids[:1]
@@ -240,7 +250,7 @@ def test_kv_cache_decoding_equals_full_forward(name, options, long_ids):
         out = model(ids[:, :9], use_cache=True)
         logits = [out.logits[:, -1]]
         for t in range(9, ids.shape[1]):
-            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:, t : t + 1], cache=out.cache, use_cache=True)
             logits.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(logits, 1), full[:, 8:], atol=1e-5, rtol=1e-5)
     generated = model.generate(ids[:, :9], max_new_tokens=6, do_sample=False)

@@ -108,7 +108,7 @@ def test_kv_cache_decoding_equals_full_forward(ids):
         out = model(ids[:1, :4], use_cache=True)
         steps = [out.logits[:, -1]]
         for t in range(4, ids.shape[1]):
-            out = model(ids[:1, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = model(ids[:1, t : t + 1], cache=out.cache, use_cache=True)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 3:], atol=1e-4, rtol=0)
 

@@ -88,6 +88,15 @@ class Variant:
             )
         return cls(**options)
 
+    # Values of options that did not exist when a saved spec was written (a spec without them
+    # meant these); `from_saved` fills them in, new conversions get the dataclass defaults.
+    legacy_options: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_saved(cls, options: dict[str, Any]) -> Variant:
+        """Build from the options of a saved spec entry (config.relattn)."""
+        return cls.from_options({**cls.legacy_options, **options})
+
     def spec_name(self) -> str:
         """Name recorded in config.relattn (aliases record their canonical variant)."""
         return self.name

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import check_int_options, register_variant
-from .sparse_base import SparseVariant
+from .sparse_base import PatternVariant
 
 
 @register_variant
 @dataclass
-class Fixed(SparseVariant):
+class Fixed(PatternVariant):
     block: int = 128
     summary: int = 16
 

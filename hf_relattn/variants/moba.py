@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from .base import check_int_options, register_variant
-from .sparse_base import SparseVariant
+from .sparse_base import PatternVariant
 
 GATES = ("token", "block")
 
 
 @register_variant
 @dataclass
-class MoBA(SparseVariant):
+class MoBA(PatternVariant):
     block_size: int = 512
     top_k: int = 3
     dense_layers: int = 0

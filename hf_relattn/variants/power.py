@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import check_int_options, register_variant
-from .sparse_base import SparseVariant
+from .sparse_base import PatternVariant
 
 
 @register_variant
 @dataclass
-class Power(SparseVariant):
+class Power(PatternVariant):
     block_size: int = 64
     window: int = 128
 

@@ -18,7 +18,7 @@ import torch
 
 from ..patches import get_adapter
 from .base import check_int_options, register_variant
-from .sparse_base import SparseVariant, block_range
+from .sparse_base import PatternVariant, block_range
 
 if TYPE_CHECKING:
     from torch import nn
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 @register_variant
 @dataclass
-class SlidingWindow(SparseVariant):
+class SlidingWindow(PatternVariant):
     window: int = 512
     block_size: int = 64
 

@@ -8,16 +8,22 @@ its tokens' key blocks, gathers only those, and applies the exact token-level ma
 pattern, causality, padding) inside them: compute and memory follow the kept blocks. Because
 the choice is per token at absolute positions, decoding with a KV cache reads the same blocks
 as the full forward does for that token.
+
+`PatternVariant` adds attention sinks (Xiao et al. 2024, "Efficient Streaming Language Models
+with Attention Sinks"): every query also sees the first `sinks` tokens of its own sample
+(causality permitting), and with `sink_logit=True` a learnable logit per head joins the softmax
+denominator (as GPT-OSS's `sinks`), letting a head attend to "nothing".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from .base import Variant, check_int_options
+from ..patches import get_adapter
+from .base import Variant, attach, check_int_options
 
 if TYPE_CHECKING:
     from torch import nn
@@ -83,3 +89,73 @@ class SparseVariant(Variant):
         materialised paths (reference, torch.compile, output_attentions); None = a dense layer.
         The default is the token rule, exact for patterns whose `choice` is "rule"."""
         return self.allowed(module, q_pos[:, None, :, None], k_pos[:, None, None, :], k_pos.shape[-1])
+
+
+# Sink tokens a pattern keeps visible by default: StreamingLLM's 4 (see the README's sink
+# measurements on SmolLM2: 1, 4 and 16 sinks recover nearly the same perplexity).
+DEFAULT_SINKS = 4
+# Most sink tokens accepted (a sink is a key every query reads; thousands defeat the pattern).
+MAX_SINKS = 4096
+# Initial sink logit: low enough that a converted model's outputs move by less than 1e-5 (its
+# weight e^(-12 - lse) is below 1e-5 for rows whose log-sum-exp exceeds -0.5), high enough
+# that its gradient (~1e-8 on the tiny test models) clears Adam's epsilon (1e-8), so the first
+# AdamW steps move it by ~0.4 lr; at -20 they would not move it at all in float32.
+SINK_LOGIT_INIT = -12.0
+SINK_LOGIT = "relattn_sink_logit"  # the parameter, (heads,), on the attention module
+
+
+@dataclass
+class PatternVariant(SparseVariant):
+    """A sparse pattern with attention sinks: `sinks` (the first tokens of each sample, visible to
+    every query) and `sink_logit` (a learnable per-head logit in the softmax denominator).
+    Saved specs from before these options existed meant neither (`legacy_options`)."""
+
+    sinks: int = field(default=DEFAULT_SINKS, kw_only=True)
+    sink_logit: bool = field(default=False, kw_only=True)
+
+    legacy_options: ClassVar[dict[str, Any]] = {"sinks": 0, "sink_logit": False}
+
+    def __post_init__(self) -> None:
+        value = self.sinks
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SINKS:
+            raise ValueError(f"{self.name}: sinks must be an integer in [0, {MAX_SINKS}] (first tokens every query sees), got {value!r}")
+        if not isinstance(self.sink_logit, bool):
+            raise ValueError(f"{self.name}: sink_logit must be True or False, got {self.sink_logit!r}")
+
+    @property
+    def absolute_positions(self) -> bool:  # type: ignore[override]
+        # sinks are the first tokens of each sample: positions in its own sequence (patterns
+        # placed there anyway say so with a class attribute, which wins over this)
+        return self.sinks > 0
+
+    @property
+    def heads_from_config(self) -> bool:  # type: ignore[override]
+        return self.sink_logit  # one logit per head
+
+    def sink_tokens(self, module: nn.Module, num_keys: int) -> int:
+        """Leading positions of a sample that every query sees: `sinks`, after a spatial
+        family's prefix tokens ([CLS], ...), which then are sinks too."""
+        if not self.sinks:
+            return 0
+        adapter = get_adapter(module.config)
+        prefix = adapter.token_grid(module.config, num_keys)[0] if adapter.spatial else 0
+        return prefix + self.sinks
+
+    def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
+        for idx in layers:
+            attn = adapter.attention_modules(model)[idx]
+            if self.sink_logit:
+                like = getattr(attn, adapter.q_proj).weight
+                logit = torch.full((adapter.module_num_heads(attn),), SINK_LOGIT_INIT, device=like.device, dtype=like.dtype)
+                setattr(attn, SINK_LOGIT, torch.nn.Parameter(logit))
+            attach(attn, self)
+
+    def sink_logits(self, module: nn.Module) -> torch.Tensor | None:
+        """The layer's (heads,) sink logits, or None."""
+        if not self.sink_logit:
+            return None
+        logit = getattr(module, SINK_LOGIT, None)
+        if logit is None:
+            raise ValueError(f"{self.name}: sink_logit=True adds a learned logit per head, which a flag cannot hold; "
+                             f"use hf_relattn.convert(model, {self.name!r}, sink_logit=True)")
+        return logit

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from .base import check_int_options, register_variant
-from .sparse_base import SparseVariant
+from .sparse_base import PatternVariant
 
 
 @register_variant
 @dataclass
-class Strided(SparseVariant):
+class Strided(PatternVariant):
     stride: int = 128
     block_size: int = 64
 
