@@ -36,6 +36,7 @@ import hf_relattn
 from hf_relattn.cli import _value
 from hf_relattn.presets import PRESETS, load
 from hf_relattn.variants.moh import moh_aux_loss, moh_layers
+from hf_relattn.variants.sparse_base import optimizer_groups
 
 from . import data as D
 from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
@@ -272,7 +273,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     if total_steps <= 0:
         raise ValueError("Nothing to train: the step budget is 0")
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, args.weight_decay), lr=args.learning_rate)
     scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total_steps)
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     if eval_dl is not None:

@@ -27,6 +27,7 @@ from .remote import write_remote_code
 from .streaming import StreamingCache
 from .variants import VARIANTS
 from .variants.moh import moh_aux_loss
+from .variants.sparse_base import optimizer_groups
 
 __version__ = "0.1.0"
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "head_importance",
     "is_adapted",
     "moh_aux_loss",
+    "optimizer_groups",
     "push_to_hub",
     "StreamingCache",
     "variants",

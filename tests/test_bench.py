@@ -469,3 +469,17 @@ def test_bench_kernels_sparse_suite(tmp_path):
         assert r["baseline"] == "sdpa causal" and r["gflops"] > 0
         if r["case"] not in ("sdpa causal", "mosa(sparsity=8)"):  # each pattern against the materialised masked formula
             assert r["max_abs_diff_vs_check"] < 1e-4, r["case"]
+
+
+def test_bench_decodes_with_the_streaming_cache(llama_dir, text_file, tmp_path):
+    """--cache streaming: the window model decodes with a StreamingCache holding at most
+    sinks + window + block_size keys per layer; the baseline keeps its dynamic cache."""
+    main(["bench", "--model", str(llama_dir), "--variants", "sliding_window:window=8:block_size=4:sinks=2", "--data", str(text_file),
+          "--context", "32", "--max-tokens", "64", "--contexts", "32", "--decode-contexts", "96", "--new-tokens", "4",
+          "--cache", "streaming", "--out", str(tmp_path), "--no-plots", *FAST])
+    results = {r["label"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    base, window = results["baseline"]["decode"][0], results["sliding_window:window=8:block_size=4:sinks=2"]["decode"][0]
+    assert (base["cache"], window["cache"]) == ("DynamicCache", "StreamingCache")
+    per_token = base["kv_cache_bytes"] / 96  # both layers, keys and values
+    assert window["kv_cache_bytes"] <= (2 + 8 + 4) * per_token
+    assert "StreamingCache" in (tmp_path / "results.md").read_text()

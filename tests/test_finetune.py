@@ -260,3 +260,21 @@ def test_train_new_trains_only_the_variant_tables(llama_dir, text_file, tmp_path
     assert len(tables) == 2 and all(after[name].abs().sum() > 0 for name in tables)  # zero-init, then trained
     assert all(torch.equal(after[name], before[name]) for name in after if name not in tables)
     assert json.loads((out / "final_metrics.json").read_text())["trainable_parameters"] == 2
+
+
+def test_train_new_moves_the_sink_logits(llama_dir, text_file, tmp_path):
+    """--train new trains a fresh sink logit: finetune's AdamW group for sink logits (epsilon
+    below their tiny gradient) moves each head's by about the learning rate per step; the
+    other weights stay as they were."""
+    out = tmp_path / "sinks"
+    run(parse_args(lm_args(llama_dir, text_file, out, "--variant", "sliding_window",
+                           "--variant-options", "window=8,block_size=4,sinks=2,sink_logit=true",
+                           "--train", "new", "--learning-rate", "0.01", "--lr-scheduler", "constant", "--max-steps", "3")))
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
+    base_state = base.state_dict()
+    for name, value in trained.state_dict().items():
+        if name.endswith("relattn_sink_logit"):
+            assert ((value + 30.0).abs() > 1e-3).all(), name  # steps of ~lr from -30 (default AdamW: ~1e-9)
+        elif name in base_state:
+            assert torch.equal(value, base_state[name]), name

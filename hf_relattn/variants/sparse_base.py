@@ -96,11 +96,14 @@ class SparseVariant(Variant):
 DEFAULT_SINKS = 4
 # Most sink tokens accepted (a sink is a key every query reads; thousands defeat the pattern).
 MAX_SINKS = 4096
-# Initial sink logit: low enough that a converted model's outputs move by less than 1e-5 (its
-# weight e^(-12 - lse) is below 1e-5 for rows whose log-sum-exp exceeds -0.5), high enough
-# that its gradient (~1e-8 on the tiny test models) clears Adam's epsilon (1e-8), so the first
-# AdamW steps move it by ~0.4 lr; at -20 they would not move it at all in float32.
-SINK_LOGIT_INIT = -12.0
+# Initial sink logit: its weight e^(-30 - lse) leaves a converted model unchanged (SmolLM2's
+# logits move by 0 in float32: some of its heads have rows with log-sum-exps near -20, where
+# -12 moved them by 1.6 and -25 by 6e-5). Finite, so it has a gradient (1e-11 .. 1e-21 on
+# SmolLM2), far below AdamW's default epsilon (1e-8): train it with SINK_LOGIT_EPS (finetune
+# puts sink logits in an AdamW group of their own), and Adam's normalised steps move it by
+# about the learning rate per step.
+SINK_LOGIT_INIT = -30.0
+SINK_LOGIT_EPS = 1e-30
 SINK_LOGIT = "relattn_sink_logit"  # the parameter, (heads,), on the attention module
 
 
@@ -159,3 +162,14 @@ class PatternVariant(SparseVariant):
             raise ValueError(f"{self.name}: sink_logit=True adds a learned logit per head, which a flag cannot hold; "
                              f"use hf_relattn.convert(model, {self.name!r}, sink_logit=True)")
         return logit
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups of `model`'s trainable parameters: sink logits in a group of their
+    own with SINK_LOGIT_EPS and no weight decay (which would pull them to 0 whatever the loss)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    sinks = [p for n, p in named if n.endswith(SINK_LOGIT)]
+    groups: list[dict[str, Any]] = [{"params": [p for n, p in named if not n.endswith(SINK_LOGIT)], "weight_decay": weight_decay}]
+    if sinks:
+        groups.append({"params": sinks, "weight_decay": 0.0, "eps": SINK_LOGIT_EPS})
+    return groups
