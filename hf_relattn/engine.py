@@ -1209,6 +1209,9 @@ def relational_attention(
 # -------------------------------------------------------------------- block-sparse path
 # Scores (and gathered K/V) per chunk of query blocks in the block-sparse path.
 SPARSE_CHUNK_ELEMENTS = 1 << 22
+# Query tokens from which inference reads the sinks outside a query block's gathered keys as a
+# piece merged by log-sum-exp (below, e.g. decoding steps, their blocks are gathered).
+SINK_MERGE_MIN_TOKENS = 128
 # Query rows per block of the block-sparse path (a multiple of the key block): each query block
 # copies its key blocks once, so taller query blocks copy less per FLOP.
 SPARSE_QUERY_TOKENS = 128
@@ -1413,7 +1416,10 @@ def block_sparse_attention(
     if variant.choice == "token" and q_len > 1:  # one query (decoding): its union is its own choice
         return _per_token_blocks(query, key, value, mask, chosen, variant, module, q_pos, k_pos, causal, scale, dropout,
                                  sinks, sink)
-    flash = _inference_flash(query, key, value, dropout) if sinks or sink is not None else None
+    # long inference calls read the sinks outside the gathered blocks as a merged piece; short
+    # ones (decoding) copy them in: fewer, cheaper operations per step
+    merge_sinks = (sinks or sink is not None) and q_len >= SINK_MERGE_MIN_TOKENS
+    flash = _inference_flash(query, key, value, dropout) if merge_sinks else None
     union_sinks = sinks if flash is None else 0  # sinks added to the gathered blocks (autograd)
     per_head = chosen.shape[1] > 1
     qb = query_rows(variant, block, q_len)

@@ -20,6 +20,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
+from hf_relattn import engine
 from hf_relattn.streaming import StreamingLayer
 from hf_relattn.variants.sparse_base import SINK_LOGIT, optimizer_groups
 
@@ -70,12 +71,22 @@ def with_sink_logits(model, seed=0):
     return model
 
 
+@pytest.fixture(params=["gathered", "merged"])
+def sink_mode(request, monkeypatch):
+    """Inference reads the sinks outside the gathered blocks as a merged piece from
+    SINK_MERGE_MIN_TOKENS query tokens on: run with it at 1 as well (every call merges)."""
+    if request.param == "merged":
+        monkeypatch.setattr(engine, "SINK_MERGE_MIN_TOKENS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("name, options", PATTERNS, ids=IDS)
-def test_sink_logit_equals_softmax_with_an_extra_column(name, options, train, long_ids):
+def test_sink_logit_equals_softmax_with_an_extra_column(name, options, train, sink_mode, long_ids):
     """Every path (the window's slices, the gathered blocks, MoBA's per-token blocks, the
-    strided and fixed layouts, with autograd) against the materialised softmax with one extra
-    logit column per head; LLaMA with GQA and left padding; outputs and gradients."""
+    strided and fixed layouts, the sinks gathered or merged, with autograd) against the
+    materialised softmax with one extra logit column per head; LLaMA with GQA and left
+    padding; outputs and gradients."""
     model = hf_relattn.convert(tiny_llama(heads=4, kv_heads=2), name, sink_logit=True, **options)
     model = with_sink_logits(model).train(train)
     mask, rows = padded("llama", long_ids)

@@ -149,9 +149,11 @@ def long_ids():
     return torch.randint(3, 97, (2, 37))
 
 
+@pytest.mark.parametrize("merge_from", [128, 1], ids=["sinks-gathered", "sinks-merged"])
 @pytest.mark.parametrize("name, options", CASES, ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in CASES])
 @pytest.mark.parametrize("family", ["llama", "bert"])
-def test_patterns_match_loop_masks(name, options, family, long_ids):
+def test_patterns_match_loop_masks(name, options, family, merge_from, long_ids, monkeypatch):
+    monkeypatch.setattr(engine, "SINK_MERGE_MIN_TOKENS", merge_from)
     model = tiny_llama() if family == "llama" else tiny_bert()
     if family == "llama":
         hf_relattn.convert(model, "gqa", num_key_value_heads=2)
@@ -177,7 +179,9 @@ def run_hidden(model, ids, mask):
 
 @pytest.mark.parametrize("options", [{"block_size": 4, "top_k": 3}, {"block_size": 5, "top_k": 2}, {"block_size": 4, "top_k": 3, "dense_layers": 1},
                                      {"block_size": 4, "top_k": 3, "gate": "block"}, {"block_size": 6, "top_k": 2, "gate": "block"}])
-def test_moba_matches_naive_moba(options, long_ids):
+@pytest.mark.parametrize("merge_from", [128, 1], ids=["sinks-gathered", "sinks-merged"])
+def test_moba_matches_naive_moba(options, merge_from, long_ids, monkeypatch):
+    monkeypatch.setattr(engine, "SINK_MERGE_MIN_TOKENS", merge_from)
     model = hf_relattn.convert(hf_relattn.convert(tiny_llama(), "gqa", num_key_value_heads=2), "moba", **options)
     mask, rows = padded("llama", long_ids)
     with torch.no_grad():
