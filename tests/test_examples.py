@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -47,3 +48,19 @@ def test_relation_schema_graph_is_symmetric_where_the_relation_is():
     assert torch.equal(g[symmetric], g.t()[symmetric])
     # column -> table (4) pairs mirror table -> column (5) pairs
     assert torch.equal((g == 4), (g.t() == 5))
+
+
+def test_sinks_window_sweep_table_and_plot(tmp_path):
+    """The sweep script reads a bench run's results.json: one column per sink count, ratios to
+    the baseline of the same run, and a PNG."""
+    module = runpy.run_path(str(EXAMPLES / "sinks_window_sweep.py"))
+    rows = [("baseline", 20.0), ("sliding_window:window=128:sinks=0", 80.0), ("sliding_window:window=128:sinks=4", 30.0),
+            ("sliding_window:window=512:sinks=4", 22.0), ("moba:block_size=256:sinks=4", 25.0)]
+    results = {"model": {"source": "tiny"}, "results": [{"label": label, "quality": {"perplexity": ppl}} for label, ppl in rows]}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    baseline, lines = module["sweep"](results)
+    assert baseline == 20.0 and lines == {0: {128: 80.0}, 4: {128: 30.0, 512: 22.0}}
+    module["main"](str(tmp_path))
+    table = (tmp_path / "window_sweep.md").read_text()
+    assert "| 128 | 80.00 (x4.00) | 30.00 (x1.50) |" in table and "| 512 | - | 22.00 (x1.10) |" in table
+    assert (tmp_path / "window_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
