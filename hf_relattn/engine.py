@@ -278,7 +278,7 @@ def relattn_attention(
     call = build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, impl == "compiled")
     out, probs = _dispatch(call, variants, impl, wants_probs)
     if stream is not None:
-        stream.evict(_key_valid(call.mask))
+        stream.evict(lambda: _key_valid(call.mask))
     return out, probs
 
 
@@ -512,6 +512,17 @@ def _key_padding_of(mask: torch.Tensor, causal: bool) -> torch.Tensor | bool:
     return valid if torch.equal(mask, expected) else False
 
 
+# The CPU flash kernel: like SDPA, and it returns each row's log-sum-exp (no gradient through it).
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _inference_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> Any:
+    """The CPU flash kernel when nothing needs a gradient (its log-sum-exp has none), else None."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    usable = _CPU_FLASH is not None and not needs_grad and dropout == 0 and query.device.type == "cpu"
+    return _CPU_FLASH if usable else None
+
+
 def _layout_setup(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, size: int, dropout: float
 ) -> tuple[Any, ...]:
@@ -525,10 +536,7 @@ def _layout_setup(
     valid = F.pad(valid, (0, pad), value=False)
     q = F.pad(query, (0, 0, 0, pad)).view(batch, kv_heads, heads // kv_heads, n, size, dim)
     k, v = (F.pad(t, (0, 0, 0, pad)) for t in (key, value))
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    use = flash is not None and not needs_grad and dropout == 0 and query.device.type == "cpu"
-    return q, k, v, valid, n, (flash if use else None)
+    return q, k, v, valid, n, _inference_flash(query, key, value, dropout)
 
 
 def _piece(
@@ -1308,17 +1316,6 @@ def _chunks(count: int, step: int, flags: list[bool] | None) -> Iterator[tuple[s
             a = b
 
 
-# The CPU flash kernel: like SDPA, and it returns each row's log-sum-exp (no gradient through it).
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _inference_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> Any:
-    """The CPU flash kernel when nothing needs a gradient (its log-sum-exp has none), else None."""
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    usable = _CPU_FLASH is not None and not needs_grad and dropout == 0 and query.device.type == "cpu"
-    return _CPU_FLASH if usable else None
-
-
 def _sink_scores(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int, uncovered: torch.Tensor, q_pos: torch.Tensor,
     causal: bool, mask: torch.Tensor | None, scale: float,
@@ -1665,7 +1662,7 @@ def head_routed_attention(
     k_len, groups = key.shape[2], heads // key.shape[1]
     offset = k_len - q_len
     out = query.new_zeros(batch, heads, q_len, value.shape[-1])
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    flash = _CPU_FLASH
     windowed = causal and mask is None and offset == 0 and flash is not None and query.device.type == "cpu"
     for b in range(batch):
         counts = used[b].sum(0)

@@ -235,11 +235,12 @@ def _adapted_config_class(base: type) -> type:
     return _config_classes[model_type]
 
 
-def _register_output_capture(model: Any) -> None:
-    """Register `model`'s class for output capture, as `PreTrainedModel.__init__` does (the
-    registry is keyed by class, so a model whose class changed in place is not in it)."""
+def _register_output_capture(cls: type) -> None:
+    """Register a model class for output capture, as `PreTrainedModel.__init__` does for its
+    instance's class (the registry is keyed by str(class): a model whose class changed in
+    place, or an unpickled one whose __init__ never ran, would not be in it)."""
     if _CAN_RECORD_REGISTRY is not None:
-        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+        dict.__setitem__(_CAN_RECORD_REGISTRY, str(cls), cls._can_record_outputs)
 
 
 def adapted_class(base: type) -> type:
@@ -353,7 +354,7 @@ def adapted_class(base: type) -> type:
         },
     )
     _model_classes[base] = cls
-    _register_output_capture(cls.__new__(cls))  # e.g. an unpickled model, whose __init__ never ran
+    _register_output_capture(cls)
     globals()[cls.__name__] = cls
     return cls
 
@@ -367,7 +368,7 @@ def make_adapted(model: PreTrainedModel) -> None:
     if is_adapted(model):
         return
     model.__class__ = adapted_class(type(model))
-    _register_output_capture(model)
+    _register_output_capture(type(model))
     model.config.__class__ = _adapted_config_class(type(model.config))
     # A config read from config.json (every from_pretrained model) holds `model_type` as an
     # instance attribute, which would shadow the adapted class's and make is_adapted() False.

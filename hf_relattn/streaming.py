@@ -25,6 +25,7 @@ rolling back (assisted decoding's `crop`), are refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,13 +78,14 @@ class StreamingLayer(DynamicLayer):
             return mask
         return mask[..., self.kept_positions(mask.device)]
 
-    def evict(self, key_valid: torch.Tensor | None) -> None:
-        """After an attention call: drop what no later query can see. `key_valid` (B, K): keys
-        that are not padding, from the call's mask (padding leads each row: it stays, with the
-        sinks behind it)."""
+    def evict(self, key_valid: Callable[[], torch.Tensor | None]) -> None:
+        """After an attention call: drop what no later query can see. `key_valid()` (B, K): keys
+        that are not padding, from the call's mask, read at the first eviction only (padding
+        leads each row: it stays, with the sinks behind it)."""
         held = self.held()
         if self.prefix is None:
-            first = 0 if key_valid is None else int(key_valid.int().argmax(-1).max())
+            valid = key_valid()
+            first = 0 if valid is None else int(valid.int().argmax(-1).max())
             self.prefix = first + self.sinks
         if held - self.prefix <= self.recent + self.slack:
             return
