@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import batch_list, eval_mode, on_device
 from .patches import get_adapter
 
 PAPER = "Michel, Levy & Neubig 2019, Are Sixteen Heads Really Better than One? (NeurIPS)"
@@ -64,10 +65,6 @@ def head_gates(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handle.remove()
 
 
-def _on_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def head_importance(model: nn.Module, batches: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> torch.Tensor:
     """Head importance scores of Michel et al. 2019, shape [num_layers, num_heads], float32, CPU.
 
@@ -83,32 +80,19 @@ def head_importance(model: nn.Module, batches: Mapping[str, Any] | Iterable[Mapp
     exactly as they were. Layers whose heads were pruned have fewer heads than the widest layer:
     their rows are padded with NaN after their last head.
     """
-    if isinstance(batches, Mapping):
-        batches = [batches]
-    modes = [(module, module.training) for module in model.modules()]
+    batches = batch_list(batches, "head_importance", labels=True)
     device = next(model.parameters()).device
-    model.eval()
-    try:
-        with torch.enable_grad(), head_gates(model) as gates:
-            total = [torch.zeros_like(gate, requires_grad=False) for gate in gates]
-            seen = 0
-            for batch in batches:
-                if not isinstance(batch, Mapping) or "labels" not in batch:
-                    raise ValueError("head_importance: each batch must be a dict of model inputs including `labels`")
-                output = model(**_on_device(batch, device))
-                loss = output["loss"] if isinstance(output, Mapping) else getattr(output, "loss", None)
-                if loss is None:
-                    raise ValueError(f"head_importance: {type(model).__name__} returned no loss for the given labels")
-                grads = torch.autograd.grad(loss, gates, allow_unused=True)
-                for acc, grad in zip(total, grads):
-                    if grad is not None:
-                        acc += grad.detach().abs()
-                seen += 1
-            if not seen:
-                raise ValueError("head_importance: batches is empty")
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model), torch.enable_grad(), head_gates(model) as gates:
+        total = [torch.zeros_like(gate, requires_grad=False) for gate in gates]
+        for batch in batches:
+            output = model(**on_device(batch, device))
+            loss = output["loss"] if isinstance(output, Mapping) else getattr(output, "loss", None)
+            if loss is None:
+                raise ValueError(f"head_importance: {type(model).__name__} returned no loss for the given labels")
+            grads = torch.autograd.grad(loss, gates, allow_unused=True)
+            for acc, grad in zip(total, grads):
+                if grad is not None:
+                    acc += grad.detach().abs()
     width = max(len(t) for t in total)
     scores = torch.full((len(total), width), math.nan, dtype=torch.float32)
     for layer, acc in enumerate(total):

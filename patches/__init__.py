@@ -106,6 +106,11 @@ class FamilyAdapter:
         gives an attention mask but no position ids (for terms that see absolute positions
         through the queries, e.g. Shaw's on RoPE). Families without such positions: nothing."""
 
+    def rope_planes(self, config: Any) -> list[tuple[int, int]] | None:
+        """The (dim, dim) pairs of a head that rotary embeddings rotate together, or None for
+        a family without rotary positions (any orthogonal map of a key head is then harmless)."""
+        return None
+
     def set_config_kv_heads(self, config: Any, num_kv_heads: int) -> None:
         if not self.native_gqa:
             raise TypeError(f"{self.model_type} has no native num_key_value_heads")

@@ -21,6 +21,11 @@ class LlamaAdapter(FamilyAdapter):
     def output_projection_site(self, layer: nn.Module) -> tuple[nn.Module, str]:
         return layer.self_attn, "o_proj"
 
+    def rope_planes(self, config: Any) -> list[tuple[int, int]] | None:
+        # rotate_half layout: dims i and i + D/2 form one rotary plane
+        half = self.head_dim(config) // 2
+        return [(i, i + half) for i in range(half)]
+
     def positions_from_mask(self, model: nn.Module) -> None:
         # LlamaModel numbers tokens by their index when no position_ids are given, so a
         # left-padded sample's queries are rotated by RoPE as if it were longer: harmless for
