@@ -25,6 +25,7 @@ from .modeling import (
 )
 from .remote import write_remote_code
 from .streaming import StreamingCache
+from .transfer import CalibrationReport, calibrate
 from .variants import VARIANTS
 from .variants.moh import moh_aux_loss
 from .variants.sparse_base import optimizer_groups
@@ -33,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "attention_names",
+    "calibrate",
+    "CalibrationReport",
     "convert",
     "force_implementation",
     "head_gates",

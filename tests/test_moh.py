@@ -171,14 +171,13 @@ def test_routed_heads_match_the_official_formulas(family, options, padded, rows,
 
 @pytest.mark.parametrize("family", ["llama", "bert", "vit"])
 @pytest.mark.parametrize("router", ["learned", "query_norm"])
-def test_all_heads_with_uniform_gates_is_the_original_model(family, router):
+def test_all_heads_active_conversion_is_the_original_model(family, router):
+    """active_heads=1.0 computes the original model straight from the conversion (the learned
+    router starts at zero then: nothing to choose, every weight exactly 1)."""
     base = {"llama": lambda: tiny_llama(heads=6, kv_heads=3), "bert": tiny_bert, "vit": tiny_vit}[family]
     inputs = inputs_of(family, padded=True)
     original = outputs(base(), inputs, grad=False)
     model = hf_relattn.convert(base(), "moh", router=router, active_heads=1.0, shared_heads=0.5)
-    for m in model.modules():
-        if hasattr(m, "relattn_moh_routed"):
-            torch.nn.init.zeros_(m.relattn_moh_routed.weight)  # uniform gates
     for grad in (False, True):
         got = outputs(model, inputs, grad)
         for b, rows in valid_rows(family, True):
@@ -308,7 +307,8 @@ def test_composes_gating_on_top_of_other_variants(other, options):
     ({"shared_heads": [0, 0]}, "distinct head indices in 0..5"),
     ({"shared_heads": [6]}, "distinct head indices in 0..5"),
     ({"shared_heads": "importance"}, "needs batches="),
-    ({"batches": [{}]}, "only used with shared_heads='importance'"),
+    ({"batches": [{}], "shared_heads": 2}, "only used with shared_heads='importance'"),
+    ({"batches": [{}]}, "input_ids, inputs_embeds or pixel_values"),
     ({"aux_loss_coef": -1}, "aux_loss_coef must be a number >= 0"),
     ({"heads": 3}, "Unknown option"),
 ])
@@ -349,3 +349,19 @@ def test_importance_without_labels_leaves_the_model_unchanged():
         hf_relattn.convert(model, "moh", shared_heads="importance", batches=[{"input_ids": torch.ones(1, 4, dtype=torch.long)}])
     assert_same_state(before, model)
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_shared_heads_default_is_importance_with_batches():
+    from hf_relattn import head_importance
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 97, (2, 12), generator=gen)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    scores = head_importance(tiny_llama(heads=6, kv_heads=3), batches)
+    model = hf_relattn.convert(tiny_llama(heads=6, kv_heads=3), "moh", batches=batches)
+    saved = model.config.relattn["variants"][0]["options"]
+    assert "batches" not in saved
+    expected = {layer: sorted(torch.argsort(scores[layer], descending=True, stable=True)[:3].tolist()) for layer in range(2)}
+    assert {int(k): v for k, v in saved["shared_heads"].items()} == expected
+    plain = hf_relattn.convert(tiny_llama(heads=6, kv_heads=3), "moh")
+    assert plain.config.relattn["variants"][0]["options"]["shared_heads"] == 0.5

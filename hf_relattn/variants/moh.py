@@ -14,7 +14,9 @@ Two routers, as in the official code:
   when there is one shared head); with both kinds, [a1, a2] = 2 softmax(W_h x) scales shared
   and routed weights. These factors make uniform gates give every used head weight exactly 1,
   which is what a pretrained multi-head model expects. W_r starts N(0, initializer_range)
-  (ties would route every token alike), W_s and W_h start at zero (weights exactly 1).
+  (ties would route every token alike) unless every routed head is active (`active_heads=1.0`:
+  nothing to choose, W_r starts at zero and the conversion computes the original model);
+  W_s and W_h start at zero (weights exactly 1).
 - `router="query_norm"` (MoH-LLaMA3 continue-tuning): parameter-free; the routed logits are
   the L2 norms of the routed heads' queries (RoPE rotates, so pre- and post-RoPE norms agree),
   divided by their standard deviation across routed heads, softmax g. The weights are binary
@@ -31,7 +33,8 @@ keyword arguments), never on the modules, so concurrent calls do not mix.
 Shared heads: a count, a fraction of the heads (the official recipe takes the first half), an
 explicit list of head indices (every layer) or {layer: [heads]}, or "importance" with
 `batches=`: per layer the most important half by `hf_relattn.head_importance` (Michel et al.
-2019), recorded in the config as {layer: [heads]}.
+2019), recorded in the config as {layer: [heads]}. The default is "importance" when `batches=`
+are given (a pretrained model's important heads stay on for every token), else 0.5.
 
 At inference (eval mode, no autograd) a (token, head) pair the router does not select is not
 computed: per head the engine gathers the tokens that use it and attends them over all keys.
@@ -66,7 +69,7 @@ def module_heads(module: nn.Module, adapter: FamilyAdapter) -> int:
 @register_variant
 @dataclass
 class MoH(Variant):
-    shared_heads: Any = 0.5
+    shared_heads: Any = None
     active_heads: float = 0.75
     router: str = "learned"
     aux_loss_coef: float = 0.01
@@ -110,6 +113,8 @@ class MoH(Variant):
         coef = self.aux_loss_coef
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
             raise ValueError(f"moh: aux_loss_coef must be a number >= 0, got {coef!r}")
+        if self.shared_heads is None:  # the default: the most important half when batches can say which
+            self.shared_heads = "importance" if self.batches is not None else 0.5
         spec = self.shared_heads
         if spec == "importance":
             if self.batches is None:
@@ -169,9 +174,12 @@ class MoH(Variant):
             routed = heads - shared
             picks = self._active_count(heads) - shared
             if self.router == "learned":
+                # a random routed router breaks ties between heads; with every routed head active
+                # there is nothing to choose, and zero logits give each head weight exactly 1
+                routed_std = std if picks < routed else 0.0
                 for name, size, wanted in ((ROUTED, routed, picks > 0), (SHARED, shared, shared > 1), (MIX, 2, shared > 0 and picks > 0)):
                     if wanted:
-                        add_router(attn, adapter, name, size, (std if name == ROUTED else 0.0) if initialize else None)
+                        add_router(attn, adapter, name, size, (routed_std if name == ROUTED else 0.0) if initialize else None)
             attach(attn, self)
         _register_aux_hook(model)
 
