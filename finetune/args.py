@@ -59,6 +59,14 @@ class FinetuneArguments:
     num_epochs: int = _help("Epochs when neither --max-steps nor --train-tokens is set.", default=1)
     mixed_precision: str = _help("no, bf16 or fp16 (bf16 works on CPU).", default="no")
     train: str = _help(f"What trains: {', '.join(TRAIN_SELECTIONS)} (new = parameters the variant or task head adds).", default="all")
+    # ---- recovery: distillation and attention transfer from the model before conversion
+    distill: bool = _help("Distil the model before conversion (frozen teacher, same tokenizer): loss = alpha * T^2 * KL + (1 - alpha) * task loss.", default=False)
+    distill_alpha: float = _help("Weight of the KL term in [0, 1].", default=0.5)
+    distill_temperature: float = _help("Softmax temperature T of teacher and student (> 0).", default=2.0)
+    teacher: str | None = _help("Teacher / transfer reference (default: --model as loaded, before --variant converts it).", default=None)
+    attention_transfer_steps: int = _help("Before training, attention transfer (hf_relattn.calibrate): N steps per converted layer.", default=0)
+    attention_transfer_lr: float = _help("Learning rate of the attention transfer.", default=1e-3)
+    attention_transfer_batches: int = _help("Training batches recorded for the attention transfer (from the start of --data).", default=16)
     # ---- PEFT
     lora_r: int = _help("LoRA rank on the attention projections (0: no LoRA).", default=0)
     lora_alpha: int = _help("LoRA alpha.", default=16)

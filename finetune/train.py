@@ -12,6 +12,7 @@ evaluation, JSONL metrics (TensorBoard too when installed).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -39,6 +40,7 @@ from hf_relattn.variants.moh import moh_aux_loss, moh_layers
 from hf_relattn.variants.sparse_base import optimizer_groups
 
 from . import data as D
+from .distill import combined_loss, distill_kl, prediction_mask
 from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
 
 AUTO_CLASSES = {
@@ -151,13 +153,26 @@ def apply_lora(model: torch.nn.Module, args: FinetuneArguments, new: set[str]) -
     from peft import LoraConfig, get_peft_model
 
     adapter = get_adapter(model)
-    # New parameters train fully: save their whole modules next to the LoRA weights.
-    modules_to_save = sorted({n.rsplit(".", 1)[0] for n in new})
+
+    def holds_targets(name: str) -> bool:
+        return any(sub.endswith(target) for sub, _ in model.get_submodule(name).named_modules() for target in adapter.lora_targets)
+
+    # New parameters train fully: their whole modules are saved next to the LoRA weights, except
+    # parameters that sit directly on an attention module (sink logits): PEFT cannot both wrap
+    # that module and inject LoRA into its projections, so they stay trainable in place and
+    # reach OUTPUT/base_model (or the merged checkpoint).
+    parents = {n.rsplit(".", 1)[0] for n in new}
+    modules_to_save = sorted(p for p in parents if not holds_targets(p))
+    loose = {n for n in new if n.rsplit(".", 1)[0] not in modules_to_save}
     config = LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=list(adapter.lora_targets), modules_to_save=modules_to_save or None,
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if any(name.endswith("." + n) for n in loose):
+            param.requires_grad_(True)
+    return peft_model
 
 
 def latest_checkpoint(output: Path) -> Path:
@@ -206,6 +221,16 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         raise ValueError(f"Unknown --lr-scheduler {args.lr_scheduler!r}; valid: {', '.join(SCHEDULERS)}")
     if args.merge and not args.lora_r:
         raise ValueError("--merge needs --lora-r > 0")
+    if not 0.0 <= args.distill_alpha <= 1.0:
+        raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
+    if not args.distill_temperature > 0:
+        raise ValueError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+    if args.attention_transfer_steps < 0 or args.attention_transfer_batches < 1:
+        raise ValueError("--attention-transfer-steps must be >= 0 and --attention-transfer-batches >= 1")
+    if args.attention_transfer_steps and not args.variant and args.teacher is None:
+        raise ValueError("--attention-transfer-steps needs --variant (the conversion to transfer to) or --teacher (the model before conversion)")
+    if args.teacher is not None and not (args.distill or args.attention_transfer_steps):
+        raise ValueError("--teacher is only used with --distill or --attention-transfer-steps")
     if args.push_to_hub:
         if args.lora_r and not args.merge:
             raise ValueError("--push-to-hub with --lora-r needs --merge: OUTPUT would hold a LoRA adapter, not a checkpoint")
@@ -245,16 +270,34 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         processor = image_processor(args.model, model.config)
     elif processor is None:
         raise ValueError(f"{args.model!r} has no tokenizer; {task} needs one")
+    teacher = None
+    if args.distill or args.attention_transfer_steps:
+        # the model before conversion, frozen (same tokenizer; a copy, so a new task head is the same one)
+        if args.teacher is None:
+            teacher = copy.deepcopy(model)
+        else:
+            extra = {k: v for k, v in load_kwargs.items() if k != "output_loading_info"}
+            teacher = load(args.teacher or args.model, dtype=args.dtype, model_class=AUTO_CLASSES[task], **extra)[0]
+        teacher.eval().requires_grad_(False)
     if args.variant:
         hf_relattn.convert(model, args.variant, layers=layers, **options)
-    new = new_parameter_names(model, set(info.get("missing_keys", ())))
-    trainable = select_trainable(model, args.train, new)
-    if args.lora_r:
-        model = apply_lora(model, args, new)
 
     train_ds = D.prepare(task, train_raw, processor, args, model.config, labels)
     eval_ds = D.prepare(task, eval_raw, processor, args, model.config, labels) if eval_raw is not None else None
     collate = D.collator(task, processor, args.mlm_probability)
+    transfer = None
+    if args.attention_transfer_steps and not args.resume:  # a resumed run loads the transferred weights
+        count = min(args.attention_transfer_batches * args.batch_size, len(train_ds))
+        batches = [{k: v for k, v in collate([train_ds[i] for i in range(start, min(start + args.batch_size, count))]).items() if k != "labels"}
+                   for start in range(0, count, args.batch_size)]
+        transfer = hf_relattn.calibrate(model, teacher, batches, steps=args.attention_transfer_steps, lr=args.attention_transfer_lr,
+                                        progress=accelerator.is_local_main_process, verbose=main)
+    if not args.distill:
+        teacher = None
+    new = new_parameter_names(model, set(info.get("missing_keys", ())))
+    trainable = select_trainable(model, args.train, new)
+    if args.lora_r:
+        model = apply_lora(model, args, new)
     sampler = EpochSampler(len(train_ds), args.seed)
     train_dl = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     if len(train_dl) == 0:
@@ -278,6 +321,8 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)
+    if teacher is not None:
+        teacher.to(accelerator.device)
 
     step = 0
     if args.resume:
@@ -292,6 +337,9 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     if main:
         output.mkdir(parents=True, exist_ok=True)
     log_path = output / "metrics.jsonl"
+    if transfer is not None and main:
+        with log_path.open("a") as handle:
+            handle.write(json.dumps({"step": 0, "attention_transfer": transfer.to_dict()}) + "\n")
     last_good: Path | None = None
     start_time, tokens_per_step = time.perf_counter(), per_step * (args.block_size if task in ("causal-lm", "masked-lm") else 0)
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="finetune")
@@ -308,7 +356,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     running, running_n, last_loss = 0.0, 0, float("nan")
     inner = accelerator.unwrap_model(model)
     routed = bool(moh_layers(inner))  # MoH adds its load-balance term to the loss: log it apart
-    running_aux = 0.0
+    running_aux, running_kl = 0.0, 0.0
     while step < total_steps:
         micro = step * args.gradient_accumulation_steps
         epoch, offset = divmod(micro, micro_per_epoch)
@@ -318,6 +366,12 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 loss = outputs.loss
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(**batch).logits
+                    kl = distill_kl(outputs.logits, teacher_logits, prediction_mask(task, batch, outputs.logits), args.distill_temperature)
+                    aux = moh_aux_loss(outputs).to(loss.dtype) if routed else 0.0
+                    loss = combined_loss(loss - aux, kl, args.distill_alpha, args.distill_temperature) + aux
                 if not bool(torch.isfinite(accelerator.gather(loss.detach()[None])).all()):
                     where = f"; last good checkpoint: {last_good}" if last_good else " (no checkpoint was saved)"
                     raise FloatingPointError(f"Loss became {loss.item()} at step {step + 1}: training stopped{where}")
@@ -330,6 +384,8 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
             running += float(accelerator.gather(loss.detach()[None]).mean())
             if routed:
                 running_aux += float(moh_aux_loss(outputs).detach())
+            if teacher is not None:
+                running_kl += float(accelerator.gather(kl.detach()[None]).mean())
             running_n += 1
             if not accelerator.sync_gradients:
                 continue
@@ -340,8 +396,9 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
             if step % args.logging_steps == 0 or step == total_steps:
                 log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                      **({"moh_aux_loss": running_aux / running_n} if routed else {}),
+                     **({"distill_kl": running_kl / running_n} if teacher is not None else {}),
                      "tokens": step * tokens_per_step, "elapsed_s": round(time.perf_counter() - start_time, 2)})
-            running, running_n, running_aux = 0.0, 0, 0.0
+            running, running_n, running_aux, running_kl = 0.0, 0, 0.0, 0.0
             if eval_dl is not None and args.eval_steps and step % args.eval_steps == 0 and step != total_steps:
                 log({"step": step, **evaluate(model, eval_dl, accelerator, task, args.eval_batches)})
             if args.save_steps and step % args.save_steps == 0:
@@ -362,6 +419,8 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     metrics["weight_checksums"] = accelerator.gather(checksum).tolist()
     if tokens_per_step:
         metrics["train_tokens"] = step * tokens_per_step
+    if transfer is not None:
+        metrics["attention_transfer"] = transfer.to_dict()
     if eval_dl is not None:
         metrics.update(evaluate(model, eval_dl, accelerator, task, args.eval_batches))
         log({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})

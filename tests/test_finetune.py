@@ -278,3 +278,92 @@ def test_train_new_moves_the_sink_logits(llama_dir, text_file, tmp_path):
             assert ((value + 30.0).abs() > 1e-3).all(), name  # steps of ~lr from -30 (default AdamW: ~1e-9)
         elif name in base_state:
             assert torch.equal(value, base_state[name]), name
+
+
+# ------------------------------------------------------------------ distillation (--distill)
+def test_distill_kl_term_matches_a_hand_computation(llama_dir, text_file, tmp_path):
+    """One step at lr 0: the logged KL equals KL(softmax(t/T) || softmax(s/T)) computed here
+    token by token from the teacher (model before conversion) and the converted student, and
+    the logged loss equals alpha * T^2 * KL + (1 - alpha) * CE."""
+    import math
+
+    import hf_relattn
+    from hf_relattn.finetune.train import EpochSampler
+    from hf_relattn.finetune import data as D
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "kd"
+    args = lm_args(llama_dir, text_file, out, "--variant", "mqa", "--distill", "--distill-alpha", "0.7", "--distill-temperature", "3",
+                   "--max-steps", "1", "--learning-rate", "0", "--batch-size", "2")
+    run(parse_args(args))
+    row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+    # the same first batch, by hand
+    parsed = parse_args(args)
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    raw = D.split(D.load_raw(str(text_file)), parsed.eval_fraction, None, None)[0]
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    student = hf_relattn.convert(AutoModelForCausalLM.from_pretrained(llama_dir), "mqa").eval()
+    ds = D.prepare("causal-lm", raw, tokenizer, parsed, teacher.config, None)
+    order = list(EpochSampler(len(ds), parsed.seed))[:2]
+    batch = D.collator("causal-lm", tokenizer, 0.15)([ds[i] for i in order])
+    with torch.no_grad():
+        s_logits, t_logits = student(**batch).logits.double(), teacher(**batch).logits.double()
+        ce = float(student(**batch).loss)
+    total, count = 0.0, 0
+    mask = batch.get("attention_mask", torch.ones(s_logits.shape[:2], dtype=torch.long))  # packed blocks: every token
+    for b in range(2):
+        for t in range(s_logits.shape[1]):
+            if mask[b, t]:
+                p = torch.softmax(t_logits[b, t] / 3, -1)
+                q = torch.softmax(s_logits[b, t] / 3, -1)
+                total += float((p * (p.log() - q.log())).sum())
+                count += 1
+    kl = total / count
+    assert row["distill_kl"] == pytest.approx(kl, rel=1e-4)
+    assert row["loss"] == pytest.approx(0.7 * 9 * kl + 0.3 * ce, rel=1e-4)
+    assert math.isfinite(row["loss"])
+
+
+def test_distill_resume_is_exact(llama_dir, text_file, tmp_path):
+    common = ("--variant", "mqa", "--distill", "--max-steps", "6", "--warmup-steps", "1")
+    run(parse_args(lm_args(llama_dir, text_file, tmp_path / "full", *common, "--save-steps", "3")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run(parse_args(lm_args(llama_dir, text_file, tmp_path / "resumed", *common, "--resume", str(tmp_path / "full" / "checkpoints" / "step-3"))))
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"distill_kl"' in x]
+    resumed = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if '"distill_kl"' in x]
+    assert [(r["loss"], r["distill_kl"]) for r in resumed] == [(r["loss"], r["distill_kl"]) for r in full[3:]]
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_distill_with_attention_transfer_and_lora(llama_dir, text_file, tmp_path):
+    out = tmp_path / "kd-lora"
+    metrics = run(parse_args(lm_args(llama_dir, text_file, out, "--variant", "sliding_window", "--variant-options", "window=8,sinks=2,sink_logit=true",
+                                     "--distill", "--attention-transfer-steps", "15", "--attention-transfer-batches", "2",
+                                     "--lora-r", "4", "--max-steps", "3")))
+    rows = metrics["attention_transfer"]["rows"]
+    assert len(rows) == 2 and all(r["after"] < r["before"] for r in rows)
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "attention_transfer" in logged[0] and all("distill_kl" in r for r in logged if "loss" in r)
+    assert (out / "adapter_config.json").is_file()
+    # the sink logits sit on the attention modules LoRA wraps: they train in place and reach base_model
+    base = load_file(out / "base_model" / "model.safetensors")
+    sinks = [v for k, v in base.items() if k.endswith("relattn_sink_logit")]
+    assert len(sinks) == 2 and all((v != -30.0).all() for v in sinks)
+
+
+def test_two_process_ddp_distill(llama_dir, text_file, tmp_path):
+    out = tmp_path / "ddp-kd"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [
+        str(accelerate), "launch", "--config_file", str(CONFIGS / "cpu_ddp2.yaml"), "--main_process_port", str(free_port()),
+        "-m", "hf_relattn.finetune", *lm_args(llama_dir, text_file, out, "--variant", "mqa", "--distill", "--attention-transfer-steps", "5",
+                                              "--attention-transfer-batches", "2", "--max-steps", "3"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["processes"] == 2
+    assert final["weight_checksums"][0] == final["weight_checksums"][1]
+    assert "attention_transfer" in final
