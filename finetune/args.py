@@ -65,8 +65,9 @@ class FinetuneArguments:
     distill_temperature: float = _help("Softmax temperature T of teacher and student (> 0).", default=2.0)
     teacher: str | None = _help("Teacher / transfer reference (default: --model as loaded, before --variant converts it).", default=None)
     attention_transfer_steps: int = _help("Before training, attention transfer (hf_relattn.calibrate): N steps per converted layer.", default=0)
-    attention_transfer_lr: float = _help("Learning rate of the attention transfer.", default=1e-3)
-    attention_transfer_batches: int = _help("Training batches recorded for the attention transfer (from the start of --data).", default=16)
+    attention_transfer_lr: float = _help("Learning rate of the attention transfer (AdamW, cosine).", default=1e-5)
+    calibration_batches: int = _help("Training batches (from the start of --data) that fit the variant's initialisation when it can "
+                                     "(gqa/mqa init=aligned, moh shared_heads=importance) and feed the attention transfer.", default=16)
     # ---- PEFT
     lora_r: int = _help("LoRA rank on the attention projections (0: no LoRA).", default=0)
     lora_alpha: int = _help("LoRA alpha.", default=16)

@@ -36,6 +36,7 @@ from transformers import get_scheduler
 import hf_relattn
 from hf_relattn.cli import _value
 from hf_relattn.presets import PRESETS, load
+from hf_relattn.variants.base import get_variant_class
 from hf_relattn.variants.moh import moh_aux_loss, moh_layers
 from hf_relattn.variants.sparse_base import optimizer_groups
 
@@ -225,8 +226,8 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         raise ValueError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}")
     if not args.distill_temperature > 0:
         raise ValueError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
-    if args.attention_transfer_steps < 0 or args.attention_transfer_batches < 1:
-        raise ValueError("--attention-transfer-steps must be >= 0 and --attention-transfer-batches >= 1")
+    if args.attention_transfer_steps < 0 or args.calibration_batches < 1:
+        raise ValueError("--attention-transfer-steps must be >= 0 and --calibration-batches >= 1")
     if args.attention_transfer_steps and not args.variant and args.teacher is None:
         raise ValueError("--attention-transfer-steps needs --variant (the conversion to transfer to) or --teacher (the model before conversion)")
     if args.teacher is not None and not (args.distill or args.attention_transfer_steps):
@@ -279,18 +280,23 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
             extra = {k: v for k, v in load_kwargs.items() if k != "output_loading_info"}
             teacher = load(args.teacher or args.model, dtype=args.dtype, model_class=AUTO_CLASSES[task], **extra)[0]
         teacher.eval().requires_grad_(False)
-    if args.variant:
-        hf_relattn.convert(model, args.variant, layers=layers, **options)
-
     train_ds = D.prepare(task, train_raw, processor, args, model.config, labels)
     eval_ds = D.prepare(task, eval_raw, processor, args, model.config, labels) if eval_raw is not None else None
     collate = D.collator(task, processor, args.mlm_probability)
+    fitted = bool(args.variant) and get_variant_class(args.variant).fits_on_batches(options)
+    calibration = None
+    if fitted or (args.attention_transfer_steps and not args.resume):
+        # a resumed run fits the same initialisation again (it decides the saved spec, e.g. MoH's
+        # shared heads) but skips the transfer: its weights come from the checkpoint
+        count = min(args.calibration_batches * args.batch_size, len(train_ds))
+        calibration = [collate([train_ds[i] for i in range(start, min(start + args.batch_size, count))])
+                       for start in range(0, count, args.batch_size)]
+    if args.variant:
+        extra = {"batches": calibration} if fitted and calibration is not None else {}
+        hf_relattn.convert(model, args.variant, layers=layers, **options, **extra)
     transfer = None
-    if args.attention_transfer_steps and not args.resume:  # a resumed run loads the transferred weights
-        count = min(args.attention_transfer_batches * args.batch_size, len(train_ds))
-        batches = [{k: v for k, v in collate([train_ds[i] for i in range(start, min(start + args.batch_size, count))]).items() if k != "labels"}
-                   for start in range(0, count, args.batch_size)]
-        transfer = hf_relattn.calibrate(model, teacher, batches, steps=args.attention_transfer_steps, lr=args.attention_transfer_lr,
+    if args.attention_transfer_steps and not args.resume:
+        transfer = hf_relattn.calibrate(model, teacher, calibration, steps=args.attention_transfer_steps, lr=args.attention_transfer_lr,
                                         progress=accelerator.is_local_main_process, verbose=main)
     if not args.distill:
         teacher = None

@@ -68,7 +68,8 @@ def _option_fields() -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for name, cls in sorted(VARIANTS.items()):
         for field in dataclasses.fields(cls):
-            fields.setdefault(field.name, []).append(name)
+            if field.name != "batches":  # calibration batches come from --calibrate DATA
+                fields.setdefault(field.name, []).append(name)
     return fields
 
 
@@ -79,11 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("variants", help="list every variant with its description and paper")
 
     conv = sub.add_parser("convert", help="convert a model and save it as a checkpoint folder")
-    conv.add_argument("source", help=f"local folder, Hub id, or preset: {', '.join(PRESETS)}")
-    conv.add_argument("output", help="folder to write the converted checkpoint to")
-    conv.add_argument("--variant", required=True, choices=sorted(VARIANTS), help="variant to apply")
+    conv.add_argument("source", nargs="?", help=f"local folder, Hub id, or preset: {', '.join(PRESETS)}")
+    conv.add_argument("output", nargs="?", help="folder to write the converted checkpoint to")
+    conv.add_argument("--config", default=None, help="YAML/JSON recipe (e.g. finetune/recipes/minilm_gqa4.yaml): defaults for "
+                      "source, output and every flag; the command line wins")
+    conv.add_argument("--variant", choices=sorted(VARIANTS), help="variant to apply (required)")
     conv.add_argument("--layers", type=_layers, default=None, help="comma-separated layer indices (default: all)")
     conv.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load and save in")
+    conv.add_argument("--calibrate", metavar="DATA", default=None,
+                      help="text data (file or table) to calibrate on: fitted inits (gqa/mqa init=aligned, moh "
+                      "shared_heads=importance) and attention transfer (hf_relattn.calibrate)")
+    conv.add_argument("--calibration-tokens", type=int, default=16384, help="tokens of DATA to use (default 16384)")
+    conv.add_argument("--calibration-steps", type=int, default=100, help="attention-transfer steps per converted layer (0: fitted init only)")
+    conv.add_argument("--calibration-lr", type=float, default=1e-5, help="attention-transfer learning rate")
+    conv.add_argument("--calibration-block", type=int, default=512, help="tokens per calibration sequence")
     for field, owners in _option_fields().items():
         conv.add_argument(
             "--" + field.replace("_", "-"), dest="opt_" + field, type=_value, default=None,
@@ -132,14 +142,56 @@ def cmd_variants() -> None:
         print(f"{name:<{width}}  {text}")
 
 
+def _with_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags not given on the command line from `--config` (keys as the flags' names)."""
+    if args.config:
+        defaults = vars(build_parser().parse_args(["convert"]))
+        names = {k[len("opt_"):] if k.startswith("opt_") else k: k for k in defaults if k not in ("command", "config")}
+        names["layers"] = "layers"
+        for key, value in read_settings_file(args.config, list(names)).items():
+            dest = names[key]
+            if getattr(args, dest) == defaults[dest]:
+                setattr(args, dest, ",".join(map(str, value)) if key == "layers" and isinstance(value, list) else value)
+        if isinstance(args.layers, str):
+            args.layers = _layers(args.layers)
+    missing = [name for name in ("source", "output", "variant") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"convert needs {', '.join(missing)} (on the command line or in --config)")
+    if args.variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {args.variant!r}; valid variants: {', '.join(sorted(VARIANTS))}")
+    return args
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from .presets import load
 
+    args = _with_recipe(args)
     options = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    if args.calibrate is not None and not Path(args.calibrate).exists():
+        raise FileNotFoundError(f"--calibrate {args.calibrate!r} not found")
+    if args.calibration_steps < 0:
+        raise ValueError(f"--calibration-steps must be >= 0, got {args.calibration_steps}")
     start = _step(f"Loading {args.source} ...")
     model, tokenizer = load(args.source, dtype=args.dtype)
-    start = _step(f"Loaded in {time.perf_counter() - start:.1f}s. Converting to {args.variant} {options or ''} ...")
+    reference = batches = None
+    if args.calibrate is not None:
+        import copy
+
+        from .batches import text_batches
+
+        batches = text_batches(args.calibrate, model, tokenizer, tokens=args.calibration_tokens, block=args.calibration_block)
+        if VARIANTS[args.variant].fits_on_batches(options):
+            options["batches"] = batches  # fitted initialisation (gqa/mqa: aligned, moh: importance)
+        if args.calibration_steps:
+            reference = copy.deepcopy(model)
+    start = _step(f"Loaded in {time.perf_counter() - start:.1f}s. Converting to {args.variant} "
+                  f"{ {k: v for k, v in options.items() if k != 'batches'} or ''} ...")
     convert(model, args.variant, layers=args.layers, **options)
+    if reference is not None:
+        from .transfer import calibrate
+
+        start = _step(f"Converted in {time.perf_counter() - start:.1f}s. Attention transfer on {args.calibrate} ...")
+        calibrate(model, reference, batches, steps=args.calibration_steps, lr=args.calibration_lr)
     start = _step(f"Converted in {time.perf_counter() - start:.1f}s. Saving to {args.output} ...")
     model.save_pretrained(args.output)
     if tokenizer is not None:

@@ -13,9 +13,11 @@ errors do not compound during calibration.
 - what trains: `train="attention"` (default) every parameter of the layer's attention block
   (projections, tables, routers, sink logits); `train="new"` only what the conversion added
   or resized; everything else is frozen and bit-identical afterwards;
-- AdamW with a cosine decay over `steps` per layer, cycling through the batches; sink logits
-  get 100x the learning rate (Adam moves a parameter by about lr per step, and a sink logit
-  starts 10-20 units from where it matters);
+- AdamW with a cosine decay over `steps` per layer, cycling through the batches. The default
+  lr 1e-5 suits pretrained projections (measured on SmolLM2 MQA, 100 steps: relative error
+  0.65 -> 0.18 at 1e-5, 0.31 at 3e-5, no progress at 3e-4); sink logits get their own lr,
+  SINK_LOGIT_LR (Adam moves a parameter by about lr per step, and a sink logit starts 10-20
+  units from where it matters);
 - eval-mode numerics (no dropout); a layer whose error did not decrease is put back as it was;
 - recordings stay in memory up to `memory_limit` bytes, else they are spilled to a temporary
   folder and read back one layer at a time.
@@ -41,7 +43,7 @@ from .variants.base import ATTACHED, CACHE, LAYER_INPUT
 from .variants.sparse_base import SINK_LOGIT, optimizer_groups
 
 TRAIN_SELECTIONS = ("attention", "new")
-SINK_LR_FACTOR = 100.0
+SINK_LOGIT_LR = 0.1  # Adam moves a parameter by about lr per step; a sink logit starts 10-20 units from where it matters
 
 
 @dataclass
@@ -222,7 +224,7 @@ def calibrate(
     batches: Any,
     *,
     steps: int = 100,
-    lr: float = 1e-3,
+    lr: float = 1e-5,
     layers: Iterable[int] | None = None,
     train: str = "attention",
     memory_limit: int = 2 * 1024**3,
@@ -272,7 +274,7 @@ def calibrate(
                         groups = optimizer_groups(model, 0.0)
                         for group in groups:
                             if any(p is q for p in group["params"] for q in _sink_logits(block)):
-                                group["lr"] = lr * SINK_LR_FACTOR
+                                group["lr"] = SINK_LOGIT_LR
                         optimizer = torch.optim.AdamW(groups, lr=lr)
                         base = [g.get("lr", lr) for g in optimizer.param_groups]
                         for step in range(steps):

@@ -293,7 +293,7 @@ def test_distill_kl_term_matches_a_hand_computation(llama_dir, text_file, tmp_pa
     from transformers import AutoTokenizer
 
     out = tmp_path / "kd"
-    args = lm_args(llama_dir, text_file, out, "--variant", "mqa", "--distill", "--distill-alpha", "0.7", "--distill-temperature", "3",
+    args = lm_args(llama_dir, text_file, out, "--variant", "mqa", "--variant-options", "init=mean", "--distill", "--distill-alpha", "0.7", "--distill-temperature", "3",
                    "--max-steps", "1", "--learning-rate", "0", "--batch-size", "2")
     run(parse_args(args))
     row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
@@ -302,7 +302,7 @@ def test_distill_kl_term_matches_a_hand_computation(llama_dir, text_file, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(llama_dir)
     raw = D.split(D.load_raw(str(text_file)), parsed.eval_fraction, None, None)[0]
     teacher = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    student = hf_relattn.convert(AutoModelForCausalLM.from_pretrained(llama_dir), "mqa").eval()
+    student = hf_relattn.convert(AutoModelForCausalLM.from_pretrained(llama_dir), "mqa", init="mean").eval()
     ds = D.prepare("causal-lm", raw, tokenizer, parsed, teacher.config, None)
     order = list(EpochSampler(len(ds), parsed.seed))[:2]
     batch = D.collator("causal-lm", tokenizer, 0.15)([ds[i] for i in order])
@@ -339,7 +339,7 @@ def test_distill_resume_is_exact(llama_dir, text_file, tmp_path):
 def test_distill_with_attention_transfer_and_lora(llama_dir, text_file, tmp_path):
     out = tmp_path / "kd-lora"
     metrics = run(parse_args(lm_args(llama_dir, text_file, out, "--variant", "sliding_window", "--variant-options", "window=8,sinks=2,sink_logit=true",
-                                     "--distill", "--attention-transfer-steps", "15", "--attention-transfer-batches", "2",
+                                     "--distill", "--attention-transfer-steps", "15", "--calibration-batches", "2", "--attention-transfer-lr", "1e-3",
                                      "--lora-r", "4", "--max-steps", "3")))
     rows = metrics["attention_transfer"]["rows"]
     assert len(rows) == 2 and all(r["after"] < r["before"] for r in rows)
@@ -358,7 +358,7 @@ def test_two_process_ddp_distill(llama_dir, text_file, tmp_path):
     cmd = [
         str(accelerate), "launch", "--config_file", str(CONFIGS / "cpu_ddp2.yaml"), "--main_process_port", str(free_port()),
         "-m", "hf_relattn.finetune", *lm_args(llama_dir, text_file, out, "--variant", "mqa", "--distill", "--attention-transfer-steps", "5",
-                                              "--attention-transfer-batches", "2", "--max-steps", "3"),
+                                              "--calibration-batches", "2", "--attention-transfer-lr", "1e-3", "--max-steps", "3"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -97,6 +97,12 @@ class Variant:
         """Build from the options of a saved spec entry (config.relattn)."""
         return cls.from_options({**cls.legacy_options, **options})
 
+    @classmethod
+    def fits_on_batches(cls, options: dict[str, Any]) -> bool:
+        """True when a conversion with these options would fit its initialisation on calibration
+        batches if given them (`batches=`): tools that hold calibration data pass it then."""
+        return False
+
     def spec_name(self) -> str:
         """Name recorded in config.relattn (aliases record their canonical variant)."""
         return self.name

@@ -254,6 +254,10 @@ class GQA(Variant):
         options = super().options()
         options.pop("batches")  # only used to fit the alignment at conversion
         return options
+
+    @classmethod
+    def fits_on_batches(cls, options: dict[str, Any]) -> bool:
+        return options.get("init") in (None, *FITTED)
     limits = (
         "K/V heads are pooled from a multi-head checkpoint: quality needs uptraining (Ainslie et al. "
         "2023 use about 5% of the pre-training compute)."

@@ -90,6 +90,10 @@ class MoH(Variant):
         options.pop("batches")  # only used to resolve shared_heads="importance" at conversion
         return options
 
+    @classmethod
+    def fits_on_batches(cls, options: dict[str, Any]) -> bool:
+        return options.get("shared_heads") in (None, "importance")
+
     # ----------------------------------------------------------------- conversion
     def _shared_for(self, layer: int, heads: int) -> list[int]:
         spec = self.shared_heads
