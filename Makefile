@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench-perf clean
+.PHONY: setup demo demo-bench test bench-perf clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
+	$(BIN)/python -m hf_relattn.demo --recovery $(DEMO_ARGS)
+
+demo-bench: setup
 	$(BIN)/python -m hf_relattn.demo $(DEMO_ARGS)
 
 test: setup

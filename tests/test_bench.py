@@ -483,3 +483,15 @@ def test_bench_decodes_with_the_streaming_cache(llama_dir, text_file, tmp_path):
     per_token = base["kv_cache_bytes"] / 96  # both layers, keys and values
     assert window["kv_cache_bytes"] <= (2 + 8 + 4) * per_token
     assert "StreamingCache" in (tmp_path / "results.md").read_text()
+
+
+def test_recovery_demo_runs_and_recovers(llama_dir, tmp_path, capsys):
+    """`make demo`'s mode on the tiny model, without ../shared data (pydoc halves): the table has
+    its four rows; the MQA rows have a quarter of the tiny original's KV cache (4 K/V heads -> 1)."""
+    assert demo.main(["--recovery", "--model", str(llama_dir), "--data", str(tmp_path / "none"), "--eval-tokens", "256",
+                      "--calibration-tokens", "256", "--context", "32", "--transfer-steps", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and "MB" in line]
+    assert len(rows) == 4
+    kv = [float(r[3].split()[0]) for r in rows]
+    assert kv[1] == kv[2] == kv[3] == pytest.approx(kv[0] / 4, rel=0.01)

@@ -109,3 +109,56 @@ def test_smollm2_preset_mqa_is_native_and_matches_reference(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
     assert "relattn" not in json.loads((tmp_path / "config.json").read_text())
 
+
+
+# ------------------------------------------------------------- convert --calibrate / --config
+def test_convert_calibrate_equals_the_python_api(tmp_path, ids):
+    """`--calibrate DATA`: aligned init fitted on DATA's first tokens, then attention transfer;
+    the saved model is what the Python API computes with the same batches."""
+    import copy
+    from pydoc_data.topics import topics
+
+    from conftest import save_tiny_llama
+    from hf_relattn.batches import text_batches
+
+    text = "\n".join(topics[k] for k in sorted(topics))[:20_000]
+    src = save_tiny_llama(tmp_path / "src", text)
+    data = tmp_path / "calib.txt"
+    data.write_text(text)
+    flags = ["--calibrate", str(data), "--calibration-tokens", "256", "--calibration-block", "32", "--calibration-steps", "5",
+             "--calibration-lr", "1e-3"]
+    assert main(["convert", str(src), str(tmp_path / "out"), "--variant", "mqa", *flags]) == 0
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    model, tokenizer = load(str(src))
+    reference = copy.deepcopy(model)
+    batches = text_batches(str(data), model, tokenizer, tokens=256, block=32)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape == (4, 32)
+    hf_relattn.convert(model, "mqa", batches=batches)
+    hf_relattn.calibrate(model, reference, batches, steps=5, lr=1e-3, progress=False, verbose=False)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, model(ids).logits, atol=1e-6, rtol=0)
+    # init=mean keeps mean pooling: the batches only feed the transfer
+    assert main(["convert", str(src), str(tmp_path / "mean"), "--variant", "mqa", "--init", "mean", *flags]) == 0
+
+
+def test_convert_recipes_parse(capsys):
+    from hf_relattn.cli import _with_recipe, build_parser
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "finetune" / "recipes" / "convert").glob("*.yaml"))
+    assert len(recipes) >= 2
+    for recipe in recipes:
+        args = _with_recipe(build_parser().parse_args(["convert", "--config", str(recipe)]))
+        assert args.source and args.output and args.variant in VARIANTS
+        options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+        VARIANTS[args.variant].from_options(options)  # every option is one the variant knows
+    args = _with_recipe(build_parser().parse_args(["convert", "--config", str(recipes[0]), "--calibration-steps", "7", "src", "out"]))
+    assert args.calibration_steps == 7 and args.source == "src"
+
+
+def test_convert_without_variant_or_with_bad_calibration(tmp_path, capsys):
+    assert main(["convert", "a", "b"]) == 2
+    assert "convert needs variant" in capsys.readouterr().err
+    src = tmp_path / "src"
+    tiny_llama(heads=4).save_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--variant", "mqa", "--calibrate", str(tmp_path / "none.txt")]) == 2
+    assert "not found" in capsys.readouterr().err
