@@ -36,6 +36,7 @@ import torch
 import hf_relattn
 from hf_relattn.batches import text_batches
 from hf_relattn.bench import perplexity
+from hf_relattn.patches import get_adapter
 from hf_relattn.presets import load
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -195,9 +196,30 @@ def run_minilm(args: argparse.Namespace) -> None:
         m = hf_relattn.convert(copy.deepcopy(model), "gqa", num_key_value_heads=4, init=init, **({"batches": calib} if init == "aligned" else {}))
         add(f"GQA-4 init={init}", m, time.perf_counter() - t)
     t = time.perf_counter()
-    hf_relattn.calibrate(m, model, calib, steps=args.transfer_steps, lr=args.transfer_lr)
+    hf_relattn.calibrate(m, model, calib, steps=args.transfer_steps, lr=args.transfer_lr, inputs=args.transfer_inputs)
     add(f"GQA-4 aligned + attention transfer ({args.transfer_steps} steps/layer)", m, time.perf_counter() - t,
         sum(int(b["attention_mask"].sum()) for b in calib))
+    if args.kd_steps:
+        # end-to-end: the converted model's mean-pooled embeddings pulled to the original's
+        # (cosine loss) on the calibration sentences, attention parameters only
+        t = time.perf_counter()
+        params = [p for block in get_adapter(m).attention_blocks(m) for p in block.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=args.kd_lr)
+        m.train()
+        for step in range(args.kd_steps):
+            batch = calib[step % len(calib)]
+            with torch.no_grad():
+                target = embeddings(model, [batch])
+            hidden = m(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1)
+            loss = (1 - torch.nn.functional.cosine_similarity(pooled, target, dim=-1)).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        m.eval()
+        add(f"+ embedding distillation ({args.kd_steps} steps, cosine loss)", m, time.perf_counter() - t,
+            sum(int(calib[i % len(calib)]["attention_mask"].sum()) for i in range(args.kd_steps)))
     t = time.perf_counter()
     add("shaw (zero-initialised tables)", hf_relattn.convert(copy.deepcopy(model), "shaw"), time.perf_counter() - t)
     lines = ["| model | mean cosine | 5th percentile | calibration tokens | wall time |", "|:--|--:|--:|--:|--:|"]
@@ -213,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--transfer-steps", type=int, default=100)
     parser.add_argument("--transfer-lr", type=float, default=1e-5)
+    parser.add_argument("--transfer-inputs", default="reference", choices=["reference", "converted"])
     parser.add_argument("--kd-tokens", type=int, default=0, help="distillation budget in tokens (0: skip)")
     parser.add_argument("--kd-lr", type=float, default=5e-5)
+    parser.add_argument("--kd-steps", type=int, default=0, help="minilm: end-to-end embedding distillation steps (0: skip)")
     parser.add_argument("--kd-alpha", type=float, default=0.5)
     parser.add_argument("--control", action="store_true", help="also the LM-loss control with the same token budget")
     args = parser.parse_args(argv)

@@ -43,6 +43,11 @@ from .variants.base import ATTACHED, CACHE, LAYER_INPUT
 from .variants.sparse_base import SINK_LOGIT, optimizer_groups
 
 TRAIN_SELECTIONS = ("attention", "new")
+INPUTS = ("reference", "converted")
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward once the layer of interest has its input."""
 SINK_LOGIT_LR = 0.1  # Adam moves a parameter by about lr per step; a sink logit starts 10-20 units from where it matters
 
 
@@ -202,6 +207,32 @@ def _record(model: nn.Module, reference: nn.Module, layers: list[int], batches: 
     return tokens
 
 
+def _converted_inputs(model: nn.Module, block: nn.Module, batches: list[Mapping[str, Any]]) -> list[torch.Tensor]:
+    """The block's input hidden states when the (partly calibrated) converted model runs each
+    batch; the forward stops at the block."""
+    seen: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append(_hidden(args, kwargs).detach())
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                if "pixel_values" not in inputs:
+                    inputs["use_cache"] = False
+                try:
+                    model(**on_device(inputs, device))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return seen
+
+
 def _error(block: nn.Module, items: list[tuple[Any, ...]], device: torch.device, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of squared error, sum of squared reference) over the real tokens of `items`."""
     err = torch.zeros((), dtype=torch.float64, device=device)
@@ -227,6 +258,7 @@ def calibrate(
     lr: float = 1e-5,
     layers: Iterable[int] | None = None,
     train: str = "attention",
+    inputs: str = "reference",
     memory_limit: int = 2 * 1024**3,
     progress: bool = True,
     verbose: bool = True,
@@ -237,12 +269,20 @@ def calibrate(
     `reference` is the model before conversion; `batches` an iterable of dicts of model inputs
     (`input_ids`/`attention_mask` or `pixel_values`). `steps` optimizer steps per layer (one
     batch each, cycling), AdamW at `lr` with cosine decay. Returns (and prints with `verbose`)
-    the per-layer relative error before/after. Every check runs before anything changes."""
+    the per-layer relative error before/after. Every check runs before anything changes.
+
+    `inputs="reference"` (LoLCATs) feeds every layer the reference's hidden states;
+    `inputs="converted"` feeds layer l what the converted model, its layers before l already
+    calibrated, gives it (the sequential scheme of GPTQ, Frantar et al. 2023), so each layer also
+    learns to undo the drift of the layers below; the target stays the reference's output. It
+    costs one partial forward over the batches per layer."""
     items = batch_list(batches, "calibrate")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"calibrate: steps must be an integer >= 0, got {steps!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"calibrate: lr must be a number > 0, got {lr!r}")
+    if inputs not in INPUTS:
+        raise ValueError(f"calibrate: unknown inputs={inputs!r}; valid: {', '.join(INPUTS)}")
     chosen = _check(model, reference, layers, train)
     adapter = get_adapter(model)
     blocks, refs = adapter.attention_blocks(model), adapter.attention_blocks(reference)
@@ -268,6 +308,9 @@ def calibrate(
                     trained += params
                     saved = [p.detach().clone() for p in params]
                     recorded = records.get(idx, len(items))
+                    if inputs == "converted":
+                        own = _converted_inputs(model, block, items)
+                        recorded = [(x, *rest) for x, (_, *rest) in zip(own, recorded)]
                     err, energy = _error(block, recorded, device)
                     before = float(err / energy.clamp(min=1e-300))
                     if steps:

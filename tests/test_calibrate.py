@@ -166,3 +166,21 @@ def test_bad_inputs_raise_before_anything_changes():
     with pytest.raises(ValueError, match="no new or resized"):
         hf_relattn.calibrate(window, reference, good, train="new", progress=False)
     assert all(torch.equal(p, state[n]) for n, p in model.named_parameters())
+
+
+def test_converted_inputs_feed_each_layer_the_calibrated_model_below_it():
+    """inputs="converted": layer 0 sees the same input either way (identical result); layer 1
+    is trained on what the converted model's calibrated layer 0 gives it, so it differs."""
+    reference = tiny_llama()
+    converted = hf_relattn.convert(copy.deepcopy(reference), "gqa", num_key_value_heads=1)
+    a, b = copy.deepcopy(converted), copy.deepcopy(converted)
+    ra = hf_relattn.calibrate(a, reference, batches_for("llama"), steps=20, lr=1e-3, progress=False, verbose=False)
+    rb = hf_relattn.calibrate(b, reference, batches_for("llama"), steps=20, lr=1e-3, inputs="converted", progress=False, verbose=False)
+    layer0 = [n for n, _ in a.named_parameters() if ".layers.0.self_attn." in n]
+    layer1 = [n for n, _ in a.named_parameters() if ".layers.1.self_attn." in n]
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(torch.equal(pa[n], pb[n]) for n in layer0)
+    assert any(not torch.equal(pa[n], pb[n]) for n in layer1)
+    assert ra.rows[0] == rb.rows[0] and all(r["after"] < r["before"] for r in rb.rows)
+    with pytest.raises(ValueError, match="valid: reference, converted"):
+        hf_relattn.calibrate(b, reference, batches_for("llama"), inputs="student", progress=False)
