@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import hf_relattn
-from hf_relattn.batches import text_batches
+from hf_relattn.transfer import text_batches
 from hf_relattn.bench import perplexity
 from hf_relattn.patches import get_adapter
 from hf_relattn.presets import load
@@ -201,11 +201,11 @@ def run_minilm(args: argparse.Namespace) -> None:
         sum(int(b["attention_mask"].sum()) for b in calib))
     if args.kd_steps:
         # end-to-end: the converted model's mean-pooled embeddings pulled to the original's
-        # (cosine loss) on the calibration sentences, attention parameters only
+        # (cosine loss) on the calibration sentences, attention parameters only, eval numerics
+        # (no dropout)
         t = time.perf_counter()
         params = [p for block in get_adapter(m).attention_blocks(m) for p in block.parameters()]
         optimizer = torch.optim.AdamW(params, lr=args.kd_lr)
-        m.train()
         for step in range(args.kd_steps):
             batch = calib[step % len(calib)]
             with torch.no_grad():
@@ -217,7 +217,6 @@ def run_minilm(args: argparse.Namespace) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        m.eval()
         add(f"+ embedding distillation ({args.kd_steps} steps, cosine loss)", m, time.perf_counter() - t,
             sum(int(calib[i % len(calib)]["attention_mask"].sum()) for i in range(args.kd_steps)))
     t = time.perf_counter()

@@ -72,7 +72,7 @@ from .cli import _value, read_settings_file
 from .modeling import SPEC_KEY, is_adapted
 from .patches import get_adapter
 from .streaming import StreamingCache, streaming_window
-from .variants.base import VARIANTS
+from .variants.base import DATA_OPTIONS, VARIANTS
 
 RESULTS_FORMAT = 1
 LAYERS_OPTION = "layers"
@@ -133,7 +133,8 @@ def _parse_step(component: str, entry: str) -> Step:
         shown = f"{name!r}" if name else "an empty name"
         raise ValueError(f"Unknown variant {shown} in --variants entry {entry!r}; valid variants: {', '.join(sorted(VARIANTS))}")
     cls = VARIANTS[name]
-    valid = ", ".join([*cls.option_names(), LAYERS_OPTION])
+    names = [n for n in cls.option_names() if n not in DATA_OPTIONS]
+    valid = ", ".join([*names, LAYERS_OPTION])
     options: dict[str, Any] = {}
     layers = None
     for part in parts:
@@ -148,7 +149,7 @@ def _parse_step(component: str, entry: str) -> Step:
             raise ValueError(f"Option {key!r} given twice in --variants entry {entry!r}")
         if key == LAYERS_OPTION:
             layers = _parse_layers(value, entry)
-        elif key not in cls.option_names():
+        elif key not in names:
             raise ValueError(f"Unknown option {key!r} for variant {name!r} in --variants entry {entry!r}; valid options: {valid}")
         else:
             options[key] = _value(value)

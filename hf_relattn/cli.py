@@ -20,7 +20,7 @@ from typing import Any
 
 from . import convert, variants
 from .presets import DTYPES, PRESETS
-from .variants.base import VARIANTS
+from .variants.base import DATA_OPTIONS, VARIANTS
 
 
 def _value(text: str) -> Any:
@@ -68,7 +68,7 @@ def _option_fields() -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for name, cls in sorted(VARIANTS.items()):
         for field in dataclasses.fields(cls):
-            if field.name != "batches":  # calibration batches come from --calibrate DATA
+            if field.name not in DATA_OPTIONS:  # calibration batches come from --calibrate DATA
                 fields.setdefault(field.name, []).append(name)
     return fields
 
@@ -177,7 +177,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.calibrate is not None:
         import copy
 
-        from .batches import text_batches
+        from .transfer import text_batches
 
         batches = text_batches(args.calibrate, model, tokenizer, tokens=args.calibration_tokens, block=args.calibration_block)
         if VARIANTS[args.variant].fits_on_batches(options):

@@ -122,7 +122,7 @@ def run_recovery(argv: Sequence[str]) -> int:
     import torch
 
     from . import calibrate, convert
-    from .batches import text_batches
+    from .transfer import text_batches
     from .presets import load
 
     parser = argparse.ArgumentParser(prog=f"{PROG} --recovery", description="SmolLM2-135M -> MQA, untrained vs calibrated.")

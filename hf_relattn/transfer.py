@@ -21,6 +21,9 @@ errors do not compound during calibration.
 - eval-mode numerics (no dropout); a layer whose error did not decrease is put back as it was;
 - recordings stay in memory up to `memory_limit` bytes, else they are spilled to a temporary
   folder and read back one layer at a time.
+
+`text_batches` builds calibration batches from a text file or table (what `hf-relattn convert
+--calibrate DATA` uses).
 """
 
 from __future__ import annotations
@@ -359,3 +362,45 @@ def calibrate(
 
 def _sink_logits(block: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in block.named_parameters() if n.endswith(SINK_LOGIT)]
+
+
+def text_batches(path: str, model: nn.Module, tokenizer: Any, *, tokens: int = 16384, block: int = 512,
+                 batch_size: int = 4, text_column: str = "sentence") -> list[dict[str, torch.Tensor]]:
+    """Calibration batches of about `tokens` real tokens from a text source (a text file, or a
+    .tsv/.csv/.jsonl/save_to_disk table with a `text_column`, as `hf_relattn.finetune` reads).
+
+    Causal LMs get the text packed into blocks of `block` tokens, `labels` = `input_ids` (so
+    head importance has a loss); encoders get one row per sequence (truncated to `block`),
+    padded per batch, no labels."""
+    from .finetune import data as D
+
+    if tokenizer is None:
+        raise ValueError("calibration data is text: the model needs a tokenizer")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1 or block < 2 or batch_size < 1:
+        raise ValueError(f"calibration tokens, block and batch size must be positive integers, got {tokens}, {block}, {batch_size}")
+    raw = D.load_raw(path)
+    column = "text" if "text" in raw.column_names else text_column
+    if column not in raw.column_names:
+        raise ValueError(f"calibration data {path}: no column {column!r} (columns: {raw.column_names})")
+    causal = any(name.endswith("ForCausalLM") for name in (model.config.architectures or [type(model).__name__])) or \
+        type(model).__name__.endswith("ForCausalLM")
+    batches: list[dict[str, torch.Tensor]] = []
+    if causal:
+        ids: list[int] = []
+        for text in raw[column]:
+            ids += tokenizer(str(text)).input_ids
+            if len(ids) >= tokens:
+                break
+        blocks = [ids[i:i + block] for i in range(0, min(len(ids), tokens) - block + 1, block)] or [ids[:block]]
+        for i in range(0, len(blocks), batch_size):
+            chunk = torch.tensor(blocks[i:i + batch_size]) if len({len(b) for b in blocks[i:i + batch_size]}) == 1 else torch.tensor(blocks[i:i + 1])
+            batches.append({"input_ids": chunk, "attention_mask": torch.ones_like(chunk), "labels": chunk.clone()})
+        return batches
+    seen, rows = 0, [str(t) for t in raw[column] if str(t).strip()]
+    for i in range(0, len(rows), batch_size):
+        enc = tokenizer(rows[i:i + batch_size], padding=True, truncation=True, max_length=block, return_tensors="pt")
+        batches.append(dict(enc))
+        seen += int(enc["attention_mask"].sum())
+        if seen >= tokens:
+            break
+    return batches

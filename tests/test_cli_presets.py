@@ -119,7 +119,7 @@ def test_convert_calibrate_equals_the_python_api(tmp_path, ids):
     from pydoc_data.topics import topics
 
     from conftest import save_tiny_llama
-    from hf_relattn.batches import text_batches
+    from hf_relattn.transfer import text_batches
 
     text = "\n".join(topics[k] for k in sorted(topics))[:20_000]
     src = save_tiny_llama(tmp_path / "src", text)

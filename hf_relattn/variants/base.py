@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from ..patches import FamilyAdapter
 
 AXES = ("structure", "scores", "values", "sparsity", "gating")
+# Options whose values are data, not text (calibration batches): the command line and bench
+# specs do not offer them (`hf-relattn convert --calibrate DATA` builds the batches).
+DATA_OPTIONS = ("batches",)
 
 
 @dataclass
