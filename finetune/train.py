@@ -278,7 +278,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
             teacher = copy.deepcopy(model)
         else:
             extra = {k: v for k, v in load_kwargs.items() if k != "output_loading_info"}
-            teacher = load(args.teacher or args.model, dtype=args.dtype, model_class=AUTO_CLASSES[task], **extra)[0]
+            teacher = load(args.teacher, dtype=args.dtype, model_class=AUTO_CLASSES[task], **extra)[0]
         teacher.eval().requires_grad_(False)
     train_ds = D.prepare(task, train_raw, processor, args, model.config, labels)
     eval_ds = D.prepare(task, eval_raw, processor, args, model.config, labels) if eval_raw is not None else None

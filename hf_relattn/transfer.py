@@ -100,7 +100,7 @@ def converted_layers(model: nn.Module, reference: nn.Module) -> list[int]:
 
 def _new_parameters(block: nn.Module, ref: nn.Module) -> list[str]:
     ref_shapes = {n: p.shape for n, p in ref.named_parameters()}
-    return [n for n, p in block.named_parameters() if ref_shapes.get(n) != p.shape or n.rsplit(".", 1)[-1].startswith("relattn_") or ".relattn_" in n]
+    return [n for n, p in block.named_parameters() if ref_shapes.get(n) != p.shape or ".relattn_" in f".{n}"]
 
 
 def _check(model: nn.Module, reference: nn.Module, layers: Iterable[int] | None, train: str) -> list[int]:
