@@ -115,7 +115,14 @@ def run_lm(target: str, args: argparse.Namespace) -> None:
     def ppl(m) -> float:
         return perplexity(m.eval(), ids, context, context)["perplexity"]
 
-    if target == "mqa":
+    previous = Path(args.kd_start) if args.kd_start else OUT / f"{target}-transfer"
+    if args.kd_start:
+        # distil from a model an earlier run saved (its transfer output, or a distilled model to continue)
+        if not previous.is_dir():
+            raise SystemExit(f"--kd-start: {previous} does not exist")
+        variant, fitted, converted = target, {}, None
+        table.add(f"start: {previous}", ppl(reload(previous)), base)
+    elif target == "mqa":
         variant, fitted = "mqa", {}
         for init in ("mean", "first", "random", "procrustes", "aligned"):
             t = time.perf_counter()
@@ -137,21 +144,20 @@ def run_lm(target: str, args: argparse.Namespace) -> None:
         converted = hf_relattn.convert(copy.deepcopy(model), "sliding_window", **fitted)
         table.add("window 512 + 4 sinks (training-free)", ppl(converted), base, seconds=time.perf_counter() - t)
 
-    if args.transfer_steps:
+    if args.transfer_steps and not args.kd_start:
         t = time.perf_counter()
         report = hf_relattn.calibrate(converted, model, calib, steps=args.transfer_steps, lr=args.transfer_lr)
         seconds = time.perf_counter() - t
         calib_tokens = sum(int(b["attention_mask"].sum()) for b in calib)
         table.add(f"+ attention transfer ({args.transfer_steps} steps/layer)", ppl(converted), base, calib_tokens, seconds,
                   transfer=report.to_dict())
-        folder = OUT / f"{target}-transfer"
-        save(converted, tokenizer, folder)
-        if args.kd_tokens:
-            t = time.perf_counter()
-            metrics = finetune(kd_args(str(folder), OUT / f"{target}-kd", args.kd_tokens, context, args.kd_lr,
-                                       ["--distill", "--teacher", "smollm2-135m", "--distill-alpha", str(args.kd_alpha)]))
-            table.add("+ distillation (KL + LM)", ppl(reload(OUT / f"{target}-kd")), base, metrics.get("train_tokens", 0),
-                      time.perf_counter() - t)
+        save(converted, tokenizer, previous)
+    if args.kd_tokens and (args.transfer_steps or args.kd_start):
+        t = time.perf_counter()
+        metrics = finetune(kd_args(str(previous), OUT / f"{target}-kd", args.kd_tokens, context, args.kd_lr,
+                                   ["--distill", "--teacher", "smollm2-135m", "--distill-alpha", str(args.kd_alpha)]))
+        table.add("+ distillation (KL + LM)", ppl(reload(OUT / f"{target}-kd")), base, metrics.get("train_tokens", 0),
+                  time.perf_counter() - t)
     if args.kd_tokens and args.control:
         t = time.perf_counter()
         if target == "mqa":
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kd-lr", type=float, default=5e-5)
     parser.add_argument("--kd-steps", type=int, default=0, help="minilm: end-to-end embedding distillation steps (0: skip)")
     parser.add_argument("--kd-alpha", type=float, default=0.5)
+    parser.add_argument("--kd-start", help="skip conversion and transfer; distil the model saved in this folder "
+                        "(e.g. runs/recovery/mqa-transfer from an earlier run)")
     parser.add_argument("--control", action="store_true", help="also the LM-loss control with the same token budget")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

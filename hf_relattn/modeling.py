@@ -72,14 +72,19 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
+try:  # checkpoint key renamings (transformers >= 5.x), looked up by model_type
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+except ImportError:  # pragma: no cover
+    get_checkpoint_conversion_mapping = register_checkpoint_conversion_mapping = None
+
 try:  # output capture (output_hidden_states / output_attentions) is registered per model class
     from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 except ImportError:  # pragma: no cover (transformers without the registry)
     _CAN_RECORD_REGISTRY = None
 
-from .engine import ENGINE_NAME, FLAG_PREFIX, relattn_attention
+from .engine import ENGINE_NAME, FLAG_PREFIX, flag_options, flag_variant, relattn_attention
 from .patches import ADAPTED_PREFIX, ADAPTERS, get_adapter
-from .variants.base import ATTACHED, VARIANTS, get_variant_class
+from .variants.base import ATTACHED, VARIANTS, check_composition, get_variant_class
 
 SPEC_KEY = "relattn"
 SPEC_FORMAT = 1
@@ -114,19 +119,58 @@ def spec_of(config: Any) -> dict[str, Any]:
     return spec if spec else {"format": SPEC_FORMAT, "variants": []}
 
 
-def rebuild_from_spec(model: nn.Module, spec: dict[str, Any]) -> None:
-    """Replay the spec's changes on a freshly built native model (shapes, not values)."""
-    if "variants" not in spec:
+def rebuild_from_spec(model: nn.Module, spec: Any) -> None:
+    """Replay the spec's changes on a freshly built native model (shapes, not values).
+
+    Every entry is checked first, as `convert` checks a conversion (names, option values, layer
+    indices, fit to the model, the variants' combination on each layer); a hand-edited or
+    truncated spec is refused with the entry it comes from, before anything is built."""
+    where = f"config.relattn of {getattr(model.config, '_name_or_path', '') or 'this adapted checkpoint'}"
+    if not isinstance(spec, dict) or "variants" not in spec:
         raise ValueError(
-            "config.relattn of an adapted checkpoint must be its variant spec ({'format': 1, 'variants': [...]}); "
-            f"got {spec!r}. Options for a flag variant go with attn_implementation='relattn_<name>' on a native model."
+            f"{where} must be its variant spec ({{'format': {SPEC_FORMAT}, 'variants': [...]}}); got {spec!r}. Options "
+            "for a flag variant go with attn_implementation='relattn_<name>' on a native model."
         )
     if spec.get("format", SPEC_FORMAT) != SPEC_FORMAT:
-        raise ValueError(f"Unsupported relattn spec format {spec.get('format')!r}; this plugin reads {SPEC_FORMAT}")
+        raise ValueError(f"{where}: unsupported spec format {spec.get('format')!r}; this plugin reads {SPEC_FORMAT}")
+    entries = spec["variants"]
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{where}: 'variants' must be a non-empty list of entries (an adapted checkpoint has at least "
+                         f"one variant), got {entries!r}")
     adapter = get_adapter(model)
-    for entry in spec.get("variants", []):
-        variant = get_variant_class(entry["name"]).from_saved(entry.get("options", {}))
-        variant.apply(model, adapter, list(entry["layers"]), initialize=False)
+    num_layers = len(adapter.attention_modules(model))
+    for number, entry in enumerate(entries):
+        try:
+            variant, layers = _spec_entry(entry, num_layers)
+            variant.check_model(model, adapter, layers)
+        except ValueError as error:
+            raise ValueError(f"{where}, entry {number} ({entry.get('name') if isinstance(entry, dict) else entry!r}): {error}") from None
+        variant.apply(model, adapter, layers, initialize=False)
+    check_layers(model, where)
+
+
+def _spec_entry(entry: Any, num_layers: int) -> tuple[Any, list[int]]:
+    """(variant, layers) of one saved spec entry, every field checked."""
+    if not isinstance(entry, dict) or set(entry) - {"name", "options", "layers"} or "name" not in entry:
+        raise ValueError(f"an entry is a dict with 'name', 'options' and 'layers'; got {entry!r}")
+    options = entry.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"options must be a dict, got {options!r}")
+    variant = get_variant_class(entry["name"]).from_saved(options)
+    layers = entry.get("layers")
+    if (not isinstance(layers, list) or not layers or len(set(map(str, layers))) != len(layers)
+            or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers for i in layers)):
+        raise ValueError(f"layers must be a non-empty list of distinct layer indices in 0..{num_layers - 1}, got {layers!r}")
+    return variant, layers
+
+
+def check_layers(model: nn.Module, where: str) -> None:
+    """Raise unless each layer's variants (attached, and a flag's) can act together."""
+    flag = flag_variant(model.config)
+    for idx, module in enumerate(get_adapter(model).attention_modules(model)):
+        attached = list(getattr(module, ATTACHED, ()))
+        extra = [flag] if flag is not None and all(v.name != flag.name for v in attached) else []
+        check_composition(attached + extra, f"{where}: layer {idx}")
 
 
 # ------------------------------------------------------------- refusing silent vanilla loads
@@ -194,6 +238,24 @@ class _SpecAttribute:
         config.__dict__.pop(SPEC_KEY, None)
 
 
+def check_attention_weights(model: nn.Module, info: dict[str, Any]) -> None:
+    """Raise if a load left attention-block weights missing, or found variant weights
+    (`relattn_*`) or attention weights the model has no place for."""
+    blocks = set(get_adapter(model).attention_blocks(model))
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if module in blocks)
+    missing = sorted(k for k in info.get("missing_keys", ()) if k.startswith(prefixes))
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if "relattn_" in k or k.startswith(prefixes))
+    if missing or unexpected:
+        spec = _spec_names(getattr(model.config, SPEC_KEY, None))
+        details = "; ".join(f"{what} {keys[:4]}{' ...' if len(keys) > 4 else ''} ({len(keys)} in all)"
+                            for what, keys in (("missing", missing), ("not used", unexpected)) if keys)
+        raise ValueError(
+            f"{getattr(model.config, '_name_or_path', '') or 'This checkpoint'}: its weights do not match its variant spec "
+            f"(config.relattn: {spec}): {details}. The spec or the weights were edited or come from different models; "
+            "re-save the model with save_pretrained, or restore the checkpoint's config.json."
+        )
+
+
 def _check_model_class(config: PreTrainedConfig, caller: Any) -> None:
     """Refuse building a native (not adapted) model class with an adapted config: called when
     `PreTrainedModel.__init__` (frame `caller`) stores the model's attention implementation."""
@@ -243,6 +305,17 @@ def _register_output_capture(cls: type) -> None:
         dict.__setitem__(_CAN_RECORD_REGISTRY, str(cls), cls._can_record_outputs)
 
 
+def _register_key_renamings(base: type, cls: type) -> None:
+    """Give `Relattn<Base>` the renamings of legacy checkpoint keys that transformers keeps for
+    `<Base>` by class name (e.g. ViTModel: attention.attention.query -> attention.q_proj): without
+    them an adapted checkpoint loaded into another head (AutoModel of a classifier) matches no weight."""
+    if get_checkpoint_conversion_mapping is None:
+        return
+    renamings = get_checkpoint_conversion_mapping(base.__name__)
+    if renamings and get_checkpoint_conversion_mapping(cls.__name__) is None:
+        register_checkpoint_conversion_mapping(cls.__name__, renamings)
+
+
 def adapted_class(base: type) -> type:
     """The `Relattn<Base>` subclass of a native model class (created once)."""
     if base in _model_classes.values():
@@ -257,7 +330,7 @@ def adapted_class(base: type) -> type:
             base.__init__(self, config, *args, **kwargs)
         finally:
             _BUILDING.reset(token)
-        rebuild_from_spec(self, spec_of(config))
+        rebuild_from_spec(self, getattr(config, SPEC_KEY, None))
 
     # tools (and transformers' own tests) read the native signature, e.g. add_pooling_layer
     __init__.__signature__ = inspect.signature(base.__init__)
@@ -293,6 +366,15 @@ def adapted_class(base: type) -> type:
             if ours:
                 PUSH_HOOKS[0](save_directory, hub.pop("repo_id", None) or Path(save_directory).name, token=kwargs.get("token"), **hub)
         return result
+
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        # transformers reports weights the model does not have, or lacks, only in its load
+        # report (and initialises the lacking ones at random): in an attention block that means
+        # the spec and the weights disagree (a hand-edited spec), so the load fails instead
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = base.from_pretrained.__func__(cls, *args, output_loading_info=True, **kwargs)
+        check_attention_weights(model, info)
+        return (model, info) if wants_info else model
 
     def push_to_hub(self: PreTrainedModel, repo_id: str, *args: Any, **kwargs: Any) -> Any:
         # transformers' push_to_hub writes its own README; ours carries the variant spec and results
@@ -348,6 +430,7 @@ def adapted_class(base: type) -> type:
             "get_correct_attn_implementation": get_correct_attn_implementation,
             "save_pretrained": save_pretrained,
             "push_to_hub": push_to_hub,
+            "from_pretrained": classmethod(from_pretrained),
             ADAPTED_MARK: True,
             "__module__": __name__,
             "__doc__": f"{base.__name__} with hf_relattn attention variants (spec in config.relattn).",
@@ -355,6 +438,7 @@ def adapted_class(base: type) -> type:
     )
     _model_classes[base] = cls
     _register_output_capture(cls)
+    _register_key_renamings(base, cls)
     globals()[cls.__name__] = cls
     return cls
 
@@ -391,11 +475,50 @@ def register_model_types() -> None:
         config_cls = _adapted_config_class(base_config)
         if config_cls.model_type not in transformers.CONFIG_MAPPING:
             AutoConfig.register(config_cls.model_type, config_cls)
+
         for auto_cls in _auto_classes():
             class_name = auto_cls._model_mapping._model_mapping.get(model_type)
             if not isinstance(class_name, str) or not hasattr(transformers, class_name):
                 continue
             auto_cls.register(config_cls, adapted_class(getattr(transformers, class_name)), exist_ok=True)
+
+
+def check_attention_request(model: PreTrainedModel, requested: Any, built: bool = False) -> None:
+    """Refuse a `relattn*` attention implementation that would fail later or be silently wrong:
+    an unknown name, a family the plugin does not adapt, or flag options (config.relattn) that
+    are not valid for the flag's variant. Runs when a model is built or switched, before any
+    forward."""
+    if not isinstance(requested, str) or not requested.startswith(ENGINE_NAME):
+        return
+    names = attention_names()
+    if requested not in names:
+        raise ValueError(f"Unknown hf_relattn attention implementation {requested!r}; valid: {', '.join(names)} "
+                         "(hf_relattn.variants() describes each variant)")
+    get_adapter(model.config)  # unsupported family: the same error as convert gives
+    if requested.startswith(FLAG_PREFIX):
+        name = requested[len(FLAG_PREFIX):]
+        flag = get_variant_class(name).from_options(flag_options(model.config, name))
+        adapter = get_adapter(model.config)
+        if built:  # the layers exist: the checks a conversion onto every layer would make
+            layers = adapter.attention_modules(model)
+            flag.check_model(model, adapter, list(range(len(layers))))
+            for idx, module in enumerate(layers):
+                attached = [v for v in getattr(module, ATTACHED, ()) if v.name != flag.name]
+                check_composition([*attached, flag], f"attn_implementation={requested!r}: layer {idx}")
+
+
+def _wrap_attention_checks(cls: type) -> None:
+    """Wrap transformers' `get_correct_attn_implementation` (every attn_implementation request of
+    every model passes through it, at build and at `set_attn_implementation`) with
+    `check_attention_request`: only our names are affected."""
+    original = cls.get_correct_attn_implementation
+
+    def get_correct_attn_implementation(self: PreTrainedModel, requested: str | None, is_init_check: bool = False) -> str:
+        check_attention_request(self, requested, built=not is_init_check)
+        return original(self, requested, is_init_check)
+
+    setattr(get_correct_attn_implementation, ADAPTED_MARK, True)
+    cls.get_correct_attn_implementation = get_correct_attn_implementation
 
 
 def attention_names() -> list[str]:
@@ -409,6 +532,8 @@ def register_attention() -> None:
     for name in attention_names():
         AttentionInterface.register(name, relattn_attention)
         AttentionMaskInterface.register(name, sdpa_mask)
+    if not getattr(PreTrainedModel.get_correct_attn_implementation, ADAPTED_MARK, False):
+        _wrap_attention_checks(PreTrainedModel)
     if not hasattr(vars(PreTrainedConfig).get(SPEC_KEY), "__set__"):
         # class-level value None: vanilla configs keep writing no `relattn` key; refuses a full
         # spec on a native config class (see the module docstring). A copy of this module

@@ -298,10 +298,10 @@ def test_composes_gating_on_top_of_other_variants(other, options):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"active_heads": 0}, "active_heads is the fraction"),
-    ({"active_heads": 1.5}, "active_heads is the fraction"),
-    ({"active_heads": "half"}, "active_heads is the fraction"),
-    ({"router": "topk"}, "unknown router 'topk'; valid: learned, query_norm"),
+    ({"active_heads": 0}, "active_heads must be a number in (0, 1]"),
+    ({"active_heads": 1.5}, "active_heads must be a number in (0, 1]"),
+    ({"active_heads": "half"}, "active_heads must be a number in (0, 1]"),
+    ({"router": "topk"}, "router must be one of 'learned', 'query_norm'; got 'topk'"),
     ({"shared_heads": 5, "active_heads": 0.5}, "fewer than its 5 shared heads"),
     ({"shared_heads": 7}, "shared_heads=7 but layer 0 has 6 heads"),
     ({"shared_heads": [0, 0]}, "distinct head indices in 0..5"),
@@ -309,7 +309,7 @@ def test_composes_gating_on_top_of_other_variants(other, options):
     ({"shared_heads": "importance"}, "needs batches="),
     ({"batches": [{}], "shared_heads": 2}, "only used with shared_heads='importance'"),
     ({"batches": [{}]}, "input_ids, inputs_embeds or pixel_values"),
-    ({"aux_loss_coef": -1}, "aux_loss_coef must be a number >= 0"),
+    ({"aux_loss_coef": -1}, "aux_loss_coef must be a number in [0, 1000000.0]"),
     ({"heads": 3}, "Unknown option"),
 ])
 def test_invalid_options_raise_before_modifying(options, message):

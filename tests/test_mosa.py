@@ -125,7 +125,7 @@ def test_router_trains_and_round_trips(tmp_path):
 def test_bad_uses():
     model = tiny_llama()
     before = state_copy(model)
-    with pytest.raises(ValueError, match="sparsity must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"sparsity must be an integer in \[1,"):
         hf_relattn.convert(model, "mosa", sparsity=0)
     assert_same_state(before, model)
     with pytest.raises(ValueError, match="mosa routes tokens of a causal decoder"):

@@ -3,6 +3,7 @@ paper's equations materialised in tests/reference.py (through test_shaw's refere
 
 from __future__ import annotations
 
+import re
 import pytest
 import torch
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
@@ -138,8 +139,8 @@ def test_relation_ids_without_the_variant_are_refused(ids):
 
 @pytest.mark.parametrize("options, message", [
     ({}, "num_relations is required"),
-    ({"num_relations": 1}, "num_relations must be an integer >= 2"),
-    ({"num_relations": "4"}, "num_relations must be an integer >= 2"),
+    ({"num_relations": 1}, r"num_relations must be an integer in \[2,"),
+    ({"num_relations": "4"}, r"num_relations must be an integer in \[2,"),
     ({"num_relations": 4, "values": None}, "values must be True or False"),
 ])
 def test_bad_options_leave_the_model_unchanged(options, message):

@@ -134,7 +134,7 @@ def test_save_load_round_trip(tmp_path, ids):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"num_buckets": 0}, "num_buckets must be a positive integer"),
+    ({"num_buckets": 0}, "num_buckets must be an integer in [1,"),
     ({"num_buckets": 3}, "at least 4"),
     ({"num_buckets": 32, "max_distance": 16}, "must exceed num_buckets // 2"),
     ({"buckets": 32}, "Unknown option(s) ['buckets']"),

@@ -10,7 +10,8 @@ the attention engine calls the axis hooks (`score_bias`, ...) at run time.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -22,6 +23,11 @@ if TYPE_CHECKING:
     from ..patches import FamilyAdapter
 
 AXES = ("structure", "scores", "values", "sparsity", "gating")
+# Sane upper bounds of option values, so a typo (10**12) is refused when the variant is built
+# instead of failing in the allocator: token counts (windows, strides, blocks, distances) and
+# rows of a learned table (one row per relative distance, bucket or relation label).
+MAX_TOKENS = 1 << 24
+MAX_TABLE_ROWS = 1 << 16
 # Options whose values are data, not text (calibration batches): the command line and bench
 # specs do not offer them (`hf-relattn convert --calibrate DATA` builds the batches).
 DATA_OPTIONS = ("batches",)
@@ -73,6 +79,15 @@ class Variant:
     looks_ahead: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ options
+    def __post_init__(self) -> None:
+        # every way a variant is built (convert, a flag's options, a saved spec) checks its
+        # option values here, before anything runs
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Raise ValueError for option values that are wrong whatever the model (types, ranges,
+        bounds); checks that need the model go in `validate`. Subclasses call super()."""
+
     @classmethod
     def option_names(cls) -> list[str]:
         # read off the class once (torch.compile cannot trace dataclasses.fields)
@@ -116,7 +131,13 @@ class Variant:
 
     # ------------------------------------------------------------- conversion
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        """Raise ValueError if the variant cannot be applied. Must not modify anything."""
+        """Raise ValueError if the variant cannot be converted onto `layers`; must not modify the
+        model (variants that fit their initialisation on calibration data do it here)."""
+        self.check_model(model, adapter, layers)
+
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        """Raise ValueError if the variant does not fit the model (family, layer and head
+        counts): run by `convert` and when a saved spec is loaded. Must not modify anything."""
 
     def native(self, adapter: FamilyAdapter, num_layers: int, layers: list[int]) -> bool:
         """True when the result is the family's own native architecture (nothing to record)."""
@@ -148,12 +169,35 @@ class Variant:
         return None
 
 
-def check_int_options(variant: Variant, *options: str, minimum: int = 1) -> None:
-    """Raise ValueError unless each option is an integer (not a bool) >= minimum."""
+def check_int_options(variant: Variant, *options: str, minimum: int = 1, maximum: int = MAX_TOKENS) -> None:
+    """Raise ValueError unless each option is an integer (not a bool) in [minimum, maximum]."""
     for option in options:
         value = getattr(variant, option)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{variant.name}: {option} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ValueError(f"{variant.name}: {option} must be an integer in [{minimum}, {maximum:,}], got {value!r}")
+
+
+def check_number(variant: Variant, option: str, low: float, high: float, *, low_open: bool = False) -> None:
+    """Raise ValueError unless the option is a finite real number in [low, high] ((low, high] with low_open)."""
+    value = getattr(variant, option)
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not ok or not (low < value if low_open else low <= value) or value > high:
+        bounds = f"{'(' if low_open else '['}{low}, {high}]"
+        raise ValueError(f"{variant.name}: {option} must be a number in {bounds}, got {value!r}")
+
+
+def check_choice(variant: Variant, option: str, choices: Sequence[Any]) -> None:
+    """Raise ValueError unless the option is one of `choices`."""
+    value = getattr(variant, option)
+    if isinstance(value, (list, dict)) or value not in choices:
+        raise ValueError(f"{variant.name}: {option} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_flag(variant: Variant, option: str) -> None:
+    """Raise ValueError unless the option is True or False."""
+    value = getattr(variant, option)
+    if not isinstance(value, bool):
+        raise ValueError(f"{variant.name}: {option} must be True or False, got {value!r}")
 
 
 VARIANTS: dict[str, type[Variant]] = {}
@@ -215,6 +259,45 @@ def layer_input(module: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     if x is None:
         raise RuntimeError(f"{type(module).__name__} was called without its input; was it converted with a router variant?")
     return x
+
+
+def check_composition(variants: Sequence[Variant], where: str) -> None:
+    """Raise ValueError unless the variants can act together inside one attention call (what the
+    engine runs; order does not matter). Structure variants (gqa, prune) combine with anything;
+    scores variants (alibi, shaw, t5_bias, relation) add up; a layer has at most one sparsity
+    variant, which does not take score terms; and at most one gating variant (MoH)."""
+    names = [v.name for v in variants]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    by_axis = {axis: [v.name for v in variants if v.axis == axis] for axis in AXES}
+    problem = None
+    if dup:
+        problem = f"{dup} appears twice"
+    elif len(by_axis["sparsity"]) > 1:
+        problem = f"two sparse patterns {by_axis['sparsity']} (one per layer)"
+    elif by_axis["sparsity"] and by_axis["scores"]:
+        problem = f"a sparse pattern {by_axis['sparsity']} with score terms {by_axis['scores']}"
+    elif len(by_axis["gating"]) > 1:
+        problem = f"two head gates {by_axis['gating']} (one per layer)"
+    if problem:
+        raise ValueError(
+            f"{where}: cannot combine {names}: {problem}. Supported on one layer: any of gqa/mqa and prune, with either "
+            "score terms (alibi, shaw, t5_bias, relation; any number) or one sparse pattern (sliding_window, strided, "
+            "fixed, power, moba, mosa), plus at most one moh (README: 'Combining variants')."
+        )
+
+
+def owned_attributes(module: nn.Module, variant: Variant) -> list[str]:
+    """Names of the parameters and submodules `variant` added to an attention module: they are
+    named `relattn_<variant>...`; pattern variants' sink logits too (see sparse_base)."""
+    prefixes = (f"relattn_{variant.name}", *getattr(variant, "extra_attributes", ()))
+    return [n for n in (*module._parameters, *module._modules, *module._buffers) if n.startswith(prefixes)]
+
+
+def detach(module: nn.Module, variant: Variant) -> None:
+    """Remove `variant` and what it added from an attention module (before converting it again)."""
+    for name in owned_attributes(module, variant):
+        delattr(module, name)
+    setattr(module, ATTACHED, tuple(v for v in getattr(module, ATTACHED, ()) if v.name != variant.name))
 
 
 def attach(module: nn.Module, variant: Variant) -> None:

@@ -34,11 +34,11 @@ class Fixed(PatternVariant):
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
     limits = "A dense-pretrained model loses quality under a sparse pattern until it is trained with it."
 
-    def validate(self, model, adapter, layers) -> None:
+    def check_options(self) -> None:
+        super().check_options()
         check_int_options(self, "block", "summary")
         if self.summary > self.block:
             raise ValueError(f"fixed: summary ({self.summary}) must not exceed block ({self.block})")
-        super().validate(model, adapter, layers)
 
     def key_block(self, module) -> int:
         return math.gcd(self.block, self.summary)

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..batches import batch_list, eval_mode, on_device, token_mask
-from .base import Variant, register_variant
+from .base import MAX_TABLE_ROWS, Variant, check_choice, check_int_options, register_variant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -263,27 +263,32 @@ class GQA(Variant):
         "2023 use about 5% of the pre-training compute)."
     )
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_options(self) -> None:
+        super().check_options()
+        if self.num_key_value_heads is None:
+            raise ValueError(f"{self.name}: num_key_value_heads is required: an integer G, the number of K/V heads")
+        check_int_options(self, "num_key_value_heads", maximum=MAX_TABLE_ROWS)
+        if self.init is not None:
+            check_choice(self, "init", INITS)
+            if self.batches is not None and self.init not in FITTED:
+                raise ValueError(f"{self.name}: batches= is only used with init='aligned' or 'procrustes' (got init={self.init!r})")
+
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         groups = self.num_key_value_heads
         heads = adapter.num_heads(model.config)
-        if isinstance(groups, bool) or not isinstance(groups, int):
-            raise ValueError(f"{self.name}: num_key_value_heads must be an integer, got {groups!r}")
-        if groups <= 0:
-            raise ValueError(f"{self.name}: num_key_value_heads must be positive, got {groups}")
         if heads % groups:
             divisors = [g for g in range(1, heads + 1) if heads % g == 0]
             raise ValueError(
                 f"{self.name}: num_key_value_heads={groups} does not divide the {heads} attention heads; "
                 f"valid values: {divisors}"
             )
+
+    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        self.check_model(model, adapter, layers)
         if self.init is None:
             self.init = "aligned" if self.batches is not None else "mean"
-        if self.init not in INITS:
-            raise ValueError(f"{self.name}: unknown init {self.init!r}; valid: {', '.join(INITS)}")
         if self.init in FITTED:
             self._grams = kv_grams(model, adapter, layers, batch_list(self.batches, f"{self.name} init='aligned'"))
-        elif self.batches is not None:
-            raise ValueError(f"{self.name}: batches= is only used with init='aligned' or 'procrustes' (got init={self.init!r})")
         self.batches = None
 
     def native(self, adapter: FamilyAdapter, num_layers: int, layers: list[int]) -> bool:
@@ -354,7 +359,7 @@ class MQA(GQA):
     def spec_name(self) -> str:
         return GQA.name
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_options(self) -> None:
         if self.num_key_value_heads != 1:
             raise ValueError(f"mqa means num_key_value_heads=1 (got {self.num_key_value_heads}); use 'gqa' for G > 1")
-        super().validate(model, adapter, layers)
+        super().check_options()

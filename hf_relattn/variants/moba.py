@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import check_int_options, register_variant
+from .base import MAX_TABLE_ROWS, check_choice, check_int_options, register_variant
 from .sparse_base import PatternVariant
 
 GATES = ("token", "block")
@@ -52,17 +52,19 @@ class MoBA(PatternVariant):
         "than dense at 8k context on CPU (each step gathers every head's chosen K/V blocks)."
     )
 
-    def validate(self, model, adapter, layers) -> None:
-        check_int_options(self, "top_k")
-        if self.gate not in GATES:
-            raise ValueError(f"moba: gate must be one of {', '.join(GATES)}, got {self.gate!r}")
-        check_int_options(self, "dense_layers", minimum=0)
+    def check_options(self) -> None:
+        super().check_options()
+        check_int_options(self, "top_k", maximum=MAX_TABLE_ROWS)
+        check_choice(self, "gate", GATES)
+        check_int_options(self, "dense_layers", minimum=0, maximum=MAX_TABLE_ROWS)
+
+    def check_model(self, model, adapter, layers) -> None:
         modules = adapter.attention_modules(model)
         if not getattr(modules[layers[0]], "is_causal", False):
             raise ValueError("moba gates over earlier key blocks and needs a causal decoder (LLaMA); valid families: llama")
         if self.dense_layers > len(modules):
             raise ValueError(f"moba: dense_layers ({self.dense_layers}) exceeds the model's {len(modules)} layers")
-        super().validate(model, adapter, layers)
+        super().check_model(model, adapter, layers)
 
     absolute_positions = True  # key blocks start at each sample's first token
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import ATTACHED, Variant, add_router, attach, layer_input, register_variant
+from .base import ATTACHED, Variant, add_router, attach, check_choice, check_number, layer_input, register_variant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -108,34 +108,39 @@ class MoH(Variant):
     def _active_count(self, heads: int) -> int:
         return int(heads * self.active_heads + 0.5)  # the nearest whole number of heads
 
+    def check_options(self) -> None:
+        super().check_options()
+        check_choice(self, "router", ROUTERS)
+        check_number(self, "active_heads", 0, 1, low_open=True)  # the fraction of all heads each token uses
+        check_number(self, "aux_loss_coef", 0, 1e6)
+        spec = self.shared_heads
+        if spec == "importance" and self.batches is None:
+            raise ValueError("moh: shared_heads='importance' needs batches= (model inputs with labels) to score the heads")
+        if self.batches is not None and spec not in (None, "importance"):
+            raise ValueError("moh: batches= is only used with shared_heads='importance'")
+        if isinstance(spec, float) and not 0 <= spec <= 1:  # NaN fails too
+            raise ValueError(f"moh: a fraction of shared heads must be in [0, 1], got {spec}")
+        if isinstance(spec, bool) or not isinstance(spec, (type(None), str, int, float, list, tuple, dict)) or (
+                isinstance(spec, str) and spec != "importance"):
+            raise ValueError(f"moh: shared_heads must be a count, a fraction, a list of heads, {{layer: [heads]}} or "
+                             f"'importance'; got {spec!r}")
+
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        if self.router not in ROUTERS:
-            raise ValueError(f"moh: unknown router {self.router!r}; valid: {', '.join(ROUTERS)}")
-        active = self.active_heads
-        if isinstance(active, bool) or not isinstance(active, (int, float)) or not 0 < active <= 1:
-            raise ValueError(f"moh: active_heads is the fraction of all heads each token uses, in (0, 1]; got {active!r}")
-        coef = self.aux_loss_coef
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
-            raise ValueError(f"moh: aux_loss_coef must be a number >= 0, got {coef!r}")
         if self.shared_heads is None:  # the default: the most important half when batches can say which
             self.shared_heads = "importance" if self.batches is not None else 0.5
-        spec = self.shared_heads
-        if spec == "importance":
-            if self.batches is None:
-                raise ValueError("moh: shared_heads='importance' needs batches= (model inputs with labels) to score the heads")
-            self.shared_heads = spec = self._most_important(model, adapter, layers)  # runs the model, changes nothing
+        if self.shared_heads == "importance":
+            self.shared_heads = self._most_important(model, adapter, layers)  # runs the model, changes nothing
             self.batches = None
-        elif self.batches is not None:
-            raise ValueError("moh: batches= is only used with shared_heads='importance'")
-        elif isinstance(spec, float) and not 0 <= spec <= 1:
-            raise ValueError(f"moh: a fraction of shared heads must be in [0, 1], got {spec}")
-        elif isinstance(spec, dict):
+        self.check_model(model, adapter, layers)
+
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        spec = self.shared_heads
+        if spec is None or spec == "importance":
+            raise ValueError(f"moh: a saved spec must name its shared heads (a count, fraction, list or {{layer: [heads]}}), got {spec!r}")
+        if isinstance(spec, dict):
             keys = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k for k in spec}
             if not keys <= set(layers):
                 raise ValueError(f"moh: shared_heads names layers {sorted(map(str, keys - set(layers)))} that are not converted; layers: {layers}")
-        elif isinstance(spec, bool) or not isinstance(spec, (int, float, list, tuple, dict)):
-            raise ValueError(f"moh: shared_heads must be a count, a fraction, a list of heads, {{layer: [heads]}} or "
-                             f"'importance'; got {spec!r}")
         modules = adapter.attention_modules(model)
         for idx in layers:
             heads = module_heads(modules[idx], adapter)

@@ -69,12 +69,15 @@ class MoSA(SparseVariant):
     choice = "expert"
     looks_ahead = True
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_options(self) -> None:
+        super().check_options()
         check_int_options(self, "sparsity")
+
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         modules = adapter.attention_modules(model)
         if not getattr(modules[layers[0]], "is_causal", False):
             raise ValueError("mosa routes tokens of a causal decoder (LLaMA); valid families: llama")
-        super().validate(model, adapter, layers)
+        super().check_model(model, adapter, layers)
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         std = getattr(model.config, "initializer_range", 0.02) if initialize else None

@@ -31,9 +31,9 @@ class Power(PatternVariant):
     paper = "Chen et al. 2025, PowerAttention: Exponentially Scaling of Receptive Fields for Effective Sparse Attention"
     limits = "A dense-pretrained model loses quality under a sparse pattern until it is trained with it."
 
-    def validate(self, model, adapter, layers) -> None:
+    def check_options(self) -> None:
+        super().check_options()
         check_int_options(self, "window")
-        super().validate(model, adapter, layers)
 
     absolute_positions = True  # blocks and the sink block start at each sample's first token
 

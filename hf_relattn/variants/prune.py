@@ -192,7 +192,7 @@ class Prune(Variant):
         return {"heads": steps[0] if len(steps) == 1 else steps}
 
     # -------------------------------------------------------------- conversion
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         # engine imports this package: import at call time
         from ..engine import flag_variant
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import RelationTerm, check_int_options, register_variant
+from .base import MAX_TABLE_ROWS, RelationTerm, check_int_options, register_variant
 from .relational import RelationalVariant
 
 if TYPE_CHECKING:
@@ -47,17 +47,18 @@ class Relation(RelationalVariant):
     )
     fixed_zero_labels = 1
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_options(self) -> None:
         if self.num_relations is None:
             raise ValueError(f"{self.name}: num_relations is required (relation ids 0..num_relations-1; 0 = no relation)")
-        check_int_options(self, "num_relations", minimum=2)
-        super().validate(model, adapter, layers)
+        check_int_options(self, "num_relations", minimum=2, maximum=MAX_TABLE_ROWS)
+        super().check_options()
 
     def num_labels(self, adapter: FamilyAdapter) -> int:
         return self.num_relations
 
     def __post_init__(self) -> None:
         self._checked: tuple[Any, ...] | None = None
+        super().__post_init__()
 
     def relation_ids(self, inputs: dict[str, Any], q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
         """The (B, Q, K) ids for this call, validated once per tensor."""

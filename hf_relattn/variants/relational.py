@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .base import Variant, attach
+from .base import MAX_TABLE_ROWS, Variant, attach, check_flag
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -49,12 +49,6 @@ class RelationTables(nn.Module):
         return torch.cat([zeros, table], dim=-2)
 
 
-def check_flag(variant: Variant, option: str) -> None:
-    value = getattr(variant, option)
-    if not isinstance(value, bool):
-        raise ValueError(f"{variant.name}: {option} must be True or False, got {value!r}")
-
-
 @dataclass
 class RelationalVariant(Variant):
     """Base of `shaw` and `relation`: options `values` and `per_head`, one tables module per layer."""
@@ -75,9 +69,16 @@ class RelationalVariant(Variant):
     def num_labels(self, adapter: FamilyAdapter) -> int:
         raise NotImplementedError
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_options(self) -> None:
+        super().check_options()
         check_flag(self, "values")
         check_flag(self, "per_head")
+
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        rows = self.num_labels(adapter)
+        if rows > MAX_TABLE_ROWS:
+            raise ValueError(f"{self.name}: the options give a table of {rows:,} rows on {adapter.model_type}, more than "
+                             f"{MAX_TABLE_ROWS:,}; use a smaller max_distance / num_relations")
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         modules = adapter.attention_modules(model)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..patches import get_adapter
-from .base import RelationTerm, check_int_options, register_variant
+from .base import MAX_TABLE_ROWS, RelationTerm, check_int_options, register_variant
 from .relational import RelationalVariant
 
 if TYPE_CHECKING:
@@ -69,9 +69,9 @@ class Shaw(RelationalVariant):
     paper = "Shaw, Uszkoreit & Vaswani 2018, Self-Attention with Relative Position Representations, NAACL"
     limits = "Zero-initialised relative-position tables: untrained they change nothing."
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        super().validate(model, adapter, layers)
-        check_int_options(self, "max_distance")
+    def check_options(self) -> None:
+        check_int_options(self, "max_distance", maximum=MAX_TABLE_ROWS)
+        super().check_options()
 
     def num_labels(self, adapter: FamilyAdapter) -> int:
         width = 2 * self.max_distance + 1

@@ -38,9 +38,9 @@ class SlidingWindow(PatternVariant):
     paper = "Child et al. 2019; Beltagy et al. 2020 (Longformer); Vaswani et al. 2021 (HaloNet)"
     limits = "A dense-pretrained model loses quality under a sparse pattern until it is trained with it."
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_options(self) -> None:
+        super().check_options()
         check_int_options(self, "window")
-        super().validate(model, adapter, layers)
 
     def _grid(self, module: nn.Module, num_tokens: int) -> tuple[int, int, int] | None:
         adapter = get_adapter(module.config)

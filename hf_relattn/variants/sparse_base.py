@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ..patches import get_adapter
-from .base import Variant, attach, check_int_options
+from .base import Variant, attach, check_flag, check_int_options
 
 if TYPE_CHECKING:
     from torch import nn
@@ -73,13 +73,10 @@ class SparseVariant(Variant):
         padding are the engine's)."""
         return None
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+    def check_options(self) -> None:
+        super().check_options()
         if hasattr(self, "block_size"):
             check_int_options(self, "block_size")
-        attached = [v for v in getattr(adapter.attention_modules(model)[layers[0]], "relattn_variants", ()) if v.name != self.name]
-        clash = [v.name for v in attached if v.axis in ("scores", "sparsity")]
-        if clash:
-            raise ValueError(f"{self.name} cannot be combined with {clash} in the same layer (yet); valid: gqa")
 
     def pair_mask(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                   key_valid: torch.Tensor | None, query_valid: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -117,13 +114,12 @@ class PatternVariant(SparseVariant):
     sink_logit: bool = field(default=False, kw_only=True)
 
     legacy_options: ClassVar[dict[str, Any]] = {"sinks": 0, "sink_logit": False}
+    extra_attributes: ClassVar[tuple[str, ...]] = (SINK_LOGIT,)  # what `detach` removes besides relattn_<name>*
 
-    def __post_init__(self) -> None:
-        value = self.sinks
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SINKS:
-            raise ValueError(f"{self.name}: sinks must be an integer in [0, {MAX_SINKS}] (first tokens every query sees), got {value!r}")
-        if not isinstance(self.sink_logit, bool):
-            raise ValueError(f"{self.name}: sink_logit must be True or False, got {self.sink_logit!r}")
+    def check_options(self) -> None:
+        super().check_options()
+        check_int_options(self, "sinks", minimum=0, maximum=MAX_SINKS)  # first tokens every query sees
+        check_flag(self, "sink_logit")
 
     @property
     def absolute_positions(self) -> bool:  # type: ignore[override]

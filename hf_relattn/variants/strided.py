@@ -38,9 +38,9 @@ class Strided(PatternVariant):
         "decoding reads whole key blocks for single strided keys."
     )
 
-    def validate(self, model, adapter, layers) -> None:
+    def check_options(self) -> None:
+        super().check_options()
         check_int_options(self, "stride")
-        super().validate(model, adapter, layers)
 
     def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
         l, bs = self.stride, self.block_size

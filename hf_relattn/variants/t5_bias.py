@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import RelationTerm, Variant, attach, register_variant
+from .base import MAX_TABLE_ROWS, RelationTerm, Variant, attach, check_int_options, register_variant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -59,11 +59,10 @@ class T5Bias(Variant):
     paper = "Raffel et al. 2020, Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer (T5)"
     limits = "Zero-initialised bias tables: untrained they change nothing."
 
-    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        for option in ("num_buckets", "max_distance"):
-            value = getattr(self, option)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{self.name}: {option} must be a positive integer, got {value!r}")
+    def check_options(self) -> None:
+        super().check_options()
+        check_int_options(self, "num_buckets", maximum=MAX_TABLE_ROWS)
+        check_int_options(self, "max_distance")
         if self.num_buckets < 4:
             raise ValueError(f"{self.name}: num_buckets must be at least 4 (two exact buckets per direction), got {self.num_buckets}")
         if self.max_distance <= self.num_buckets // 2:
