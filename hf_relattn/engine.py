@@ -37,7 +37,6 @@ get those positions: the eager paths run each left-padding offset of a batch on 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -67,17 +66,21 @@ RELATION_CHUNK_ELEMENTS = 1 << 18
 _forced: ContextVar[str] = ContextVar("relattn_implementation", default="auto")
 
 
-@contextlib.contextmanager
-def force_implementation(name: str) -> Iterator[None]:
-    """Force the engine path inside a `with` block: "auto", "dense", "reference" or "flex". The
-    setting belongs to the calling thread (a context variable): other threads keep theirs."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-    token = _forced.set(name)
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+class force_implementation:  # noqa: N801 (used like a function)
+    """Force the engine path: "auto", "dense", "reference" or "flex". As a `with` block it holds
+    for the block; called alone it holds until changed. The setting belongs to the calling thread
+    (a context variable): other threads keep theirs."""
+
+    def __init__(self, name: str) -> None:
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(f"Unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+        self._token = _forced.set(name)
+
+    def __enter__(self) -> force_implementation:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _forced.reset(self._token)
 
 
 def implementation() -> str:

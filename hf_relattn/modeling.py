@@ -521,6 +521,24 @@ def _wrap_attention_checks(cls: type) -> None:
     cls.get_correct_attn_implementation = get_correct_attn_implementation
 
 
+def _refusing_attention_inputs(function: Any) -> Any:
+    """transformers' sdpa function, refusing the inputs only the plugin's variants read (e.g.
+    `relation_ids`): a model without those variants would otherwise ignore them silently."""
+
+    def attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        given = [name for name in ATTENTION_INPUTS if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} passed to a model whose attention cannot use them ({type(module).__name__} runs "
+                "transformers' sdpa attention, which would ignore them): convert it first, e.g. "
+                "hf_relattn.convert(model, 'relation', num_relations=N)."
+            )
+        return function(module, *args, **kwargs)
+
+    setattr(attention, ADAPTED_MARK, True)
+    return attention
+
+
 def attention_names() -> list[str]:
     """Names accepted by `attn_implementation=`: the engine and every flag variant."""
     return [ENGINE_NAME] + [FLAG_PREFIX + name for name, cls in sorted(VARIANTS.items()) if cls.flag]
@@ -534,6 +552,9 @@ def register_attention() -> None:
         AttentionMaskInterface.register(name, sdpa_mask)
     if not getattr(PreTrainedModel.get_correct_attn_implementation, ADAPTED_MARK, False):
         _wrap_attention_checks(PreTrainedModel)
+    sdpa = AttentionInterface._global_mapping.get("sdpa")
+    if sdpa is not None and not getattr(sdpa, ADAPTED_MARK, False):
+        AttentionInterface.register("sdpa", _refusing_attention_inputs(sdpa))
     if not hasattr(vars(PreTrainedConfig).get(SPEC_KEY), "__set__"):
         # class-level value None: vanilla configs keep writing no `relattn` key; refuses a full
         # spec on a native config class (see the module docstring). A copy of this module
