@@ -93,7 +93,7 @@ def kd_args(model: str, output: Path, tokens: int, context: int, lr: float, extr
     batch = max(1, 2048 // context)
     return ["--model", model, "--output", str(output), "--data", str(TRAIN), "--block-size", str(context),
             "--batch-size", str(batch), "--learning-rate", str(lr), "--warmup-steps", "10", "--train-tokens", str(tokens),
-            "--logging-steps", "10", *extra]
+            "--logging-steps", "10", "--overwrite", *extra]
 
 
 def save(model, tokenizer, folder: Path) -> None:

@@ -1,6 +1,9 @@
 """Arguments of `hf_relattn.finetune`, parsed the transformers way (HfArgumentParser).
 
 `--config recipe.yaml` (or .json) supplies defaults; flags given on the command line win.
+Variant options take flags as in `hf-relattn convert` (`--num-key-value-heads 1`), besides
+`--variant-options`; `--block-size` keeps its meaning here (tokens per block), so a sparse
+variant's block size goes through `--variant-options block_size=N`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from hf_relattn.cli import read_settings_file
+from hf_relattn.cli import _value, add_variant_option_flags, read_settings_file, variant_option_values
 
 TASKS = ("causal-lm", "masked-lm", "seq-cls", "image-cls")
 TRAIN_SELECTIONS = ("all", "attention", "new")
@@ -78,7 +81,12 @@ class FinetuneArguments:
     eval_steps: int = _help("Evaluate every N steps (0: only at the end).", default=0)
     eval_batches: int | None = _help("Cap the evaluation to N batches.", default=None)
     logging_steps: int = _help("Log every N steps.", default=10)
-    resume: str | None = _help("Resume from a checkpoint folder, or 'latest' in --output.", default=None)
+    resume: str | None = _help("Resume from a checkpoint folder, or 'latest' (the newest complete one in --output). Loads "
+                               "pickled optimizer/RNG state (accelerate): resume only from folders you trust.", default=None)
+    resume_changed_ok: bool = _help("Resume even though settings that change the run (learning rate, batch size, data, "
+                                    "variant, ...) differ from the checkpoint's; without it such a resume is refused.", default=False)
+    overwrite: bool = _help("Replace the contents of a non-empty --output (a former output) once every check has passed; "
+                            "not needed to --resume into --output.", default=False)
     # ---- sharing
     push_to_hub: str | None = _help("Hub repository (namespace/name) to upload OUTPUT to with its model card after training (main process).", default=None)
     hub_private: bool = _help("Create the --push-to-hub repository private.", default=False)
@@ -89,6 +97,33 @@ def _options_text(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, dict) else value
 
 
+def variant_options(text: str | None) -> dict[str, Any]:
+    """--variant-options: a JSON object or k=v,k=v (values typed like the CLI's)."""
+    if not text:
+        return {}
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    options = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"--variant-options takes k=v pairs or a JSON object, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key.strip()] = _value(value.strip())
+    return options
+
+
+def _with_option_flags(text: str | None, flags: dict[str, Any]) -> str | None:
+    """--variant-options with the option flags (--num-key-value-heads 1 ...) merged in, as JSON."""
+    if not flags:
+        return text
+    options = variant_options(text)
+    clash = sorted(k for k in flags if k in options and options[k] != flags[k])
+    if clash:
+        k = clash[0]
+        raise ValueError(f"--{k.replace('_', '-')} {flags[k]} and --variant-options {k}={options[k]} disagree: give the option once")
+    return json.dumps({**options, **flags})
+
+
 def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
     """Parse the command line, with `--config FILE` (YAML or JSON) as defaults."""
     pre = argparse.ArgumentParser(add_help=False)
@@ -96,7 +131,11 @@ def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
     known, rest = pre.parse_known_args(argv)
     parser = HfArgumentParser(FinetuneArguments, prog="hf_relattn.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="YAML/JSON recipe; command-line flags override it.")
+    fields = list(FinetuneArguments.__dataclass_fields__)
+    option_flags = add_variant_option_flags(parser, taken=fields)
     if known.config:
-        values = read_settings_file(known.config, list(FinetuneArguments.__dataclass_fields__))
-        parser.set_defaults(**{k: _options_text(v) for k, v in values.items()})
-    return parser.parse_args_into_dataclasses(args=rest)[0]
+        values = read_settings_file(known.config, fields + option_flags)
+        parser.set_defaults(**{("opt_" + k if k in option_flags else k): _options_text(v) for k, v in values.items()})
+    args, extra = parser.parse_args_into_dataclasses(args=rest)
+    args.variant_options = _with_option_flags(args.variant_options, variant_option_values(extra))
+    return args

@@ -8,17 +8,25 @@ uptraining: Ainslie et al. 2023 use ~5% of the pre-training compute). This loop 
 plain Accelerate recipe: gradient accumulation, mixed precision, clipping, warm-up + cosine or
 linear decay, resumable checkpoints (`accelerator.save_state`) with the data position, periodic
 evaluation, JSONL metrics (TensorBoard too when installed).
+
+Work is never lost or corrupted: a resume continues bit-identically (across epochs too) and
+refuses changed settings unless told; checkpoints and the final model are written under temporary
+names and renamed when complete, so a kill mid-save leaves nothing that looks valid but is not.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +42,16 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import hf_relattn
-from hf_relattn.cli import _value
+from hf_relattn.cli import (
+    _write_errors,
+    check_output_folder,
+    check_writable,
+    clear_folder,
+    publish_folder,
+    write_failure,
+    write_provenance,
+    write_text_atomic,
+)
 from hf_relattn.presets import PRESETS, load
 from hf_relattn.variants.base import get_variant_class
 from hf_relattn.variants.moh import moh_aux_loss, moh_layers
@@ -42,7 +59,7 @@ from hf_relattn.variants.sparse_base import optimizer_groups
 
 from . import data as D
 from .distill import combined_loss, distill_kl, prediction_mask
-from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
+from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args, variant_options
 
 AUTO_CLASSES = {
     "causal-lm": transformers.AutoModelForCausalLM,
@@ -52,6 +69,11 @@ AUTO_CLASSES = {
 }
 HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "ForMaskedLM": "masked-lm", "ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
 STATE_FILE = "finetune_state.json"
+CHECKPOINT = re.compile(r"step-(\d+)")
+# Arguments that do not change what a run computes (where it writes, how often it logs, evaluates
+# and saves, where it evaluates, sharing): a resume may change them freely.
+BOOKKEEPING = {"output", "resume", "resume_changed_ok", "overwrite", "save_steps", "logging_steps", "eval_steps",
+               "eval_batches", "eval_data", "push_to_hub", "hub_private"}
 
 
 class EpochSampler(Sampler[int]):
@@ -99,20 +121,6 @@ def resolve_task(args: FinetuneArguments, config: Any) -> str:
     if task not in adapter.tasks:
         raise ValueError(f"--task {task} is not available for {adapter.model_type} models; valid: {', '.join(adapter.tasks)}")
     return task
-
-
-def variant_options(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    if text.lstrip().startswith("{"):
-        return json.loads(text)
-    options = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise ValueError(f"--variant-options takes k=v pairs or a JSON object, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key.strip()] = _value(value.strip())
-    return options
 
 
 def image_processor(source: str, config: Any) -> Any:
@@ -177,10 +185,97 @@ def apply_lora(model: torch.nn.Module, args: FinetuneArguments, new: set[str]) -
 
 
 def latest_checkpoint(output: Path) -> Path:
-    steps = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The newest complete checkpoint: checkpoints/step-N holding its state file. A save in progress
+    or killed lives under a hidden temporary name (`save_checkpoint`) and is never picked."""
+    folder = output / "checkpoints"
+    steps = [p for p in folder.glob("step-*") if CHECKPOINT.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     if not steps:
-        raise FileNotFoundError(f"--resume latest: no checkpoint under {output / 'checkpoints'}")
-    return steps[-1]
+        raise FileNotFoundError(f"--resume latest: no complete checkpoint under {folder}")
+    return max(steps, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resume_checkpoint(args: FinetuneArguments, output: Path) -> Path:
+    ckpt = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
+    if not (ckpt / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume {ckpt}: not a complete finetune checkpoint (no {STATE_FILE})")
+    return ckpt
+
+
+def data_fingerprint(source: str) -> str:
+    """SHA-256 of a local data file or folder (every file in it); a Hub name stands for itself."""
+    path = Path(source)
+    if not path.exists():
+        return source
+    digest = hashlib.sha256()
+    for file in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() if file != path else b"")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def run_settings(args: FinetuneArguments) -> dict[str, Any]:
+    """The arguments that decide what a run computes; --data by its content, not its path."""
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in BOOKKEEPING}
+    settings["variant_options"] = variant_options(args.variant_options)
+    settings["data"] = data_fingerprint(args.data)
+    return settings
+
+
+def check_resume_settings(ckpt: Path, args: FinetuneArguments) -> None:
+    """Refuse to continue a run with settings that differ from those that made the checkpoint."""
+    saved = json.loads((ckpt / STATE_FILE).read_text()).get("settings")
+    if saved is None or args.resume_changed_ok:
+        return  # a checkpoint from before settings were recorded, or the user accepts the change
+    now = json.loads(json.dumps(run_settings(args)))  # the same JSON types as the saved record
+    changed = [f"--{k.replace('_', '-')} " + ("(its content changed)" if k == "data" else f"{saved.get(k)!r} -> {now.get(k)!r}")
+               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if changed:
+        raise ValueError(f"--resume {ckpt}: settings differ from the run that saved it: {'; '.join(changed)}. "
+                         "Resume with the same settings, or pass --resume-changed-ok to continue with the new ones")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run logs again from the checkpoint's step: drop what the interrupted run logged
+    after it (and a line cut short by a kill), so metrics.jsonl has each step once."""
+    if not path.is_file():
+        return
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return math.inf
+
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and step_of(line) <= step]
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+
+
+def save_checkpoint(accelerator: Accelerator, output: Path, step: int, state: dict[str, Any]) -> Path:
+    """`accelerator.save_state` into checkpoints/.step-N.partial, renamed to step-N once complete
+    (state file included): a kill at any moment leaves only complete step-N folders."""
+    final = output / "checkpoints" / f"step-{step}"
+    partial = final.with_name(f".step-{step}.partial")
+    try:
+        if accelerator.is_main_process:
+            for left in final.parent.glob(".step-*.partial"):  # left by a killed save
+                shutil.rmtree(left, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_text_atomic(partial / STATE_FILE, json.dumps(state))
+            publish_folder(partial, final)
+    except _write_errors() as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise write_failure(f"checkpoint step-{step}", final.parent, err) from err
+    accelerator.wait_for_everyone()
+    return final
 
 
 # --------------------------------------------------------------------------- loop
@@ -240,7 +335,22 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         check_push_target(args.push_to_hub)  # repo id, token, offline mode: before any training
     output = Path(args.output)
     options = variant_options(args.variant_options)
+    if options and args.variant is None:  # an explicit --variant "" (a control run of a recipe) drops them
+        raise ValueError(f"Variant options {sorted(options)} given without --variant: name the variant they configure")
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    # the output folder: a resume into its own run continues there; anything else needs an empty
+    # folder or --overwrite (which clears it only after loading, right before training)
+    ckpt = resume_checkpoint(args, output) if args.resume else None
+    own_run = ckpt is not None and ckpt.resolve().is_relative_to(output.resolve())
+    if own_run:
+        if args.overwrite:
+            raise ValueError(f"--overwrite would delete the checkpoint --resume {args.resume} continues from: drop --overwrite")
+        check_writable(output, "--output")
+    else:
+        check_output_folder(output, args.overwrite, "--output", inputs=[args.model, args.data, args.eval_data, args.teacher])
+    if ckpt is not None:
+        check_resume_settings(ckpt, args)
+    settings = run_settings(args) if args.save_steps else None  # recorded in each checkpoint
     config = _config_of(args.model)
     task = resolve_task(args, config)
     if args.push_to_hub and not args.variant and not str(config.model_type).startswith("relattn_"):
@@ -301,11 +411,14 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     if not args.distill:
         teacher = None
     new = new_parameter_names(model, set(info.get("missing_keys", ())))
-    trainable = select_trainable(model, args.train, new)
+    select_trainable(model, args.train, new)
     if args.lora_r:
         model = apply_lora(model, args, new)
     sampler = EpochSampler(len(train_ds), args.seed)
-    train_dl = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    # A private generator for the loader's per-iterator seed: drawn from the global RNG, it would
+    # put a resumed run (which starts its iterator after restoring the RNG) one draw off.
+    train_dl = DataLoader(train_ds, batch_size=args.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+                          generator=torch.Generator().manual_seed(args.seed))
     if len(train_dl) == 0:
         raise ValueError(f"{len(train_ds)} training examples make no full batch of {args.batch_size}")
     eval_dl = DataLoader(eval_ds, batch_size=args.batch_size, collate_fn=collate) if eval_ds is not None else None
@@ -331,18 +444,20 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
         teacher.to(accelerator.device)
 
     step = 0
-    if args.resume:
-        ckpt = latest_checkpoint(output) if args.resume == "latest" else Path(args.resume)
-        if not (ckpt / STATE_FILE).is_file():
-            raise FileNotFoundError(f"--resume {ckpt}: not a finetune checkpoint (no {STATE_FILE})")
+    if ckpt is not None:
         accelerator.load_state(str(ckpt))
         step = json.loads((ckpt / STATE_FILE).read_text())["step"]
 
+    log_path = output / "metrics.jsonl"
+    if main:
+        if args.overwrite:
+            clear_folder(output)  # every check and all loading passed: now the old model files go
+        output.mkdir(parents=True, exist_ok=True)
+        if own_run:
+            truncate_metrics(log_path, step)
+    accelerator.wait_for_everyone()
     if accelerator.log_with:
         accelerator.init_trackers("finetune", config={k: v for k, v in dataclasses.asdict(args).items() if v is not None})
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-    log_path = output / "metrics.jsonl"
     if transfer is not None and main:
         with log_path.open("a") as handle:
             handle.write(json.dumps({"step": 0, "attention_transfer": transfer.to_dict()}) + "\n")
@@ -363,10 +478,15 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     inner = accelerator.unwrap_model(model)
     routed = bool(moh_layers(inner))  # MoH adds its load-balance term to the loss: log it apart
     running_aux, running_kl = 0.0, 0.0
+    # accelerate ends an accumulation cycle at the end of the data: an epoch has ceil(batches / accumulation) steps
+    steps_per_epoch = math.ceil(micro_per_epoch / args.gradient_accumulation_steps)
     while step < total_steps:
-        micro = step * args.gradient_accumulation_steps
-        epoch, offset = divmod(micro, micro_per_epoch)
+        epoch, done = divmod(step, steps_per_epoch)
+        # The prepared loader sets the sampler's epoch from its own iteration counter (0 in a
+        # resumed process, and copied by skip_first_batches): set the counter, not only the sampler.
+        train_dl.set_epoch(epoch)
         sampler.set_epoch(epoch)
+        offset = done * args.gradient_accumulation_steps
         loader = accelerator.skip_first_batches(train_dl, offset) if offset else train_dl
         for batch in loader:
             with accelerator.accumulate(model):
@@ -408,12 +528,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
             if eval_dl is not None and args.eval_steps and step % args.eval_steps == 0 and step != total_steps:
                 log({"step": step, **evaluate(model, eval_dl, accelerator, task, args.eval_batches)})
             if args.save_steps and step % args.save_steps == 0:
-                ckpt = output / "checkpoints" / f"step-{step}"
-                accelerator.save_state(str(ckpt))
-                if main:
-                    (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "loss": last_loss}))
-                accelerator.wait_for_everyone()
-                last_good = ckpt
+                last_good = save_checkpoint(accelerator, output, step, {"step": step, "loss": last_loss, "settings": settings})
             if step >= total_steps:
                 break
     progress.close()
@@ -430,7 +545,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     if eval_dl is not None:
         metrics.update(evaluate(model, eval_dl, accelerator, task, args.eval_batches))
         log({"step": step, **{k: v for k, v in metrics.items() if k.startswith("eval_")}})
-    save(accelerator, model, processor, args, metrics, trainable, output)
+    save(accelerator, model, processor, args, metrics, output)
     if args.push_to_hub and main:
         from hf_relattn.hub import push_to_hub
 
@@ -450,32 +565,55 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
 
 
 def save(accelerator: Accelerator, model: torch.nn.Module, processor: Any, args: FinetuneArguments,
-         metrics: dict[str, Any], trainable: list[str], output: Path) -> None:
-    """A normal checkpoint folder: weights + config, tokenizer/processor, args, metrics."""
+         metrics: dict[str, Any], output: Path) -> None:
+    """A normal checkpoint folder: weights + config, tokenizer/processor, args, metrics, provenance.
+
+    Written into a hidden folder inside OUTPUT, then moved in with config.json / adapter_config.json
+    (what makes a folder look like a checkpoint) removed first and put back last."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     model = accelerator.unwrap_model(model)
-    adapter_base = None
-    if args.lora_r and args.merge:
-        model = model.merge_and_unload()
-    elif args.lora_r:
-        # PEFT adapter in OUTPUT, the converted base model it applies to in OUTPUT/base_model.
-        import copy
+    # scalar parameters that trained (each shared tensor once), before LoRA is merged away
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    for left in output.glob(".saving-*"):  # left by a killed save
+        shutil.rmtree(left, ignore_errors=True)
+    staged = Path(tempfile.mkdtemp(prefix=".saving-", dir=output))
+    try:
+        adapter_base = None
+        if args.lora_r and args.merge:
+            model = model.merge_and_unload()
+        elif args.lora_r:
+            # PEFT adapter in OUTPUT, the converted base model it applies to in OUTPUT/base_model.
+            base = copy.deepcopy(model).unload()
+            base.save_pretrained(staged / "base_model")
+            model.peft_config["default"].base_model_name_or_path = str(staged / "base_model")  # PEFT reads its config
+            adapter_base = base
+        model.save_pretrained(staged)
+        if adapter_base is not None:
+            final_base = str((output / "base_model").resolve())
+            model.peft_config["default"].base_model_name_or_path = final_base
+            point_adapter_at_auto_class(staged, adapter_base, final_base)
+        processor.save_pretrained(staged)
+        write_text_atomic(staged / "training_args.json", json.dumps(dataclasses.asdict(args), indent=2))
+        write_text_atomic(staged / "final_metrics.json", json.dumps({**metrics, "trainable_parameters": trainable}, indent=2))
+        write_provenance(staged, args.model, args.variant, variant_options(args.variant_options) if args.variant else {},
+                         [int(x) for x in args.layers.split(",")] if args.layers else None, "hf_relattn.finetune")
+        markers = ("config.json", "adapter_config.json")
+        for name in markers:
+            (output / name).unlink(missing_ok=True)
+        for entry in sorted(staged.iterdir(), key=lambda p: p.name in markers):
+            target = output / entry.name
+            if entry.is_dir() and target.exists():  # base_model/ of an earlier save of this run: out in one rename
+                os.replace(target, staged / f".old-{entry.name}")
+            os.replace(entry, target)
+    except _write_errors() as err:
+        raise write_failure("the trained model", output, err) from err
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
-        base = copy.deepcopy(model).unload()
-        base.save_pretrained(output / "base_model")
-        model.peft_config["default"].base_model_name_or_path = str((output / "base_model").resolve())
-        adapter_base = base
-    model.save_pretrained(output)
-    if adapter_base is not None:
-        point_adapter_at_auto_class(output, adapter_base)
-    processor.save_pretrained(output)
-    (output / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    (output / "final_metrics.json").write_text(json.dumps({**metrics, "trainable_parameters": len(trainable)}, indent=2))
 
-
-def point_adapter_at_auto_class(output: Path, base: torch.nn.Module) -> None:
+def point_adapter_at_auto_class(output: Path, base: torch.nn.Module, base_path: str) -> None:
     """Make OUTPUT's adapter load with `peft.AutoPeftModel*.from_pretrained(OUTPUT)` alone.
 
     The LoRA config has no task type, so PEFT records the base model's class in the adapter's
@@ -485,24 +623,24 @@ def point_adapter_at_auto_class(output: Path, base: torch.nn.Module) -> None:
     class from OUTPUT/base_model."""
     path = output / "adapter_config.json"
     config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base_path  # saved from a staging folder: where the base model ends up
     mapping = config.get("auto_mapping")
-    if not mapping or mapping.get("parent_library") == "transformers":
-        return
     task = next((t for suffix, t in HEAD_SUFFIXES.items() if type(base).__name__.endswith(suffix)), None)
-    if task is None:
-        return
-    config["auto_mapping"] = {"base_model_class": AUTO_CLASSES[task].__name__, "parent_library": "transformers"}
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if mapping and mapping.get("parent_library") != "transformers" and task is not None:
+        config["auto_mapping"] = {"base_model_class": AUTO_CLASSES[task].__name__, "parent_library": "transformers"}
+    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
+    error = None
     try:
         metrics = run(parse_args(argv))
         print(json.dumps(metrics))
         code = 0
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"hf_relattn.finetune: error: {err}", file=sys.stderr)
-        code = 2
+        error, code = f"hf_relattn.finetune: error: {err}", 2
+    if error:  # printed once the failed run's frames are gone, so its progress bar's last redraw comes before it
+        print(error, file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # gloo's process-group destructor can hang at interpreter exit once a peer has gone
         # (seen here: ~ProcessGroupGloo joining its threads). Every rank has finished and

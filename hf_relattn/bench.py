@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from . import __version__, convert
-from .cli import _value, read_settings_file
+from .cli import _value, _write_errors, check_output_folder, clear_folder, read_settings_file, write_failure
 from .modeling import SPEC_KEY, is_adapted
 from .patches import get_adapter
 from .streaming import StreamingCache, streaming_window
@@ -234,6 +234,7 @@ class BenchConfig:
     variants: Any = ""
     data: str | None = None
     out: str = "runs/bench"
+    overwrite: bool = False  # replace a non-empty --out (its old results and plots go)
     task: str | None = None
     dtype: str = "float32"
     device: str | None = None
@@ -292,6 +293,7 @@ class BenchConfig:
             from .finetune import data as D
 
             D.data_format(self.data)  # FileNotFoundError naming the path and the formats
+        check_output_folder(self.out, bool(self.overwrite), "--out", inputs=[self.model, self.data])
         return specs
 
 
@@ -311,7 +313,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--model", help="preset (smollm2-135m, minilm-l6, vit-mnist-tiny), checkpoint folder or Hub id")
     a("--variants", metavar="SPEC", help='comma-separated entries name[:k=v[:k=v]], "+" composes: "gqa:num_key_value_heads=1,alibi,mqa+alibi"')
     a("--data", help="evaluation data: text file (causal/masked LM; default pydoc_data.topics), .tsv/.csv/.jsonl (seq-cls), MNIST idx (image-cls)")
-    a("--out", help=f"output folder (default {d.out})")
+    a("--out", help=f"output folder (default {d.out}); must be new or empty unless --overwrite")
+    a("--overwrite", action="store_const", const=True, help="replace the contents of a non-empty --out (an earlier bench's)")
     a("--config", help="YAML/JSON file with the same keys as these flags; flags override it")
     a("--task", help="causal-lm, masked-lm, seq-cls or image-cls (default: from the checkpoint's head)")
     a("--dtype", help=f"weights dtype (default {d.dtype})")
@@ -928,7 +931,12 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
     bar.close()
 
     results = assemble(cfg, specs, task, base, work, entries, device, time.perf_counter() - started, load_info)
-    write_outputs(results, out_dir, plots=cfg.plots)
+    try:
+        if cfg.overwrite:
+            clear_folder(out_dir)  # the bench ran: only now do the earlier results and plots go
+        write_outputs(results, out_dir, plots=cfg.plots)
+    except _write_errors() as err:
+        raise write_failure("the bench results", out_dir, err) from err
     return results
 
 

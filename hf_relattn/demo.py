@@ -46,6 +46,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m",
     "variants": "gqa:num_key_value_heads=3,mqa,mqa:init=first,alibi",
     "out": "demo_out",
+    "overwrite": True,  # the demo's own folder: a second run replaces the first
 }
 PROG = "python -m hf_relattn.demo"
 

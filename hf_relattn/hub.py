@@ -12,18 +12,21 @@ measured this very checkpoint (as `model-index` metadata built with `EvalResult`
 tables), how to load it with and without the plugin, and its limitations.
 
 What is uploaded: every regular top-level file of the folder (weights, config, tokenizer or
-image processor, remote-code modules, training_args.json, final_metrics.json, metrics.jsonl)
-plus our README.md, which replaces any README in the folder. Sub-folders (`checkpoints/`
-resumable states, LoRA's `base_model/`, tracker logs) and hidden files are never uploaded.
+image processor, remote-code modules, training_args.json, final_metrics.json, metrics.jsonl,
+relattn_provenance.json) plus our README.md, which replaces any README in the folder. Sub-folders
+(`checkpoints/` resumable states, LoRA's `base_model/`, tracker logs) and hidden files are never
+uploaded. A symlink pointing outside the folder is refused: push sends the folder's own files,
+never something elsewhere on the machine.
 Files already in the Hub repository that the folder lacks are left there. `dry_run=DIR` writes
 exactly the uploaded file set into DIR and contacts nobody.
 
 Which checkpoints are accepted:
 - adapted checkpoints (`model_type` `relattn_<family>` with the variant spec in `config.relattn`);
 - native checkpoints the plugin wrote because the result is expressible natively (GQA/MQA on
-  every LLaMA layer saves as a plain `llama` folder), when the folder's `training_args.json`
-  (a finetune output) names that variant: the card then describes the conversion from the
-  recorded arguments and says that the checkpoint needs no plugin;
+  every LLaMA layer saves as a plain `llama` folder), when the folder records that variant: its
+  `relattn_provenance.json` (written by `hf-relattn convert` and finetune) or `training_args.json`
+  (a finetune output). The card then describes the conversion from the record and says that the
+  checkpoint needs no plugin;
 - anything else is refused before any upload: a plain transformers checkpoint has nothing of
   ours to describe (push it with `hf upload` or `model.push_to_hub`), a PEFT adapter folder
   needs `--merge` first.
@@ -116,6 +119,7 @@ class Checkpoint:
     training_args: dict[str, Any] | None = None
     final_metrics: dict[str, Any] | None = None
     files: list[Path] = field(default_factory=list)
+    provenance: dict[str, Any] | None = None  # relattn_provenance.json: base model and conversion
 
     @property
     def spec(self) -> list[dict[str, Any]]:
@@ -152,8 +156,15 @@ def _options_from_text(text: Any) -> dict[str, Any]:
 
 
 def upload_files(folder: Path) -> list[Path]:
-    """The files of `folder` that go to the Hub: regular top-level files, not hidden, not README.md."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "README.md")
+    """The files of `folder` that go to the Hub: regular top-level files, not hidden, not README.md.
+    A symlink to a file outside the folder is refused rather than followed."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != "README.md")
+    inside = folder.resolve()
+    for path in files:
+        if path.is_symlink() and not path.resolve().is_relative_to(inside):
+            raise ValueError(f"{path} is a symlink to {path.resolve()}, outside {folder}: push uploads only the folder's own "
+                             "files; replace the link by a copy of the file (cp -L) or remove it")
+    return files
 
 
 def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
@@ -173,6 +184,9 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     family = model_type.removeprefix(ADAPTED_PREFIX)
     training_args = _read_json(folder / "training_args.json", "training_args.json") if (folder / "training_args.json").is_file() else None
     final_metrics = _read_json(folder / "final_metrics.json", "final_metrics.json") if (folder / "final_metrics.json").is_file() else None
+    from .cli import PROVENANCE_FILE  # not at the top: the package imports this module before cli's names exist
+
+    provenance = _read_json(folder / PROVENANCE_FILE, PROVENANCE_FILE) if (folder / PROVENANCE_FILE).is_file() else None
     if family not in ADAPTERS:
         raise ValueError(
             f"{folder}: model_type {model_type!r} is not a family hf_relattn adapts; supported: "
@@ -192,28 +206,31 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
         variants = [{"name": e["name"], "options": dict(e.get("options") or {}), "layers": list(e.get("layers") or [])} for e in entries]
         native = False
     else:
-        variants = _native_variants(folder, config, family, training_args)
+        variants = _native_variants(folder, config, family, training_args or provenance)
         native = True
-    return Checkpoint(folder, config, family, native, variants, training_args, final_metrics, upload_files(folder))
+    return Checkpoint(folder, config, family, native, variants, training_args, final_metrics, upload_files(folder), provenance)
 
 
-def _native_variants(folder: Path, config: dict[str, Any], family: str, training_args: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The variant a native checkpoint came from, read from its finetune arguments; else refuse."""
+def _native_variants(folder: Path, config: dict[str, Any], family: str, record: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The variant a native checkpoint came from, read from its finetune arguments or its
+    provenance record (same keys: variant, variant_options, layers); else refuse."""
     plain = (
         f"{folder} is a plain transformers checkpoint (model_type {config.get('model_type')!r}, no config.{SPEC_KEY}"
-        f"{'' if training_args is None else ', and its training_args.json names no variant that gives a native model'}): "
+        f"{'' if record is None else ', and its record names no variant that gives a native model'}): "
         "it loads without the plugin and has no variant for this card to describe. Push it with the usual tools "
         "(`hf upload REPO_ID FOLDER` or `model.push_to_hub(REPO_ID)`)"
     )
-    name = (training_args or {}).get("variant")
+    name = (record or {}).get("variant")
     if not name or name not in VARIANTS:
         raise ValueError(plain)
     from .convert import resolve_layers
 
-    variant = VARIANTS[name].from_options(_options_from_text(training_args.get("variant_options")))
+    variant = VARIANTS[name].from_options(_options_from_text(record.get("variant_options")))
     num_layers = int(config.get("num_hidden_layers", 0))
-    layer_text = training_args.get("layers")
-    layers = resolve_layers([int(x) for x in str(layer_text).split(",")] if layer_text else None, num_layers)
+    layer_value = record.get("layers")
+    if isinstance(layer_value, str):  # finetune's --layers text
+        layer_value = [int(x) for x in layer_value.split(",")] if layer_value else None
+    layers = resolve_layers(layer_value or None, num_layers)
     if not variant.native(ADAPTERS[family], num_layers, layers):
         raise ValueError(plain)
     return [{"name": name, "options": variant.options(), "layers": layers}]
@@ -445,7 +462,8 @@ def _base_model(checkpoint: Checkpoint, given: str | None) -> tuple[str, str | N
 
     if given:
         return text(given), hub_id(given), given
-    candidates = [(checkpoint.training_args or {}).get("model"), checkpoint.config.get("_name_or_path")]
+    candidates = [(checkpoint.training_args or {}).get("model"), (checkpoint.provenance or {}).get("base_model"),
+                  checkpoint.config.get("_name_or_path")]
     for name in candidates:
         if hub_id(name):
             return text(name), hub_id(name), name
@@ -481,7 +499,7 @@ def _training(checkpoint: Checkpoint, task: str | None) -> dict[str, Any] | None
     from .finetune.args import FinetuneArguments
 
     defaults = {name: f.default for name, f in FinetuneArguments.__dataclass_fields__.items()}
-    skip = {"output", "resume", "push_to_hub", "hub_private", "save_steps", "logging_steps"}
+    skip = {"output", "resume", "resume_changed_ok", "overwrite", "push_to_hub", "hub_private", "save_steps", "logging_steps"}
     command = ["python -m hf_relattn.finetune"]
     for name, value in args.items():
         if name in skip or value is None or (name in defaults and value == defaults[name]):

@@ -145,14 +145,18 @@ def entry_source(config_class: str, classes: list[str]) -> str:
 def write_remote_code(model: PreTrainedModel, folder: str | Path) -> list[str]:
     """Write the flattened modules and the entry module into `folder`, and `auto_map` into its
     config.json. Returns the file names written."""
+    from .cli import write_text_atomic
+
     folder = Path(folder)
     mapping, classes = _auto_map(model)
     files = flattened_sources()
     files[ENTRY + ".py"] = entry_source(type(model.config).__mro__[1].__name__, classes)
+    # each file through a temporary name and a rename, the config last: a kill leaves the old or
+    # the new config.json (never a truncated one), and auto_map only once its modules are in place
     for name, text in files.items():
-        (folder / name).write_text(text)
+        write_text_atomic(folder / name, text)
     config_path = folder / "config.json"
     config: dict[str, Any] = json.loads(config_path.read_text())
     config["auto_map"] = mapping
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return sorted(files)

@@ -303,7 +303,7 @@ def test_vit_image_classification(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--variants", "gqa,foo"], "Unknown variant 'foo' in --variants entry 'foo'; valid variants: " + ", ".join(sorted(VARIANTS))),
+        (["--variants", "mqa,foo"], "Unknown variant 'foo' in --variants entry 'foo'; valid variants: " + ", ".join(sorted(VARIANTS))),
         (["--variants", "gqa:num_key_value_heads"], "Malformed option 'num_key_value_heads' in --variants entry 'gqa:num_key_value_heads'"),
         (["--variants", "gqa:heads=2"], "Unknown option 'heads' for variant 'gqa'"),
         (["--variants", "gqa:heads=2"], "valid options: num_key_value_heads, init, layers"),

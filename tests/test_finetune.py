@@ -159,8 +159,8 @@ def test_bert_sequence_classification_runs(tmp_path):
     assert config["model_type"] == "relattn_bert"
     assert AutoConfig.from_pretrained(out).num_labels == 2
     assert config["architectures"] == ["RelattnBertForSequenceClassification"]
-    # --train new: only the new classification head trained
-    assert json.loads((out / "final_metrics.json").read_text())["trainable_parameters"] == 2
+    # --train new: only the new classification head trained (384 features x 2 labels + 2 biases, as scalars)
+    assert json.loads((out / "final_metrics.json").read_text())["trainable_parameters"] == 384 * 2 + 2
 
 
 @pytest.mark.skipif(not MNIST.exists(), reason="../shared/data/mnist absent")
@@ -259,7 +259,7 @@ def test_train_new_trains_only_the_variant_tables(llama_dir, text_file, tmp_path
     tables = [name for name in after if "relattn_t5_bias" in name]
     assert len(tables) == 2 and all(after[name].abs().sum() > 0 for name in tables)  # zero-init, then trained
     assert all(torch.equal(after[name], before[name]) for name in after if name not in tables)
-    assert json.loads((out / "final_metrics.json").read_text())["trainable_parameters"] == 2
+    assert json.loads((out / "final_metrics.json").read_text())["trainable_parameters"] == sum(after[name].numel() for name in tables)
 
 
 def test_train_new_moves_the_sink_logits(llama_dir, text_file, tmp_path):
