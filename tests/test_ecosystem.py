@@ -15,7 +15,6 @@ from pydoc_data.topics import topics
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from conftest import save_tiny_llama, state_copy, tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Trainer, TrainingArguments, pipeline
@@ -97,13 +96,6 @@ def test_a_converted_model_forgets_its_unconverted_origin(tmp_path) -> None:
     assert model.config._name_or_path == str(tmp_path / "native")  # the origin, for model cards
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     assert peft_model.peft_config["default"].base_model_name_or_path is None
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_finetune_lora_output_loads_with_auto_peft(llama_dir, ids, tmp_path, fresh_accelerate_state) -> None:

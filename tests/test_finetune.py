@@ -24,12 +24,7 @@ CONFIGS = Path(finetune_pkg.__file__).parent / "accelerate_configs"
 TEXT = "\n".join(topics[k] for k in sorted(topics))[:80_000]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
