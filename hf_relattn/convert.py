@@ -99,7 +99,8 @@ def _already_converted(model: PreTrainedModel, variant: Variant, layers: list[in
 class _restored_on_error:
     """Context manager: if converting fails, put back the model's class, config and the listed
     layers' attention blocks (their submodules, parameters and values), so `convert` is
-    all-or-nothing. Costs a copy of those blocks' weights while converting."""
+    all-or-nothing. Costs a copy of those blocks' weights in CPU memory while converting (not on
+    the accelerator, where a large model may have no room for it)."""
 
     def __init__(self, model: PreTrainedModel, adapter: Any, layers: Iterable[int]) -> None:
         self.model, self.config = model, model.config
@@ -108,7 +109,7 @@ class _restored_on_error:
         # every module's own state (cheap: dicts of references) ...
         self.modules = {m: _module_state(m) for m in model.modules()}
         # ... and copies of the values that conversions change in place
-        self.values = {p: p.detach().clone() for b in blocks for p in (*b.parameters(), *b.buffers())}
+        self.values = {p: (p.detach().to("cpu", copy=True), p.device) for b in blocks for p in (*b.parameters(), *b.buffers())}
 
     def __enter__(self) -> None:
         return None
@@ -121,8 +122,8 @@ class _restored_on_error:
             module.__dict__.clear()
             module.__dict__.update(state)
         with torch.no_grad():
-            for tensor, value in self.values.items():
-                tensor.data = value
+            for tensor, (value, device) in self.values.items():
+                tensor.data = value.to(device)
         self.model.__class__ = model_class
         self.config.__class__ = config_class
         self.config.__dict__.clear()
