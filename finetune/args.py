@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
-from hf_relattn.cli import _value, add_variant_option_flags, read_settings_file, variant_option_values
+from hf_relattn.settings import add_variant_option_flags, read_settings_file, variant_option_values, variant_options
 
 TASKS = ("causal-lm", "masked-lm", "seq-cls", "image-cls")
 TRAIN_SELECTIONS = ("all", "attention", "new")
@@ -95,21 +95,6 @@ class FinetuneArguments:
 def _options_text(value: Any) -> Any:
     """Recipes may give variant_options as a mapping; the flag takes JSON text."""
     return json.dumps(value) if isinstance(value, dict) else value
-
-
-def variant_options(text: str | None) -> dict[str, Any]:
-    """--variant-options: a JSON object or k=v,k=v (values typed like the CLI's)."""
-    if not text:
-        return {}
-    if text.lstrip().startswith("{"):
-        return json.loads(text)
-    options = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise ValueError(f"--variant-options takes k=v pairs or a JSON object, got {item!r}")
-        key, value = item.split("=", 1)
-        options[key.strip()] = _value(value.strip())
-    return options
 
 
 def _with_option_flags(text: str | None, flags: dict[str, Any]) -> str | None:

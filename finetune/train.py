@@ -42,24 +42,25 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import hf_relattn
-from hf_relattn.cli import (
-    _write_errors,
+from hf_relattn.outputs import (
     check_output_folder,
     check_writable,
     clear_folder,
     publish_folder,
+    write_errors,
     write_failure,
     write_provenance,
     write_text_atomic,
 )
 from hf_relattn.presets import PRESETS, load
+from hf_relattn.settings import variant_options
 from hf_relattn.variants.base import get_variant_class
 from hf_relattn.variants.moh import moh_aux_loss, moh_layers
 from hf_relattn.variants.sparse_base import optimizer_groups
 
 from . import data as D
 from .distill import combined_loss, distill_kl, prediction_mask
-from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args, variant_options
+from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
 
 AUTO_CLASSES = {
     "causal-lm": transformers.AutoModelForCausalLM,
@@ -270,7 +271,7 @@ def save_checkpoint(accelerator: Accelerator, output: Path, step: int, state: di
         if accelerator.is_main_process:
             write_text_atomic(partial / STATE_FILE, json.dumps(state))
             publish_folder(partial, final)
-    except _write_errors() as err:
+    except write_errors() as err:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         raise write_failure(f"checkpoint step-{step}", final.parent, err) from err
@@ -607,7 +608,7 @@ def save(accelerator: Accelerator, model: torch.nn.Module, processor: Any, args:
             if entry.is_dir() and target.exists():  # base_model/ of an earlier save of this run: out in one rename
                 os.replace(target, staged / f".old-{entry.name}")
             os.replace(entry, target)
-    except _write_errors() as err:
+    except write_errors() as err:
         raise write_failure("the trained model", output, err) from err
     finally:
         shutil.rmtree(staged, ignore_errors=True)

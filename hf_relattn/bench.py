@@ -68,7 +68,8 @@ import torch
 from torch import nn
 
 from . import __version__, convert
-from .cli import _value, _write_errors, check_output_folder, clear_folder, read_settings_file, write_failure
+from .outputs import check_output_folder, clear_folder, write_errors, write_failure
+from .settings import parse_value, read_settings_file
 from .modeling import SPEC_KEY, is_adapted
 from .patches import get_adapter
 from .streaming import StreamingCache, streaming_window
@@ -152,7 +153,7 @@ def _parse_step(component: str, entry: str) -> Step:
         elif key not in names:
             raise ValueError(f"Unknown option {key!r} for variant {name!r} in --variants entry {entry!r}; valid options: {valid}")
         else:
-            options[key] = _value(value)
+            options[key] = parse_value(value)
     cls.from_options(options)  # the registry's own check, so bench and convert agree
     return Step(name, options, layers)
 
@@ -935,7 +936,7 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
         if cfg.overwrite:
             clear_folder(out_dir)  # the bench ran: only now do the earlier results and plots go
         write_outputs(results, out_dir, plots=cfg.plots)
-    except _write_errors() as err:
+    except write_errors() as err:
         raise write_failure("the bench results", out_dir, err) from err
     return results
 

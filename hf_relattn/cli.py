@@ -17,54 +17,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import json
-import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from . import convert, variants
+from .outputs import (
+    check_output_folder,
+    publish_folder,
+    staging_folder,
+    write_errors,
+    write_failure,
+    write_provenance,
+)
 from .presets import DTYPES, PRESETS
-from .variants.base import DATA_OPTIONS, VARIANTS
-
-
-def _value(text: str) -> Any:
-    """Option value from the command line: int, float, bool or string."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def read_settings_file(path: str, valid: Sequence[str]) -> dict[str, Any]:
-    """A YAML or JSON mapping of settings (keys with dashes or underscores), checked against `valid`."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config {path!r} not found")
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        values = yaml.safe_load(file.read_text()) or {}
-    else:
-        values = json.loads(file.read_text())
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(values).__name__}")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"Unknown key(s) {unknown} in --config {path}; valid: {', '.join(valid)}")
-    return values
+from .settings import add_variant_option_flags, parse_value, read_settings_file, variant_option_values
+from .variants.base import VARIANTS
 
 
 def _layers(text: str) -> list[int]:
@@ -72,158 +42,6 @@ def _layers(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers like 0,1,-1, got {text!r}") from None
-
-
-def _option_fields() -> dict[str, list[str]]:
-    """Every option name -> the variants that accept it."""
-    fields: dict[str, list[str]] = {}
-    for name, cls in sorted(VARIANTS.items()):
-        for field in dataclasses.fields(cls):
-            if field.name not in DATA_OPTIONS:  # calibration batches come from --calibrate DATA
-                fields.setdefault(field.name, []).append(name)
-    return fields
-
-
-def add_variant_option_flags(parser: argparse.ArgumentParser, taken: Sequence[str] = ()) -> list[str]:
-    """One flag per variant option (`num_key_value_heads` -> `--num-key-value-heads`, dest
-    `opt_num_key_value_heads`), shared by `convert` and `finetune`. Names in `taken` are flags the
-    parser already has with another meaning (finetune's `--block-size`): those options stay
-    reachable through `--variant-options`. Returns the option names that got a flag."""
-    added = []
-    for field, owners in _option_fields().items():
-        if field in taken:
-            continue
-        parser.add_argument(
-            "--" + field.replace("_", "-"), dest="opt_" + field, metavar=field.upper(), type=_value, default=None,
-            help=f"option of {', '.join(owners)}",
-        )
-        added.append(field)
-    return added
-
-
-def variant_option_values(namespace: argparse.Namespace) -> dict[str, Any]:
-    """The variant options given as flags (see `add_variant_option_flags`)."""
-    return {k[len("opt_"):]: v for k, v in vars(namespace).items() if k.startswith("opt_") and v is not None}
-
-
-# ---------------------------------------------------------------- output folders and safe writes
-PROVENANCE_FILE = "relattn_provenance.json"  # how a folder was made; plain transformers ignores it
-# Files that show a folder holds an output of ours (a model, a finetune run, a bench): only such a
-# folder is cleared by --overwrite, so a mistyped path never empties a folder of something else.
-OUTPUT_MARKERS = ("config.json", "adapter_config.json", "training_args.json", "metrics.jsonl", "results.json", PROVENANCE_FILE)
-
-
-class OutputError(ValueError):
-    """An output folder that must not or cannot be written; the message names it and the reason."""
-
-
-def _write_errors() -> tuple[type[BaseException], ...]:
-    # what a full disk or a read-only folder raises: OSError from Python, RuntimeError from torch's
-    # C++ writer ("PytorchStreamWriter failed writing file"), SafetensorError from safetensors
-    from safetensors import SafetensorError
-
-    return (OSError, RuntimeError, SafetensorError)
-
-
-def write_failure(what: str, folder: str | os.PathLike[str], err: BaseException) -> OutputError:
-    """One clear line for a failed save, instead of a C++ or Rust error text."""
-    if isinstance(err, OSError) and err.strerror:
-        reason = err.strerror + (f": {err.filename}" if err.filename else "")
-    else:
-        reason = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)[:200]
-    return OutputError(f"Cannot write {what} to {folder}: {reason} (is the disk full or the folder read-only?)")
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_output_folder(folder: str | os.PathLike[str], overwrite: bool, flag: str,
-                        inputs: Sequence[str | os.PathLike[str] | None] = ()) -> None:
-    """Refuse a non-empty output folder unless `overwrite`, and check it can be written. Modifies nothing.
-
-    With `overwrite`, the folder must look like an output of ours (OUTPUT_MARKERS) and must not hold
-    the current directory or one of `inputs` (the model or data the run reads), since it is cleared."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"{flag} {folder} is a file, not a folder: choose a folder path")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise OutputError(f"{flag} {folder} is not empty: pass --overwrite to replace its contents, or choose a new folder")
-        if not any((folder / name).exists() for name in OUTPUT_MARKERS):
-            raise OutputError(f"--overwrite: {folder} holds no model or bench output (none of {', '.join(OUTPUT_MARKERS)}), "
-                              "so it is not cleared; empty it yourself or choose a new folder")
-        resolved = folder.resolve()
-        for path in [Path.cwd(), *(Path(p) for p in inputs if p)]:
-            if path.exists() and path.resolve().is_relative_to(resolved):
-                raise OutputError(f"--overwrite would delete {path}, which is inside {flag} {folder}: choose another output folder")
-    check_writable(folder, flag)
-
-
-def check_writable(folder: str | os.PathLike[str], flag: str) -> None:
-    """Create and remove a file where `folder` will be written (it, or its nearest existing parent)."""
-    where = _nearest_existing(Path(folder))
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".relattn-write-test-", dir=where)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputError(f"{flag} {folder} cannot be written: {err.strerror or err} in {where}") from None
-
-
-def _move_aside(path: Path) -> Path:
-    """Rename `path` to a hidden sibling (one atomic step) and return the new name."""
-    aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(path, aside)
-    return aside
-
-
-def clear_folder(folder: str | os.PathLike[str]) -> None:
-    """Remove the folder's previous contents: renamed away first, so no half-deleted model is ever
-    visible under the folder's name, then deleted; the folder is left empty."""
-    folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(_move_aside(folder), ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
-
-
-def staging_folder(folder: str | os.PathLike[str]) -> Path:
-    """A new hidden folder beside `folder` (the same file system, so publishing it is a rename)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    for kind in ("partial", "old"):  # left by a killed save
-        for left in folder.parent.glob(f".{glob.escape(folder.name)}.{kind}-*"):
-            shutil.rmtree(left, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-
-
-def publish_folder(staged: Path, folder: str | os.PathLike[str]) -> None:
-    """Put a completely written `staged` folder in place of `folder`: a kill at any moment leaves the
-    old folder, no folder, or the new one (plus hidden leftovers), never a mix."""
-    folder = Path(folder)
-    old = _move_aside(folder) if folder.exists() else None
-    os.replace(staged, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: a kill leaves the
-    old content or the new one, never a truncated file."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(temp, "x", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUTPUT (a former model output)")
     add_variant_option_flags(conv)
 
-    # imported here, not at the top: bench imports `_value` from this module
+    # imported here, not at the top: bench imports `parse_value` from this module
     from . import bench, kernels
 
     bench_parser = sub.add_parser(
@@ -312,17 +130,6 @@ def _with_recipe(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def write_provenance(folder: str | os.PathLike[str], base_model: str, variant: str | None, options: dict[str, Any],
-                     layers: Sequence[int] | None, tool: str) -> None:
-    """PROVENANCE_FILE: what `folder` was converted from and how, for `push`'s card (a native GQA
-    checkpoint has no other record of it)."""
-    from . import __version__
-
-    record = {"format": 1, "base_model": base_model, "variant": variant or None, "variant_options": options,
-              "layers": list(layers) if layers is not None else None, "tool": tool, "hf_relattn_version": __version__}
-    write_text_atomic(Path(folder) / PROVENANCE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
 def cmd_convert(args: argparse.Namespace) -> None:
     from .presets import load
 
@@ -366,7 +173,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         write_provenance(staged, args.source, args.variant, {k: v for k, v in options.items() if k != "batches"},
                          args.layers, "hf-relattn convert")
         publish_folder(staged, args.output)
-    except _write_errors() as err:
+    except write_errors() as err:
         raise write_failure("the converted model", args.output, err) from err
     finally:
         if staged is not None and staged.exists():

@@ -58,7 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from .modeling import SPEC_KEY
+from .outputs import PROVENANCE_FILE
 from .patches import ADAPTED_PREFIX, ADAPTERS
+from .settings import variant_options
 from .variants.base import VARIANTS
 
 TEMPLATE_NAME = "relattn_card.md"
@@ -138,23 +140,6 @@ def _read_json(path: Path, what: str) -> Any:
         raise ValueError(f"{path}: not valid JSON ({what}): {err}") from None
 
 
-def _options_from_text(text: Any) -> dict[str, Any]:
-    """finetune's --variant-options: a JSON object or k=v,k=v (values typed like the CLI)."""
-    from .cli import _value
-
-    if not text:
-        return {}
-    if isinstance(text, Mapping):
-        return dict(text)
-    if str(text).lstrip().startswith("{"):
-        return json.loads(text)
-    options = {}
-    for item in str(text).split(","):
-        key, _, value = item.partition("=")
-        options[key.strip()] = _value(value.strip())
-    return options
-
-
 def upload_files(folder: Path) -> list[Path]:
     """The files of `folder` that go to the Hub: regular top-level files, not hidden, not README.md.
     A symlink to a file outside the folder is refused rather than followed."""
@@ -184,7 +169,6 @@ def read_checkpoint(folder: str | os.PathLike[str]) -> Checkpoint:
     family = model_type.removeprefix(ADAPTED_PREFIX)
     training_args = _read_json(folder / "training_args.json", "training_args.json") if (folder / "training_args.json").is_file() else None
     final_metrics = _read_json(folder / "final_metrics.json", "final_metrics.json") if (folder / "final_metrics.json").is_file() else None
-    from .cli import PROVENANCE_FILE  # not at the top: the package imports this module before cli's names exist
 
     provenance = _read_json(folder / PROVENANCE_FILE, PROVENANCE_FILE) if (folder / PROVENANCE_FILE).is_file() else None
     if family not in ADAPTERS:
@@ -225,7 +209,7 @@ def _native_variants(folder: Path, config: dict[str, Any], family: str, record: 
         raise ValueError(plain)
     from .convert import resolve_layers
 
-    variant = VARIANTS[name].from_options(_options_from_text(record.get("variant_options")))
+    variant = VARIANTS[name].from_options(variant_options(record.get("variant_options")))
     num_layers = int(config.get("num_hidden_layers", 0))
     layer_value = record.get("layers")
     if isinstance(layer_value, str):  # finetune's --layers text

@@ -145,7 +145,7 @@ def entry_source(config_class: str, classes: list[str]) -> str:
 def write_remote_code(model: PreTrainedModel, folder: str | Path) -> list[str]:
     """Write the flattened modules and the entry module into `folder`, and `auto_map` into its
     config.json. Returns the file names written."""
-    from .cli import write_text_atomic
+    from .outputs import write_text_atomic
 
     folder = Path(folder)
     mapping, classes = _auto_map(model)
