@@ -1,7 +1,7 @@
 """The contract every attention variant implements, and the variant registry.
 
 A variant is a dataclass whose fields are its options (so `Alibi()`, `GQA(num_key_value_heads=1)`).
-Class attributes say which axis of attention it changes (see DESIGN.md: structure, scores,
+Class attributes say which axis of attention it changes (`AXES`: structure, scores,
 values, sparsity, gating), describe it and cite its paper. `convert` validates every variant
 against the whole model before it modifies anything, then calls `apply` layer by layer;
 the attention engine calls the axis hooks (`score_bias`, ...) at run time.

@@ -1,4 +1,4 @@
-"""Shared contract of the sparse-attention variants (the "sparsity" axis of DESIGN.md).
+"""Shared contract of the sparse-attention variants (the "sparsity" axis, `variants.base.AXES`).
 
 A sparse variant says, for each query token, which key blocks it may read (`token_blocks`,
 blocks of `block_size()` keys aligned to absolute key positions) and which tokens inside
