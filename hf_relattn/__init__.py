@@ -11,10 +11,11 @@ Importing the package registers, and changes nothing else:
 
 from __future__ import annotations
 
+from typing import Any
+
 from .convert import convert
 from .engine import force_implementation
 from .heads import head_gates, head_importance
-from .hub import push_to_hub
 from .modeling import (
     PUSH_HOOKS,
     SAVE_HOOKS,
@@ -47,6 +48,15 @@ __all__ = [
     "StreamingCache",
     "variants",
 ]
+
+
+def push_to_hub(model_or_folder: Any, repo_id: str, **options: Any) -> str:
+    """Upload an adapted checkpoint (a folder or a model) with our model card: see
+    `hf_relattn.hub.push_to_hub`, imported on first use (importing the package does not load the
+    Hub code)."""
+    from .hub import push_to_hub as push
+
+    return push(model_or_folder, repo_id, **options)
 
 
 def variants() -> dict[str, str]:
