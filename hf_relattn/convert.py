@@ -65,7 +65,9 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
         flag = None  # the conversion takes the flag's place, on the layers given
     for idx in layer_list:
         kept = [v for v in getattr(modules[idx], ATTACHED, ()) if v.name != spec_variant.name]
-        check_composition([*kept, *([flag] if flag is not None else []), spec_variant], f"layer {idx}")
+        if flag is not None and all(v.name != flag.name for v in kept):  # an attached one wins over its flag
+            kept.append(flag)
+        check_composition([*kept, spec_variant], f"layer {idx}")
     spec_variant.validate(model, adapter, layer_list)
 
     with _restored_on_error(model, adapter, layer_list if flag is None else range(num_layers)):
