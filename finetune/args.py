@@ -85,6 +85,8 @@ class FinetuneArguments:
                                "pickled optimizer/RNG state (accelerate): resume only from folders you trust.", default=None)
     resume_changed_ok: bool = _help("Resume even though settings that change the run (learning rate, batch size, data, "
                                     "variant, ...) differ from the checkpoint's; without it such a resume is refused.", default=False)
+    replace: bool = _help("Convert --variant afresh on layers where --model already has it (its trained tables are dropped).",
+                          default=False)
     overwrite: bool = _help("Replace the contents of a non-empty --output (a former output) once every check has passed; "
                             "not needed to --resume into --output.", default=False)
     # ---- sharing

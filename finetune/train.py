@@ -46,9 +46,9 @@ from hf_relattn.outputs import (
     check_output_folder,
     check_writable,
     clear_folder,
+    OutputError,
     publish_folder,
-    write_errors,
-    write_failure,
+    reporting_write_errors,
     write_provenance,
     write_text_atomic,
 )
@@ -261,20 +261,21 @@ def save_checkpoint(accelerator: Accelerator, output: Path, step: int, state: di
     final = output / "checkpoints" / f"step-{step}"
     partial = final.with_name(f".step-{step}.partial")
     try:
-        if accelerator.is_main_process:
-            for left in final.parent.glob(".step-*.partial"):  # left by a killed save
-                shutil.rmtree(left, ignore_errors=True)
-            partial.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_text_atomic(partial / STATE_FILE, json.dumps(state))
-            publish_folder(partial, final)
-    except write_errors() as err:
+        with reporting_write_errors(f"checkpoint step-{step}", final.parent):
+            if accelerator.is_main_process:
+                for left in final.parent.glob(".step-*.partial"):  # left by a killed save
+                    shutil.rmtree(left, ignore_errors=True)
+                partial.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(partial))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_text_atomic(partial / STATE_FILE, json.dumps(state))
+                publish_folder(partial, final)
+    except OutputError:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        raise write_failure(f"checkpoint step-{step}", final.parent, err) from err
+        raise
     accelerator.wait_for_everyone()
     return final
 
@@ -404,7 +405,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
                        for start in range(0, count, args.batch_size)]
     if args.variant:
         extra = {"batches": calibration} if fitted and calibration is not None else {}
-        hf_relattn.convert(model, args.variant, layers=layers, **options, **extra)
+        hf_relattn.convert(model, args.variant, layers=layers, replace=args.replace, **options, **extra)
     transfer = None
     if args.attention_transfer_steps and not args.resume:
         transfer = hf_relattn.calibrate(model, teacher, calibration, steps=args.attention_transfer_steps, lr=args.attention_transfer_lr,
@@ -581,35 +582,34 @@ def save(accelerator: Accelerator, model: torch.nn.Module, processor: Any, args:
         shutil.rmtree(left, ignore_errors=True)
     staged = Path(tempfile.mkdtemp(prefix=".saving-", dir=output))
     try:
-        adapter_base = None
-        if args.lora_r and args.merge:
-            model = model.merge_and_unload()
-        elif args.lora_r:
-            # PEFT adapter in OUTPUT, the converted base model it applies to in OUTPUT/base_model.
-            base = copy.deepcopy(model).unload()
-            base.save_pretrained(staged / "base_model")
-            model.peft_config["default"].base_model_name_or_path = str(staged / "base_model")  # PEFT reads its config
-            adapter_base = base
-        model.save_pretrained(staged)
-        if adapter_base is not None:
-            final_base = str((output / "base_model").resolve())
-            model.peft_config["default"].base_model_name_or_path = final_base
-            point_adapter_at_auto_class(staged, adapter_base, final_base)
-        processor.save_pretrained(staged)
-        write_text_atomic(staged / "training_args.json", json.dumps(dataclasses.asdict(args), indent=2))
-        write_text_atomic(staged / "final_metrics.json", json.dumps({**metrics, "trainable_parameters": trainable}, indent=2))
-        write_provenance(staged, args.model, args.variant, variant_options(args.variant_options) if args.variant else {},
-                         [int(x) for x in args.layers.split(",")] if args.layers else None, "hf_relattn.finetune")
-        markers = ("config.json", "adapter_config.json")
-        for name in markers:
-            (output / name).unlink(missing_ok=True)
-        for entry in sorted(staged.iterdir(), key=lambda p: p.name in markers):
-            target = output / entry.name
-            if entry.is_dir() and target.exists():  # base_model/ of an earlier save of this run: out in one rename
-                os.replace(target, staged / f".old-{entry.name}")
-            os.replace(entry, target)
-    except write_errors() as err:
-        raise write_failure("the trained model", output, err) from err
+        with reporting_write_errors("the trained model", output):
+            adapter_base = None
+            if args.lora_r and args.merge:
+                model = model.merge_and_unload()
+            elif args.lora_r:
+                # PEFT adapter in OUTPUT, the converted base model it applies to in OUTPUT/base_model.
+                base = copy.deepcopy(model).unload()
+                base.save_pretrained(staged / "base_model")
+                model.peft_config["default"].base_model_name_or_path = str(staged / "base_model")  # PEFT reads its config
+                adapter_base = base
+            model.save_pretrained(staged)
+            if adapter_base is not None:
+                final_base = str((output / "base_model").resolve())
+                model.peft_config["default"].base_model_name_or_path = final_base
+                point_adapter_at_auto_class(staged, adapter_base, final_base)
+            processor.save_pretrained(staged)
+            write_text_atomic(staged / "training_args.json", json.dumps(dataclasses.asdict(args), indent=2))
+            write_text_atomic(staged / "final_metrics.json", json.dumps({**metrics, "trainable_parameters": trainable}, indent=2))
+            write_provenance(staged, args.model, args.variant, variant_options(args.variant_options) if args.variant else {},
+                             [int(x) for x in args.layers.split(",")] if args.layers else None, "hf_relattn.finetune")
+            markers = ("config.json", "adapter_config.json")
+            for name in markers:
+                (output / name).unlink(missing_ok=True)
+            for entry in sorted(staged.iterdir(), key=lambda p: p.name in markers):
+                target = output / entry.name
+                if entry.is_dir() and target.exists():  # base_model/ of an earlier save of this run: out in one rename
+                    os.replace(target, staged / f".old-{entry.name}")
+                os.replace(entry, target)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 

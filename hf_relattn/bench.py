@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from . import __version__, convert
-from .outputs import check_output_folder, clear_folder, write_errors, write_failure
+from .outputs import check_output_folder, clear_folder, reporting_write_errors
 from .settings import parse_value, read_settings_file
 from .modeling import SPEC_KEY, is_adapted
 from .patches import get_adapter
@@ -932,12 +932,10 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
     bar.close()
 
     results = assemble(cfg, specs, task, base, work, entries, device, time.perf_counter() - started, load_info)
-    try:
+    with reporting_write_errors("the bench results", out_dir):
         if cfg.overwrite:
             clear_folder(out_dir)  # the bench ran: only now do the earlier results and plots go
         write_outputs(results, out_dir, plots=cfg.plots)
-    except write_errors() as err:
-        raise write_failure("the bench results", out_dir, err) from err
     return results
 
 

@@ -27,9 +27,8 @@ from . import convert, variants
 from .outputs import (
     check_output_folder,
     publish_folder,
+    reporting_write_errors,
     staging_folder,
-    write_errors,
-    write_failure,
     write_provenance,
 )
 from .presets import DTYPES, PRESETS
@@ -66,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--calibration-lr", type=float, default=1e-5, help="attention-transfer learning rate")
     conv.add_argument("--calibration-block", type=int, default=512, help="tokens per calibration sequence")
     conv.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUTPUT (a former model output)")
+    conv.add_argument("--replace", action="store_true",
+                      help="convert a variant the source already has on these layers afresh (its trained tables are dropped)")
     add_variant_option_flags(conv)
 
     # imported here, not at the top: bench imports `parse_value` from this module
@@ -155,7 +156,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             reference = copy.deepcopy(model)
     start = _step(f"Loaded in {time.perf_counter() - start:.1f}s. Converting to {args.variant} "
                   f"{ {k: v for k, v in options.items() if k != 'batches'} or ''} ...")
-    convert(model, args.variant, layers=args.layers, **options)
+    convert(model, args.variant, layers=args.layers, replace=args.replace, **options)
     if reference is not None:
         from .transfer import calibrate
 
@@ -166,15 +167,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
     # folder that looks like a checkpoint, and --overwrite replaces the old model only then
     staged = None
     try:
-        staged = staging_folder(args.output)
-        model.save_pretrained(staged)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staged)
-        write_provenance(staged, args.source, args.variant, {k: v for k, v in options.items() if k != "batches"},
-                         args.layers, "hf-relattn convert")
-        publish_folder(staged, args.output)
-    except write_errors() as err:
-        raise write_failure("the converted model", args.output, err) from err
+        with reporting_write_errors("the converted model", args.output):
+            staged = staging_folder(args.output)
+            model.save_pretrained(staged)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staged)
+            write_provenance(staged, args.source, args.variant, {k: v for k, v in options.items() if k != "batches"},
+                             args.layers, "hf-relattn convert")
+            publish_folder(staged, args.output)
     finally:
         if staged is not None and staged.exists():
             shutil.rmtree(staged, ignore_errors=True)

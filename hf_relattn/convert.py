@@ -58,8 +58,8 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
         where = f"layers {redo}" if redo else f"every layer (attn_implementation='relattn_{flag.name}')"
         raise ValueError(
             f"{spec_variant.name} is already on {where}; converting again would start it afresh there (dropping what it "
-            f"learned or its options). Pass replace=True to do that" + (", which keeps it only on the layers given"
-                                                                         if replaces_flag else "") + "."
+            f"learned or its options). Pass replace=True (--replace on the command line) to do that"
+            + (", which keeps it only on the layers given" if replaces_flag else "") + "."
         )
     if replaces_flag:
         flag = None  # the conversion takes the flag's place, on the layers given
@@ -70,7 +70,7 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
         check_composition([*kept, spec_variant], f"layer {idx}")
     spec_variant.validate(model, adapter, layer_list)
 
-    with _restored_on_error(model, adapter, layer_list if flag is None else range(num_layers)):
+    with _restored_on_error(model, adapter, layer_list, spec_variant):
         # it no longer is the checkpoint its name_or_path names (PEFT records that as an adapter's
         # base model); saving names the new folder
         model.name_or_path = ""
@@ -99,19 +99,20 @@ def _already_converted(model: PreTrainedModel, variant: Variant, layers: list[in
 
 
 class _restored_on_error:
-    """Context manager: if converting fails, put back the model's class, config and the listed
-    layers' attention blocks (their submodules, parameters and values), so `convert` is
-    all-or-nothing. Costs a copy of those blocks' weights in CPU memory while converting (not on
-    the accelerator, where a large model may have no room for it)."""
+    """Context manager: if converting fails, put back the model's class, config and modules
+    (their parameters, submodules and hooks, in the same container objects), so `convert` is
+    all-or-nothing. Only structure variants (gqa/mqa, prune) change existing weights in place:
+    for them the listed layers' attention-block values are copied to CPU memory while converting
+    (weights offloaded to the meta device have no values to copy; they are not changed here)."""
 
-    def __init__(self, model: PreTrainedModel, adapter: Any, layers: Iterable[int]) -> None:
+    def __init__(self, model: PreTrainedModel, adapter: Any, layers: Iterable[int], variant: Variant) -> None:
         self.model, self.config = model, model.config
-        blocks = [adapter.attention_blocks(model)[i] for i in layers]
         self.saved = (type(model), type(model.config), copy.deepcopy(model.config.__dict__))
-        # every module's own state (cheap: dicts of references) ...
+        # every module's own state: references, and the contents of its containers
         self.modules = {m: _module_state(m) for m in model.modules()}
-        # ... and copies of the values that conversions change in place
-        self.values = {p: (p.detach().to("cpu", copy=True), p.device) for b in blocks for p in (*b.parameters(), *b.buffers())}
+        blocks = [adapter.attention_blocks(model)[i] for i in layers] if variant.axis == "structure" else []
+        self.values = {p: (p.detach().to("cpu", copy=True), p.device)
+                       for b in blocks for p in (*b.parameters(), *b.buffers()) if not p.is_meta}
 
     def __enter__(self) -> None:
         return None
@@ -122,7 +123,11 @@ class _restored_on_error:
         model_class, config_class, config_state = self.saved
         for module, state in self.modules.items():
             module.__dict__.clear()
-            module.__dict__.update(state)
+            for key, (value, contents) in state.items():
+                if contents is not None:  # the same container object (hook handles keep pointing at it)
+                    value.clear()
+                    value.extend(contents) if isinstance(value, list) else value.update(contents)
+                module.__dict__[key] = value
         with torch.no_grad():
             for tensor, (value, device) in self.values.items():
                 tensor.data = value.to(device)
@@ -133,9 +138,9 @@ class _restored_on_error:
         return False
 
 
-def _module_state(module: nn.Module) -> dict[str, Any]:
-    """A module's __dict__ with its containers (parameters, submodules, hooks, ...) copied."""
-    return {k: (copy.copy(v) if isinstance(v, (dict, list, set)) else v) for k, v in module.__dict__.items()}
+def _module_state(module: nn.Module) -> dict[str, tuple[Any, Any]]:
+    """A module's __dict__ as (value, a copy of its contents when it is a container)."""
+    return {k: (v, copy.copy(v) if isinstance(v, (dict, list, set)) else None) for k, v in module.__dict__.items()}
 
 
 def _check_pruned(model: PreTrainedModel, adapter: Any, variant: Any, layers: list[int]) -> None:

@@ -37,7 +37,9 @@ get those positions: the eager paths run each left-padding offset of a batch on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
@@ -66,21 +68,33 @@ RELATION_CHUNK_ELEMENTS = 1 << 18
 _forced: ContextVar[str] = ContextVar("relattn_implementation", default="auto")
 
 
-class force_implementation:  # noqa: N801 (used like a function)
-    """Force the engine path: "auto", "dense", "reference" or "flex". As a `with` block it holds
-    for the block; called alone it holds until changed. The setting belongs to the calling thread
-    (a context variable): other threads keep theirs."""
+class force_implementation(contextlib.ContextDecorator):  # noqa: N801 (used like a function)
+    """Force the engine path inside a `with` block (or a function it decorates): "auto",
+    "dense", "reference" or "flex". The setting belongs to the calling thread (a context
+    variable): other threads keep theirs. Reusable and re-entrant; called alone it does nothing,
+    which it says (a warning) instead of being silently ignored."""
 
     def __init__(self, name: str) -> None:
         if name not in IMPLEMENTATIONS:
             raise ValueError(f"Unknown implementation {name!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-        self._token = _forced.set(name)
+        self.name, self._tokens, self._used = name, [], False
 
     def __enter__(self) -> force_implementation:
+        self._used = True
+        self._tokens.append(_forced.set(self.name))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _forced.reset(self._token)
+        _forced.reset(self._tokens.pop())
+
+    def __call__(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        self._used = True
+        return super().__call__(function)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_used", True):
+            warnings.warn(f"force_implementation({self.name!r}) was neither entered nor used as a decorator and has no "
+                          f"effect: write `with hf_relattn.force_implementation({self.name!r}):`", stacklevel=2)
 
 
 def implementation() -> str:

@@ -134,9 +134,9 @@ def rebuild_from_spec(model: nn.Module, spec: Any) -> None:
     if spec.get("format", SPEC_FORMAT) != SPEC_FORMAT:
         raise ValueError(f"{where}: unsupported spec format {spec.get('format')!r}; this plugin reads {SPEC_FORMAT}")
     entries = spec["variants"]
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{where}: 'variants' must be a non-empty list of entries (an adapted checkpoint has at least "
-                         f"one variant), got {entries!r}")
+    if not isinstance(entries, list):
+        # empty is possible: a native conversion of every layer (gqa) can supersede the only entry
+        raise ValueError(f"{where}: 'variants' must be a list of entries, got {entries!r}")
     adapter = get_adapter(model)
     num_layers = len(adapter.attention_modules(model))
     for number, entry in enumerate(entries):
@@ -509,16 +509,25 @@ def check_attention_request(model: PreTrainedModel, requested: Any, built: bool 
 
 def _wrap_attention_checks(cls: type) -> None:
     """Wrap transformers' `get_correct_attn_implementation` (every attn_implementation request of
-    every model passes through it, at build and at `set_attn_implementation`) with
-    `check_attention_request`: only our names are affected."""
-    original = cls.get_correct_attn_implementation
+    every model passes through it, at build and at `set_attn_implementation`) and `post_init`
+    (the end of every model's `__init__`, when its layers exist: from_pretrained and from_config
+    only check the request before) with `check_attention_request`: only our names are affected."""
+    get_correct, post_init = cls.get_correct_attn_implementation, cls.post_init
 
     def get_correct_attn_implementation(self: PreTrainedModel, requested: str | None, is_init_check: bool = False) -> str:
         check_attention_request(self, requested, built=not is_init_check)
-        return original(self, requested, is_init_check)
+        return get_correct(self, requested, is_init_check)
+
+    def post_init_checked(self: PreTrainedModel, *args: Any, **kwargs: Any) -> Any:
+        result = post_init(self, *args, **kwargs)
+        requested = getattr(self.config, "_attn_implementation", None)
+        if isinstance(requested, str) and requested.startswith(FLAG_PREFIX):
+            check_attention_request(self, requested, built=True)
+        return result
 
     setattr(get_correct_attn_implementation, ADAPTED_MARK, True)
     cls.get_correct_attn_implementation = get_correct_attn_implementation
+    cls.post_init = post_init_checked
 
 
 def _refusing_attention_inputs(function: Any) -> Any:

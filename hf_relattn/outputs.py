@@ -5,13 +5,14 @@ provenance record (`relattn_provenance.json`) that `push` reads."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,26 @@ class OutputError(ValueError):
     """An output folder that must not or cannot be written; the message names it and the reason."""
 
 
-def write_errors() -> tuple[type[BaseException], ...]:
-    # what a full disk or a read-only folder raises: OSError from Python, RuntimeError from torch's
-    # C++ writer ("PytorchStreamWriter failed writing file"), SafetensorError from safetensors
+# How torch's zip writer (torch.save, accelerate's save_state) reports a failed write: "PytorchStreamWriter
+# failed writing file ...: file write failed", or "[enforce fail at inline_container.cc] unexpected pos"
+TORCH_WRITER_ERRORS = ("PytorchStreamWriter", "inline_container.cc", "file write failed")
+
+
+@contextlib.contextmanager
+def reporting_write_errors(what: str, folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn what a full disk or a read-only folder raises inside the block into one OutputError
+    line: OSError from Python, SafetensorError from safetensors, and torch's C++ writer's
+    RuntimeError (its zip writer, inline_container.cc); any other error passes unchanged."""
     from safetensors import SafetensorError
 
-    return (OSError, RuntimeError, SafetensorError)
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        raise write_failure(what, folder, err) from err
+    except RuntimeError as err:
+        if not any(mark in str(err) for mark in TORCH_WRITER_ERRORS):
+            raise
+        raise write_failure(what, folder, err) from err
 
 
 def write_failure(what: str, folder: str | os.PathLike[str], err: BaseException) -> OutputError:
@@ -105,7 +120,11 @@ def staging_folder(folder: str | os.PathLike[str]) -> Path:
     for kind in ("partial", "old"):  # left by a killed save
         for left in folder.parent.glob(f".{glob.escape(folder.name)}.{kind}-*"):
             shutil.rmtree(left, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    staged = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    umask = os.umask(0)  # mkdtemp makes it private (0700); the published folder gets the usual mode
+    os.umask(umask)
+    staged.chmod(0o777 & ~umask)
+    return staged
 
 
 def publish_folder(staged: Path, folder: str | os.PathLike[str]) -> None:

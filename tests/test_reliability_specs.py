@@ -115,7 +115,7 @@ SPEC_EDITS = {
     "entry_not_dict": (lambda c: c["relattn"]["variants"].append("alibi"), "an entry is a dict"),
     "spec_null": (lambda c: c.update(relattn=None), "must be its variant spec"),
     "spec_missing": (lambda c: c.pop("relattn"), "must be its variant spec"),
-    "variants_empty": (lambda c: c["relattn"].update(variants=[]), "non-empty list"),
+    "variants_empty": (lambda c: c["relattn"].update(variants=[]), "not used ["),
     "format": (lambda c: c["relattn"].update(format=2), "unsupported spec format 2"),
     # the spec and the weights disagree
     "entry_deleted": (lambda c: c["relattn"]["variants"].remove(_entry("shaw")(c)), "not used ["),
@@ -381,16 +381,25 @@ def test_force_implementation_as_the_readme_shows_it(ids):
     model = hf_relattn.convert(tiny_llama(), "alibi")
     from hf_relattn.engine import implementation
 
-    with hf_relattn.force_implementation("reference"):
+    forced = hf_relattn.force_implementation("reference")
+    with forced:
         assert implementation() == "reference"
         reference = _logits(model, ids)
-    assert implementation() == "auto"
-    torch.testing.assert_close(_logits(model, ids), reference, atol=1e-5, rtol=1e-5)
-    hf_relattn.force_implementation("reference")  # called alone: holds until changed
-    try:
+        with forced:  # re-entrant
+            assert implementation() == "reference"
         assert implementation() == "reference"
-    finally:
-        hf_relattn.force_implementation("auto")
+    assert implementation() == "auto"
+    with forced:  # reusable
+        assert implementation() == "reference"
+    torch.testing.assert_close(_logits(model, ids), reference, atol=1e-5, rtol=1e-5)
+
+    @hf_relattn.force_implementation("dense")
+    def inside() -> str:
+        return implementation()
+
+    assert inside() == "dense" and implementation() == "auto"
+    with pytest.warns(UserWarning, match="has no effect"):
+        hf_relattn.force_implementation("reference")  # called alone: says so instead of doing nothing silently
     assert implementation() == "auto"
     with pytest.raises(ValueError, match="valid: auto, dense, reference, flex"):
         hf_relattn.force_implementation("fast")
@@ -399,3 +408,74 @@ def test_force_implementation_as_the_readme_shows_it(ids):
 def test_shaw_option_is_checked_where_built():
     with pytest.raises(ValueError, match="max_distance"):
         Shaw(max_distance=0)
+
+
+# ------------------------------------------------------ what convert writes always loads
+SEQUENCES = {
+    # a later conversion takes layers over from an entry whose options name layers
+    "moh-shared-per-layer-then-replace": [("moh", {"shared_heads": {0: [0, 1], 1: [1, 2]}}),
+                                          ("moh", {"layers": [1], "replace": True, "shared_heads": 0.5})],
+    "prune-twice": [("prune", {"heads": {0: [1], 1: [2]}}), ("prune", {"heads": {1: [0]}, "layers": [1]})],
+    # a native conversion of every layer supersedes the only entry: the spec is empty
+    "gqa-layer-then-native-mqa": [("gqa", {"num_key_value_heads": 2, "layers": [0]}), ("mqa", {})],
+}
+
+
+@pytest.mark.parametrize("case", list(SEQUENCES))
+def test_every_conversion_sequence_reloads(case, ids, tmp_path):
+    model = tiny_llama()
+    for name, options in SEQUENCES[case]:
+        options = dict(options)
+        hf_relattn.convert(model, name, layers=options.pop("layers", None), **options)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), _logits(model, ids), atol=0, rtol=0)
+
+
+def test_flag_model_checks_run_at_load(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_bert().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="needs a causal decoder"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, attn_implementation="relattn_moba")
+
+
+def test_failed_convert_keeps_hook_handles_working(monkeypatch, ids):
+    model = tiny_llama()
+    calls = []
+    handle = attention_modules(model)[0].register_forward_hook(lambda *a: calls.append(1))
+    real_apply = Shaw.apply
+
+    def apply_then_fail(self, *args, **kwargs):
+        real_apply(self, *args, **kwargs)
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Shaw, "apply", apply_then_fail)
+    with pytest.raises(RuntimeError):
+        hf_relattn.convert(model, "shaw")
+    handle.remove()
+    _logits(model, ids)
+    assert calls == []
+
+
+def test_convert_of_an_offloaded_model(ids):
+    """Weights on the meta device (accelerate's CPU/disk offload) have no values to copy for the
+    rollback: converting a variant that leaves them alone must still work."""
+    from accelerate import cpu_offload
+
+    model = tiny_llama()
+    reference = hf_relattn.convert(tiny_llama(), "alibi", layers=[0])
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    hf_relattn.convert(model, "alibi", layers=[0])
+    torch.testing.assert_close(_logits(model, ids), _logits(reference, ids), atol=1e-6, rtol=0)
+
+
+
+def test_cli_convert_again_needs_replace(saved_spec_folder, tmp_path, capsys):
+    from hf_relattn.cli import main
+
+    args = ["convert", str(saved_spec_folder), str(tmp_path / "again"), "--variant", "shaw", "--max-distance", "2", "--layers", "0"]
+    assert main(args) == 2
+    assert "--replace on the command line" in capsys.readouterr().err
+    assert main([*args, "--replace"]) == 0
+    entries = json.loads((tmp_path / "again" / "config.json").read_text())["relattn"]["variants"]
+    assert {"name": "shaw", "options": {"values": True, "per_head": False, "max_distance": 2}, "layers": [0]} in entries

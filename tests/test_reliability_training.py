@@ -391,6 +391,9 @@ def test_convert_and_bench_refuse_a_non_empty_output_and_overwrite_replaces_it(l
     assert cli.main(["convert", str(llama_dir), str(out), "--variant", "alibi", "--overwrite"]) == 0
     names = {p.name for p in out.iterdir()}
     assert not names & {"chat_template.jinja", "checkpoints"} and "relattn_provenance.json" in names
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # the usual mode, not the staging folder's private 0700
     assert "99" not in (out / "generation_config.json").read_text() if (out / "generation_config.json").exists() else True
 
     bench_out = tmp_path / "bench"
@@ -403,6 +406,17 @@ def test_convert_and_bench_refuse_a_non_empty_output_and_overwrite_replaces_it(l
     assert "--out" in (err := one_error_line(capsys.readouterr().err)) and "is not empty: pass --overwrite" in err
     assert cli.main([*flags, "--overwrite"]) == 0
     assert not (bench_out / "old_plot.png").exists() and json.loads((bench_out / "results.json").read_text())["model"]
+
+
+def test_only_write_failures_are_reported_as_one_line(tmp_path):
+    from hf_relattn.outputs import OutputError, reporting_write_errors
+
+    with pytest.raises(OutputError, match="No space left on device"):
+        with reporting_write_errors("the model", tmp_path):
+            raise OSError(28, "No space left on device")
+    with pytest.raises(RuntimeError, match="CUDA error: device-side assert"):  # not a disk problem: unchanged
+        with reporting_write_errors("the model", tmp_path):
+            raise RuntimeError("CUDA error: device-side assert triggered")
 
 
 # ------------------------------------------------------------------------------ 10. push

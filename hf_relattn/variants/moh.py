@@ -131,16 +131,18 @@ class MoH(Variant):
         if self.shared_heads == "importance":
             self.shared_heads = self._most_important(model, adapter, layers)  # runs the model, changes nothing
             self.batches = None
+        spec = self.shared_heads
+        if isinstance(spec, dict):
+            # a saved spec may name more layers (a later conversion took some over): only here an error
+            keys = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k for k in spec}
+            if not keys <= set(layers):
+                raise ValueError(f"moh: shared_heads names layers {sorted(map(str, keys - set(layers)))} that are not converted; layers: {layers}")
         self.check_model(model, adapter, layers)
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         spec = self.shared_heads
         if spec is None or spec == "importance":
             raise ValueError(f"moh: a saved spec must name its shared heads (a count, fraction, list or {{layer: [heads]}}), got {spec!r}")
-        if isinstance(spec, dict):
-            keys = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k for k in spec}
-            if not keys <= set(layers):
-                raise ValueError(f"moh: shared_heads names layers {sorted(map(str, keys - set(layers)))} that are not converted; layers: {layers}")
         modules = adapter.attention_modules(model)
         for idx in layers:
             heads = module_heads(modules[idx], adapter)

@@ -192,6 +192,13 @@ class Prune(Variant):
         return {"heads": steps[0] if len(steps) == 1 else steps}
 
     # -------------------------------------------------------------- conversion
+    def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        num_layers = len(adapter.attention_modules(model))  # out-of-range layers: check_model's error
+        named = sorted({layer for step in self.steps() for layer in step if layer < num_layers} - set(layers))
+        if named:
+            raise ValueError(f"prune: heads names layer {named[0]}, which is not among the converted layers {layers}")
+        self.check_model(model, adapter, layers)
+
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         # engine imports this package: import at call time
         from ..engine import flag_variant
@@ -207,7 +214,7 @@ class Prune(Variant):
                         f"prune: unknown layer {layer}: the model has {len(modules)} layers (0..{len(modules) - 1})"
                     )
                 if layer not in layers:
-                    raise ValueError(f"prune: heads names layer {layer}, which is not among the converted layers {layers}")
+                    continue  # a saved entry whose other layers a later prune took over; convert refuses it (validate)
                 count = counts[layer]
                 now = "" if count == original else " (after earlier pruning; indices are of the current layer)"
                 out = [h for h in removed if not 0 <= h < count]
