@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .engine import ENGINE_NAME, flag_variant
+from .engine import ENGINE_NAME, flag_variant, module_variants
 from .modeling import SPEC_KEY, is_adapted, make_adapted, spec_of
 from .patches import get_adapter
-from .variants.base import ATTACHED, Variant, check_composition, detach, get_variant_class
+from .variants.base import Variant, check_composition, detach, get_variant_class
 
 
 def resolve_layers(layers: int | Iterable[int] | None, num_layers: int) -> list[int]:
@@ -63,10 +63,8 @@ def convert(model: PreTrainedModel, variant: str, *, layers: int | Iterable[int]
         )
     if replaces_flag:
         flag = None  # the conversion takes the flag's place, on the layers given
-    for idx in layer_list:
-        kept = [v for v in getattr(modules[idx], ATTACHED, ()) if v.name != spec_variant.name]
-        if flag is not None and all(v.name != flag.name for v in kept):  # an attached one wins over its flag
-            kept.append(flag)
+    for idx in layer_list:  # what the layer runs now (the flag included), the new variant replacing its namesake
+        kept = [v for v in module_variants(modules[idx]) if v.name != spec_variant.name]
         check_composition([*kept, spec_variant], f"layer {idx}")
     spec_variant.validate(model, adapter, layer_list)
 

@@ -72,7 +72,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.auto import modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-try:  # checkpoint key renamings (transformers >= 5.x), looked up by model_type
+try:  # checkpoint key renamings (transformers >= 5.x), looked up by class name, then model_type
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 except ImportError:  # pragma: no cover
     get_checkpoint_conversion_mapping = register_checkpoint_conversion_mapping = None
@@ -82,7 +82,7 @@ try:  # output capture (output_hidden_states / output_attentions) is registered 
 except ImportError:  # pragma: no cover (transformers without the registry)
     _CAN_RECORD_REGISTRY = None
 
-from .engine import ENGINE_NAME, FLAG_PREFIX, flag_options, flag_variant, relattn_attention
+from .engine import ENGINE_NAME, FLAG_PREFIX, flag_options, module_variants, relattn_attention
 from .patches import ADAPTED_PREFIX, ADAPTERS, get_adapter
 from .variants.base import ATTACHED, VARIANTS, check_composition, get_variant_class
 
@@ -166,11 +166,8 @@ def _spec_entry(entry: Any, num_layers: int) -> tuple[Any, list[int]]:
 
 def check_layers(model: nn.Module, where: str) -> None:
     """Raise unless each layer's variants (attached, and a flag's) can act together."""
-    flag = flag_variant(model.config)
     for idx, module in enumerate(get_adapter(model).attention_modules(model)):
-        attached = list(getattr(module, ATTACHED, ()))
-        extra = [flag] if flag is not None and all(v.name != flag.name for v in attached) else []
-        check_composition(attached + extra, f"{where}: layer {idx}")
+        check_composition(module_variants(module), f"{where}: layer {idx}")
 
 
 # ------------------------------------------------------------- refusing silent vanilla loads
