@@ -50,14 +50,7 @@ from .bench import (
     print_table,
     summarize,
 )
-from .engine import (
-    ENGINE_NAME,
-    _selected_blocks,
-    chosen_blocks,
-    force_implementation,
-    query_rows,
-    relattn_attention,
-)
+from .engine import ENGINE_NAME, force_implementation, relattn_attention
 from .patches import get_adapter
 from .presets import DTYPES
 from .variants.base import LAYER_INPUT
@@ -195,24 +188,6 @@ def build_relative_cases(heads: int, head_dim: int) -> list[Case]:
     return cases
 
 
-def computed_pairs(module: nn.Module, variant: Variant, q: torch.Tensor, k: torch.Tensor) -> float:
-    """(query, key) pairs the block-sparse path computes per batch entry and head, averaged over
-    heads: the gathered key blocks (whole blocks, as computed) times the query rows reading them."""
-    length = q.shape[2]
-    if variant.layout == "strided":  # the band blocks plus the residue sequences
-        stride = variant.stride
-        return float(length * ((2 if module.is_causal else 3) * stride + -(-length // stride)))
-    block = variant.key_block(module)
-    num_blocks = -(-length // block)
-    positions = torch.arange(length)
-    chosen = chosen_blocks(variant, module, positions, num_blocks, q, k, None, causal=True)
-    if variant.choice == "token":
-        return float(chosen.sum()) * block / (chosen.shape[0] * chosen.shape[1])
-    rows = query_rows(variant, block, length)
-    _, valid = _selected_blocks(chosen, rows)
-    return float(valid.sum()) * block * rows / (valid.shape[0] * valid.shape[1])
-
-
 def build_sparse_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, k: torch.Tensor) -> list[Case]:
     """Dense causal SDPA (transformers' sdpa function) against the sparse variants at one length:
     sliding window T/8, MoBA (block 512, top-3; per-token and per-block gate), strided, fixed and
@@ -262,7 +237,7 @@ def _sparse_pattern_cases(heads: int, head_dim: int, length: int, q: torch.Tenso
         module.config.num_hidden_layers = 1
         shown = {k: v for k, v in variant.options().items() if k not in ("dense_layers", "sinks", "sink_logit")}
         options = ",".join(f"{key}={value}" for key, value in {**shown, "sinks": variant.sinks}.items())
-        pairs = computed_pairs(module, variant, q, k)
+        pairs = variant.computed_pairs(module, q, k)
         cases.append(Case(f"{variant.name}({options})", heads, _engine(module), _engine(module, "reference"),
                           baseline="sdpa causal", work=4.0 * head_dim * pairs))
     return cases

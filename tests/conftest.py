@@ -92,9 +92,9 @@ def assert_same_state(before: dict[str, torch.Tensor], model: torch.nn.Module) -
 @pytest.fixture(params=[1 << 21, 96], ids=["one-chunk", "small-chunks"])
 def chunking(request, monkeypatch):
     """Also run with chunks of a few query rows, so the relative-position bands move across chunks."""
-    from hf_relattn import engine
+    from hf_relattn.ops import relational
 
-    monkeypatch.setattr(engine, "RELATION_CHUNK_ELEMENTS", request.param)
+    monkeypatch.setattr(relational, "RELATION_CHUNK_ELEMENTS", request.param)
 
 
 @pytest.fixture

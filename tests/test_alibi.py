@@ -44,7 +44,7 @@ from transformers import (
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
-import hf_relattn.engine
+import hf_relattn.ops.dense
 from hf_relattn.variants.alibi import alibi_slopes
 
 ATOL = 1e-5
@@ -214,7 +214,7 @@ def test_alibi_matches_materialized_reference(family, heads, engine_mode, enable
     kwargs, mask = inputs(family, ids, pixels, padded)
     seq = pixels.shape[-1] ** 2 // 16 + 1 if family == "vit" else ids.shape[1]
     if mode == "chunked":
-        monkeypatch.setattr(hf_relattn.engine, "CHUNK_ELEMENTS", 2 * heads * seq * 3)
+        monkeypatch.setattr(hf_relattn.ops.dense, "CHUNK_ELEMENTS", 2 * heads * seq * 3)
 
     modules = attention_modules(model)
     calls.clear()  # forget the plain model's SDPA calls

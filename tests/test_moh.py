@@ -14,7 +14,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
-from hf_relattn import engine
+from hf_relattn.variants import moh as moh_module
 from hf_relattn import moh_aux_loss
 from hf_relattn.variants.moh import _balance_loss
 
@@ -24,7 +24,7 @@ REF = "moh_reference_for_tests"
 @pytest.fixture(autouse=True)
 def routed_from_two_tokens(monkeypatch):
     """Tiny inputs take the head-routed inference path too (it starts at 256 tokens by default)."""
-    monkeypatch.setattr(engine, "ROUTED_MIN_TOKENS", 2)
+    monkeypatch.setattr(moh_module, "ROUTED_MIN_TOKENS", 2)
 INPUTS: dict[int, torch.Tensor] = {}  # id(attention module) -> its input of the current call
 
 
@@ -153,8 +153,8 @@ def test_routed_heads_match_the_official_formulas(family, options, padded, rows,
     official formulas."""
     if family == "vit" and padded:
         pytest.skip("images have no padding")
-    monkeypatch.setattr(engine, "ROUTED_QUERY_ROWS", rows)
-    monkeypatch.setattr(engine, "ROUTED_WINDOW", rows)
+    monkeypatch.setattr(moh_module, "ROUTED_QUERY_ROWS", rows)
+    monkeypatch.setattr(moh_module, "ROUTED_WINDOW", rows)
     model = model_of(family, **options)
     torch.manual_seed(5)
     for m in model.modules():  # non-trivial learned gates

@@ -19,28 +19,12 @@ from conftest import tiny_bert, tiny_llama, tiny_vit
 from test_sparse import pattern_mask
 from transformers import CompileConfig, DynamicCache, StaticCache
 from transformers.models.t5.modeling_t5 import T5Attention
+from variant_cases import DECODER_CASES, NUM_RELATIONS  # the one table of cases (tests/variant_cases.py)
 
 import hf_relattn
+from hf_relattn.variants import sparse_base
 from hf_relattn.variants.alibi import alibi_slopes
 
-NUM_RELATIONS = 3
-# name -> (variant or "flag:<variant>", options); tables and routers get random values below
-DECODER_CASES = {
-    "alibi_flag": ("flag:alibi", {}),
-    "t5_bias": ("t5_bias", {"num_buckets": 8, "max_distance": 16}),
-    "shaw": ("shaw", {"max_distance": 3}),
-    "relation": ("relation", {"num_relations": NUM_RELATIONS}),
-    "sliding_window": ("sliding_window", {"window": 4, "block_size": 2, "sinks": 2}),
-    "sink_logit": ("sliding_window", {"window": 3, "block_size": 2, "sinks": 1, "sink_logit": True}),
-    "strided": ("strided", {"stride": 3, "block_size": 2, "sinks": 0}),
-    "fixed": ("fixed", {"block": 4, "summary": 1, "sinks": 3}),
-    "power": ("power", {"block_size": 2, "window": 2, "sinks": 0}),
-    "moba": ("moba", {"block_size": 2, "top_k": 2, "sinks": 3}),
-    "moba_block_gate": ("moba", {"block_size": 3, "top_k": 2, "gate": "block", "sinks": 0}),
-    "moh_query_norm": ("moh", {"router": "query_norm"}),
-    "moh_learned": ("moh", {"router": "learned", "active_heads": 0.5, "shared_heads": 1}),
-    "mosa": ("mosa", {"sparsity": 3}),
-}
 ROUTED = ("moba", "moba_block_gate", "moh_query_norm", "moh_learned", "mosa")  # discrete choices per token
 PAD = 0
 
@@ -546,7 +530,7 @@ def test_force_implementation_belongs_to_its_thread(ids):
     model = build("sliding_window")
     seen = {}
     barrier = threading.Barrier(2)
-    real = hf_relattn.engine.materialized_attention
+    real = sparse_base.materialized_attention
 
     def spy(*args, **kwargs):
         seen[threading.current_thread().name] = True
@@ -563,7 +547,7 @@ def test_force_implementation_belongs_to_its_thread(ids):
         model(ids)
         barrier.wait()
 
-    hf_relattn.engine.materialized_attention = spy
+    sparse_base.materialized_attention = spy
     try:
         threads = [threading.Thread(target=forced, name="forced"), threading.Thread(target=plain, name="plain")]
         for thread in threads:
@@ -571,7 +555,7 @@ def test_force_implementation_belongs_to_its_thread(ids):
         for thread in threads:
             thread.join()
     finally:
-        hf_relattn.engine.materialized_attention = real
+        sparse_base.materialized_attention = real
     assert seen == {"forced": True}
 
 

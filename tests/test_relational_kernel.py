@@ -1,4 +1,4 @@
-"""The engine's relational path (`hf_relattn.engine.relational_attention`) on raw tensors:
+"""The engine's relational path (`hf_relattn.ops.relational.relational_attention`) on raw tensors:
 chunked, banded, checkpointed, against Shaw et al.'s eqs. 3-4 materialised in the test
 (tests/reference.py), outputs and gradients, with hypothesis drawing shapes and masks."""
 
@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import clipped_relative_labels, relation_aware_attention
 
-from hf_relattn import engine
+from hf_relattn.call import AttnCall
+from hf_relattn.ops import relational
 from hf_relattn.variants.base import RelationTerm
 
 
@@ -39,14 +40,13 @@ def run_case(batch, heads, kv_heads, q_len, k_len, dim, m, causal, pad, graph, p
         labels = clipped_relative_labels(q_len, k_len, m)[None]
         term = RelationTerm(labels_count, max_distance=m, key=a_key, value=a_value)
     scale = dim**-0.5
-    positions = torch.arange(k_len)
-    old = engine.RELATION_CHUNK_ELEMENTS
-    engine.RELATION_CHUNK_ELEMENTS = chunk
+    old = relational.RELATION_CHUNK_ELEMENTS
+    relational.RELATION_CHUNK_ELEMENTS = chunk
     try:
-        got = engine.relational_attention(q, k, v, mask, lambda qp, kp: None, positions[k_len - q_len :], positions,
-                                          causal, scale, 0.0, terms=[term])
+        got = relational.relational_attention(AttnCall.of(q, k, v, mask, causal=causal, scale=scale), lambda qp, kp: None,
+                                              terms=[term])
     finally:
-        engine.RELATION_CHUNK_ELEMENTS = old
+        relational.RELATION_CHUNK_ELEMENTS = old
     expected = relation_aware_attention(q, k, v, scale, [(labels, a_key, a_value)], causal=causal, allowed=allowed)
     valid = allowed.any(-1, keepdim=True)  # queries with at least one key (padded ones are undefined)
     assert got.shape == expected.shape
@@ -97,12 +97,11 @@ def test_dropout_gradients_match_finite_differences(graph):
     a_value = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 5, (2, 9, 9), generator=gen) if graph else None
     weights = torch.randn(2, 4, 9, 8, generator=gen, dtype=torch.float64)
-    positions = torch.arange(9)
 
     def loss():
         torch.manual_seed(11)  # the engine draws the dropout seed from the global generator
         term = RelationTerm(5, labels=labels, max_distance=None if graph else 2, key=a_key, value=a_value)
-        out = engine.relational_attention(q, k, v, None, lambda qp, kp: None, positions, positions, True, 0.3, 0.4, terms=[term])
+        out = relational.relational_attention(AttnCall.of(q, k, v, causal=True, scale=0.3, dropout=0.4), lambda qp, kp: None, terms=[term])
         return (out * weights).sum()
 
     leaves = (q, k, v, a_key, a_value)
@@ -125,5 +124,5 @@ def test_dropout_gradients_match_finite_differences(graph):
         assert loss() == loss()  # same seed: same mask
         torch.manual_seed(12)
         term = RelationTerm(5, labels=labels, max_distance=None if graph else 2, key=a_key, value=a_value)
-        other = engine.relational_attention(q, k, v, None, lambda qp, kp: None, positions, positions, True, 0.3, 0.4, terms=[term])
+        other = relational.relational_attention(AttnCall.of(q, k, v, causal=True, scale=0.3, dropout=0.4), lambda qp, kp: None, terms=[term])
         assert (other * weights).sum() != loss()  # another seed: another dropout mask

@@ -20,7 +20,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
-from hf_relattn import engine
+from hf_relattn.ops import blocks
 from hf_relattn.streaming import StreamingLayer
 from hf_relattn.variants.sparse_base import SINK_LOGIT, optimizer_groups
 
@@ -76,7 +76,7 @@ def sink_mode(request, monkeypatch):
     """Inference reads the sinks outside the gathered blocks as a merged piece from
     SINK_MERGE_MIN_TOKENS query tokens on: run with it at 1 as well (every call merges)."""
     if request.param == "merged":
-        monkeypatch.setattr(engine, "SINK_MERGE_MIN_TOKENS", 1)
+        monkeypatch.setattr(blocks, "SINK_MERGE_MIN_TOKENS", 1)
     return request.param
 
 

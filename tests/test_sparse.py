@@ -12,7 +12,9 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import hf_relattn
-from hf_relattn import engine
+from hf_relattn.ops import blocks
+from hf_relattn.variants.fixed import fixed_attention
+from hf_relattn.variants.strided import strided_attention
 
 REF = "sparse_reference_for_tests"
 
@@ -154,7 +156,7 @@ def long_ids():
 @pytest.mark.parametrize("name, options", CASES, ids=[f"{n}-{'-'.join(map(str, o.values()))}" for n, o in CASES])
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_patterns_match_loop_masks(name, options, family, merge_from, long_ids, monkeypatch):
-    monkeypatch.setattr(engine, "SINK_MERGE_MIN_TOKENS", merge_from)
+    monkeypatch.setattr(blocks, "SINK_MERGE_MIN_TOKENS", merge_from)
     model = tiny_llama() if family == "llama" else tiny_bert()
     if family == "llama":
         hf_relattn.convert(model, "gqa", num_key_value_heads=2)
@@ -182,7 +184,7 @@ def run_hidden(model, ids, mask):
                                      {"block_size": 4, "top_k": 3, "gate": "block"}, {"block_size": 6, "top_k": 2, "gate": "block"}])
 @pytest.mark.parametrize("merge_from", [128, 1], ids=["sinks-gathered", "sinks-merged"])
 def test_moba_matches_naive_moba(options, merge_from, long_ids, monkeypatch):
-    monkeypatch.setattr(engine, "SINK_MERGE_MIN_TOKENS", merge_from)
+    monkeypatch.setattr(blocks, "SINK_MERGE_MIN_TOKENS", merge_from)
     model = hf_relattn.convert(hf_relattn.convert(tiny_llama(), "gqa", num_key_value_heads=2), "moba", **options)
     mask, rows = padded("llama", long_ids)
     with torch.no_grad():
@@ -373,8 +375,8 @@ def test_layouts_fused_inference_and_autograd_match_the_pattern(causal, name, op
 
     def run(q):
         if name == "strided":
-            return engine.strided_attention(q, k, v, None, options["stride"], causal, 0.25, 0.0)
-        return engine.fixed_attention(q, k, v, None, options["block"], options["summary"], causal, 0.25, 0.0)
+            return strided_attention(q, k, v, None, options["stride"], causal, 0.25, 0.0)
+        return fixed_attention(q, k, v, None, options["block"], options["summary"], causal, 0.25, 0.0)
 
     with torch.no_grad():
         fused = run(q)

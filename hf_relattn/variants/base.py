@@ -4,7 +4,10 @@ A variant is a dataclass whose fields are its options (so `Alibi()`, `GQA(num_ke
 Class attributes say which axis of attention it changes (`AXES`: structure, scores,
 values, sparsity, gating), describe it and cite its paper. `convert` validates every variant
 against the whole model before it modifies anything, then calls `apply` layer by layer;
-the attention engine calls the axis hooks (`score_bias`, ...) at run time.
+the attention engine (`hf_relattn.engine`) calls the hooks at run time: a variant that computes
+attention its own way implements `attend` (its kernel lives in its module, built from the
+shared blocks in `hf_relattn.ops`); the others add score terms (`score_bias`, `relation_term`)
+to the shared paths (`hf_relattn.paths`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..ops.relational import RelationTerm
+
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..call import AttnCall
     from ..patches import FamilyAdapter
+
+__all__ = ["RelationTerm", "Variant", "VARIANTS", "register_variant", "get_variant_class"]
 
 AXES = ("structure", "scores", "values", "sparsity", "gating")
 # Sane upper bounds of option values, so a typo (10**12) is refused when the variant is built
@@ -31,30 +39,6 @@ MAX_TABLE_ROWS = 1 << 16
 # Options whose values are data, not text (calibration batches): the command line and bench
 # specs do not offer them (`hf-relattn convert --calibrate DATA` builds the batches).
 DATA_OPTIONS = ("batches",)
-
-
-@dataclass
-class RelationTerm:
-    """A labelled relation over (query, key) pairs and what each label adds (Shaw et al. 2018).
-
-    With r_ij the label of pair (i, j), the engine computes
-        e_ij = q_i . (k_j + key[r_ij]) * scale + bias[h, r_ij],   z_i = sum_j a_ij (v_j + value[r_ij])
-    without materialising anything of size T x T x d: q @ key^T gives (B, H, Q, R) label scores
-    that are gathered by label, and the probabilities are summed per label before @ value.
-
-    Labels are given for every pair (`labels`: a (1 or B, Q, K) long tensor, or a function of
-    (query positions, key positions) giving one, evaluated chunk by chunk), or are clipped 1-D
-    relative positions r_ij = clip(j - i, -max_distance, max_distance) + max_distance, computed
-    by the engine from positions (cheapest, and what decoding needs).
-    Tables are (R, D) shared by all heads or (H, R, D) per head; `bias` is (H, R).
-    """
-
-    num_labels: int
-    labels: torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    max_distance: int | None = None
-    key: torch.Tensor | None = None
-    value: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -77,6 +61,9 @@ class Variant:
     # choice): generation then goes token by token, and speculative decoding (one forward over
     # prompt and draft tokens) would compute something else, so it is refused.
     looks_ahead: ClassVar[bool] = False
+    # Keyword arguments of the model's forward the variant reads inside attention (e.g. the
+    # relation variant's `relation_ids`); the engine refuses them for a model without it.
+    model_inputs: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ options
     def __post_init__(self) -> None:
@@ -154,6 +141,13 @@ class Variant:
             attach(adapter.attention_modules(model)[idx], self)
 
     # ------------------------------------------------------------ attention hooks
+    def attend(self, call: AttnCall, rest: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor | None:
+        """This variant's own attention for the call, (B, Q, H, D), or None: not its case, the
+        engine goes on to the layer's next variant and finally to the shared score path.
+        `rest(call)` computes the call with the layer's remaining variants (a variant that wraps
+        them, as a head gate does, calls it). The engine asks the gating axis first, then sparsity."""
+        return None
+
     def score_bias(
         self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
     ) -> torch.Tensor | None:
@@ -304,3 +298,71 @@ def attach(module: nn.Module, variant: Variant) -> None:
     """Record that `variant` acts inside this attention module (read by the engine)."""
     current = tuple(v for v in getattr(module, ATTACHED, ()) if v.name != variant.name)
     setattr(module, ATTACHED, current + (variant,))
+
+
+def model_input_names() -> tuple[str, ...]:
+    """Every model input some registered variant reads inside attention (`Variant.model_inputs`)."""
+    return tuple(sorted({name for cls in VARIANTS.values() for name in cls.model_inputs}))
+
+
+# ------------------------------------------------------------- variants of a module
+FLAG_PREFIX = "relattn_"  # attn_implementation="relattn_<name>" selects a flag variant
+# Flag variants by name and options, built once (variants are immutable option holders).
+_flag_variants: dict[tuple[Any, ...], Variant] = {}
+
+
+def flag_options(config: Any, name: str) -> dict[str, Any]:
+    """Options for flag variant `name` from `config.relattn`.
+
+    `config.relattn` is either the full spec written by `convert` ({"variants": [...]}), whose
+    entry named `name` supplies the options, or (with a flag) a plain dict of options, as in
+    `from_pretrained(p, attn_implementation="relattn_alibi", relattn={...})`.
+    """
+    spec = getattr(config, "relattn", None) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"config.relattn must be a dict, got {type(spec).__name__}")
+    if "variants" in spec:
+        for entry in spec["variants"]:
+            if entry["name"] == name:  # a saved spec: options it did not write keep their old meaning
+                return {**get_variant_class(name).legacy_options, **entry.get("options", {})}
+        return {}
+    if "layers" in spec:
+        raise ValueError(
+            "A flag variant applies to every layer; to choose layers, use "
+            f"hf_relattn.convert(model, {name!r}, layers=[...]) instead."
+        )
+    return dict(spec)
+
+
+def flag_variant(config: Any) -> Variant | None:
+    """The variant selected by `attn_implementation="relattn_<name>"`, if any (looked up by
+    name and options, hashable constants torch.compile traces: no serialising per call)."""
+    impl = getattr(config, "_attn_implementation", None)
+    if not isinstance(impl, str) or not impl.startswith(FLAG_PREFIX):
+        return None
+    name = impl[len(FLAG_PREFIX):]
+    options = flag_options(config, name)
+    key = (name, _frozen(options))
+    variant = _flag_variants.get(key)
+    if variant is None:
+        variant = _flag_variants[key] = get_variant_class(name).from_options(options)
+    return variant
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable copy of JSON-like options."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def module_variants(module: nn.Module) -> tuple[Variant, ...]:
+    """Variants acting inside this attention module: attached ones, then the flag's."""
+    attached: tuple[Variant, ...] = getattr(module, ATTACHED, ())
+    flag = flag_variant(module.config)
+    if flag is not None and all(v.name != flag.name for v in attached):
+        return attached + (flag,)
+    return attached
+

@@ -4,7 +4,7 @@ with Sparse Transformers", section 4.2.
 Query i attends its own block of `block` tokens (floor(j / block) == floor(i / block)) and the
 last `summary` tokens of every block (j mod block >= block - summary): of the earlier blocks
 for decoders (causal), of all blocks for encoders. Parameter-free (flag or convert).
-Self-attention runs as two dense pieces merged by log-sum-exp (`engine.fixed_attention`): the
+Self-attention runs as two dense pieces merged by log-sum-exp (`fixed_attention`): the
 own blocks as a batch, and the summaries gathered once into T / block * summary keys. Cached
 decoding reads key blocks of gcd(block, summary) tokens: exactly the own block and the summaries.
 """
@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..call import AttnCall
+from ..ops.masks import plain_key_padding
+from ..ops.pieces import LayoutSinks, layout_setup, merge, piece, sink_pieces
 from .base import check_int_options, register_variant
 from .sparse_base import PatternVariant
 
@@ -28,7 +31,6 @@ class Fixed(PatternVariant):
 
     name = "fixed"
     flag = True
-    layout = "fixed"  # self-attention: engine.fixed_attention
     absolute_positions = True  # blocks start at each sample's first token
     description = "Own block of `block` tokens plus the last `summary` tokens of every block (Sparse Transformer, fixed)."
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
@@ -53,3 +55,44 @@ class Fixed(PatternVariant):
     def allowed(self, module, q_pos, k_pos, num_keys):
         own = torch.div(k_pos, self.block, rounding_mode="floor") == torch.div(q_pos, self.block, rounding_mode="floor")
         return own | (torch.remainder(k_pos, self.block) >= self.block - self.summary)
+
+    def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
+        # self-attention whose mask is only key padding, at inference: the fixed layout. Its own
+        # blocks are large, so training keeps the block path, whose SDPA calls have a fused
+        # backward (the layout's plain matmuls were 0.77x dense)
+        if call.needs_grad or call.query.shape[2] != call.key.shape[2]:
+            return None
+        valid = plain_key_padding(call.mask, call.causal)
+        if valid is False:
+            return None
+        return fixed_attention(call.query, call.key, call.value, valid, self.block, self.summary, call.causal, call.scale,
+                               call.dropout, self.layout_sinks(call.module, sinks, sink))
+
+
+def fixed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, block: int,
+    summary: int, causal: bool, scale: float, dropout: float, sinks: LayoutSinks | None = None,
+) -> torch.Tensor:
+    """The fixed pattern of Child et al. 2019 as two dense pieces merged by log-sum-exp, for
+    self-attention without a cache: each query's own block of `block` tokens (causal inside
+    for decoders; blocks as a batch, K/V as views), and the last `summary` tokens of the other
+    blocks (earlier ones for decoders), gathered once into n * summary keys that every query
+    reads under a block mask. (B, Hq, T, D) -> (B, Hq, T, D)."""
+    batch, heads, length, dim = query.shape
+    q, k, v, valid, n, flash = layout_setup(query, key, value, key_valid, block, dropout)
+    static = key_valid is None
+    kv_heads = k.shape[1]
+    blocks = valid.view(batch, n, block)
+    kb, vb = (t.view(batch, kv_heads, n, block, dim)[:, :, None] for t in (k, v))  # (B, G, 1, n, block, D)
+    inside = torch.ones(block, block, dtype=torch.bool, device=query.device)
+    inside = inside.tril() if causal else inside
+    own = piece(flash, q, kb, vb, inside & blocks[:, None, None, :, None, :], static, scale, dropout, causal_block=causal)
+    ks, vs = (t[:, :, :, :, block - summary :].reshape(batch, kv_heads, 1, 1, n * summary, dim) for t in (kb, vb))
+    q_block = torch.arange(n * block, device=query.device) // block
+    k_block = torch.arange(n * summary, device=query.device) // summary
+    other = (k_block[None, :] < q_block[:, None]) if causal else (k_block[None, :] != q_block[:, None])
+    keep_sum = other & blocks[:, :, block - summary :].reshape(batch, 1, 1, 1, 1, n * summary)
+    out_s, lse_s = piece(flash, q.reshape(batch, kv_heads, -1, 1, n * block, dim), ks, vs, keep_sum, static, scale, dropout)
+    extra = sink_pieces(q, k, v, valid, sinks, causal, scale)
+    out = merge([own, (out_s.view(own[0].shape), lse_s.view(own[1].shape)), *extra])
+    return out.reshape(batch, heads, n * block, -1)[:, :, :length]

@@ -6,8 +6,8 @@ and the `top_k - 1` earlier blocks whose mean key has the largest dot product wi
 `top_k` counts the own block, as in the paper). The gate is computed per token and per head
 from the current keys (padding keys excluded from the means), so a decoding step chooses its
 blocks from the KV cache exactly as the full forward does for that token: decoding is sparse
-too. The engine gathers, per block of queries, the union of its tokens' choices and masks each
-token to its own. `dense_layers=N` keeps the last N layers full (the paper's hybrid).
+too. Prefill and training compute exactly the chosen (token, block) pairs, key block by key
+block (`per_token_blocks`); a decoding step gathers its own choice (the block-sparse path). `dense_layers=N` keeps the last N layers full (the paper's hybrid).
 
 `gate="token"` (default) is the paper's per-token gate: exact, and decoding equals the full
 forward; the engine computes exactly the chosen (token, block) pairs, key block by key block.
@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..call import AttnCall
+from ..ops.blocks import key_blocks, pattern_keep
+from ..ops.pieces import sink_piece
 from .base import MAX_TABLE_ROWS, check_choice, check_int_options, register_variant
 from .sparse_base import PatternVariant
 
@@ -145,3 +148,94 @@ class MoBA(PatternVariant):
         chosen = self.choose(q_pos, k_pos, query, key, key_valid, query_valid, num_blocks)
         k_block = torch.div(k_pos, self.block_size, rounding_mode="floor").clamp(0, num_blocks - 1)
         return chosen.gather(-1, k_block[:, None, None, :].expand(chosen.shape[0], chosen.shape[1], chosen.shape[2], -1))
+
+    def blocks_attention(self, call: AttnCall, chosen: torch.Tensor, sinks: int, sink: torch.Tensor | None) -> torch.Tensor:
+        if self.choice == "token" and call.query.shape[2] > 1:  # one query (decoding): its union is its own choice
+            return per_token_blocks(call, self, chosen, sinks, sink)
+        return super().blocks_attention(call, chosen, sinks, sink)
+
+
+def per_token_blocks(
+    call: AttnCall, variant: MoBA, chosen: torch.Tensor, sinks: int = 0, sink: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Key-block-major attention for choices made per token (MoBA): for each (batch, head, key
+    block), the queries that chose the block attend it, giving a partial output and its
+    log-sum-exp; each query then merges its partials (at most its number of chosen blocks).
+    Exactly the chosen (token, block) pairs are computed, whether or not neighbouring tokens
+    agree, as MoBA's own implementation does with variable-length kernels. The first `sinks`
+    keys outside a token's chosen blocks are one more partial (`sink_piece`); `sink` (heads,)
+    joins each merge as a partial of zero output."""
+    query, key, value, mask, module = call.query, call.key, call.value, call.mask, call.module
+    q_pos, _ = call.slots
+    causal, scale, dropout = call.causal, call.scale, call.dropout
+    batch, heads, q_len, dim = query.shape
+    groups = heads // key.shape[1]
+    k_len = key.shape[2]
+    block = variant.key_block(module)
+    chosen = chosen.expand(batch, heads, -1, -1)
+    extra = (sinks > 0) + (sink is not None)  # the sink piece and the sink logit: the last slots
+    width = max(1, int(chosen.sum(-1).max())) + extra  # partials per token, at most
+    slot = chosen.cumsum(-1) - 1  # rank of each chosen block among the token's choices
+    places: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    lses: list[torch.Tensor] = []
+    # pairs grouped by (batch, head, block): nonzero of (B, H, N, Q) is sorted that way
+    num_blocks = chosen.shape[-1]
+    kv_heads = key.shape[1]
+    # pairs sorted by (batch, head, block, query); one gather of their queries and one of the
+    # groups' K/V blocks, split into views (per-group indexing would cost a full-size gradient
+    # buffer per group in the backward pass)
+    pairs = chosen.transpose(-1, -2).nonzero()
+    group_ids, counts = torch.unique_consecutive((pairs[:, 0] * heads + pairs[:, 1]) * num_blocks + pairs[:, 2], return_counts=True)
+    g_b, g_h, g_j = group_ids // (heads * num_blocks), group_ids // num_blocks % heads, group_ids % num_blocks
+    counts_list = counts.tolist()
+    q_parts = torch.split(query.reshape(-1, dim)[(pairs[:, 0] * heads + pairs[:, 1]) * q_len + pairs[:, 3]], counts_list)
+    kv_index = (g_b * kv_heads + g_h // groups) * num_blocks + g_j
+    k_parts = key_blocks(key, num_blocks, block).flatten(0, 2)[kv_index].unbind(0)
+    v_parts = key_blocks(value, num_blocks, block).flatten(0, 2)[kv_index].unbind(0)
+    row_parts = torch.split(pairs[:, 3], counts_list)
+    lowest = torch.finfo(query.dtype).min
+    for g, (b, h, j) in enumerate(zip(g_b.tolist(), g_h.tolist(), g_j.tolist())):
+        rows = row_parts[g]
+        k0 = j * block
+        kpos, qpos = (k0 + torch.arange(block, device=query.device))[None, :], q_pos[rows][:, None]
+        scores = torch.matmul(q_parts[g] * scale, k_parts[g].transpose(0, 1))
+        # rows ascend: causality matters only for a block reaching past the first query
+        keep = pattern_keep((kpos < k_len) if k0 + block > k_len else None, None, variant, module, qpos, kpos, k_len,
+                             causal and k0 + block - 1 > int(q_pos[rows[0]]))
+        if mask is not None:
+            cols = kpos.clamp(max=k_len - 1).expand(rows.shape[0], -1)
+            m = (mask[b, 0][rows] if mask.shape[-2] > 1 else mask[b, 0, :1].expand(rows.shape[0], -1)).gather(-1, cols)
+            m = m if m.dtype == torch.bool else m == 0
+            keep = m if keep is None else keep & m
+        if keep is not None:
+            scores = scores.masked_fill(~keep, lowest)
+        top = scores.amax(dim=-1, keepdim=True)
+        probs = torch.exp(scores - top)
+        total = probs.sum(dim=-1, keepdim=True)
+        part_lse = (top + total.log()).squeeze(-1)
+        probs = probs / total
+        if dropout > 0:  # dropping the block's share of a row = dropping the row's probabilities
+            probs = F.dropout(probs, p=dropout)
+        places.append(((b * heads + h) * q_len + rows) * width + slot[b, h, rows, j])
+        outs.append(torch.matmul(probs, v_parts[g]))
+        lses.append(part_lse)
+    # one scatter of all partials: (B, H, Q, slots) outputs and log-sum-exps, then the merge
+    where = torch.cat(places)
+    partial = query.new_zeros(batch * heads * q_len * width, value.shape[-1]).index_put((where,), torch.cat(outs))
+    lse = query.new_full((batch * heads * q_len * width,), float("-inf")).index_put((where,), torch.cat(lses))
+    partial, lse = partial.view(batch, heads, q_len, width, -1), lse.view(batch, heads, q_len, width)
+    if extra:
+        parts, logs = [partial[..., : width - extra, :]], [lse[..., : width - extra]]
+        if sinks:  # sink keys in blocks the token did not choose
+            s_cols = torch.arange(min(sinks, k_len), device=query.device)
+            uncovered = ~chosen[..., s_cols // block]
+            out_s, lse_s = sink_piece(query, key, value, sinks, uncovered, q_pos, causal, mask, scale)
+            parts.append(out_s[..., None, :].to(partial.dtype))
+            logs.append(lse_s[..., None].to(lse.dtype))
+        if sink is not None:
+            parts.append(partial.new_zeros(batch, heads, q_len, 1, partial.shape[-1]))
+            logs.append(sink.to(lse.dtype)[None, :, None, None].expand(batch, -1, q_len, 1))
+        partial, lse = torch.cat(parts, dim=-2), torch.cat(logs, dim=-1)
+    weights = torch.softmax(lse, dim=-1).nan_to_num(0.0)
+    return (weights[..., None] * partial).sum(-2)

@@ -43,13 +43,28 @@ Keys and values are still projected for every token: a later token may use any h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import ATTACHED, Variant, add_router, attach, check_choice, check_number, layer_input, register_variant
+from ..call import AttnCall
+from ..ops.masks import float_mask
+from ..ops.pieces import CPU_FLASH
+from .base import (
+    ATTACHED,
+    Variant,
+    add_router,
+    attach,
+    check_choice,
+    check_number,
+    layer_input,
+    model_input_names,
+    register_variant,
+)
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -195,6 +210,22 @@ class MoH(Variant):
         _register_aux_hook(model)
 
     # ----------------------------------------------------------------- run time
+    def attend(self, call: AttnCall, rest: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
+        """The gating axis: the layer's attention (`rest`, the other variants) times each token's
+        head weights. At inference, from ROUTED_MIN_TOKENS queries on, with no other variant
+        inside attention, only the selected (token, head) pairs are computed
+        (`head_routed_attention`): below that the per-head calls cost more than they save, and a
+        decoding step's cost is reading the KV cache."""
+        weights, used = self.head_weights(call.module, call.query, call.query_valid(), call.inputs)
+        plain = all(v.axis == "structure" for v in call.variants if v is not self) and not any(
+            call.inputs.get(name) is not None for name in model_input_names())
+        if (plain and call.query.shape[2] >= ROUTED_MIN_TOKENS and not call.module.training and not torch.is_grad_enabled()
+                and call.impl == "auto"):
+            out = head_routed_attention(call, used)
+        else:
+            out = rest(call)
+        return out * weights[..., None]
+
     def head_weights(self, module: nn.Module, query: torch.Tensor, token_valid: torch.Tensor | None,
                      inputs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights (B, Q, H) in the query's dtype, used (B, Q, H) bool) for this call's tokens;
@@ -298,3 +329,100 @@ def _register_aux_hook(model: nn.Module) -> None:
         model.register_forward_pre_hook(_collect, with_kwargs=True)
         model.register_forward_hook(_add_aux_loss, with_kwargs=True)
         setattr(model, HOOKED, True)
+
+
+# Query tokens from which MoH inference computes only the selected (token, head) pairs
+# (`hf-relattn bench kernels --suite moh`: below ~256 the per-head calls cost more than they save).
+ROUTED_MIN_TOKENS = 256
+# Selected query rows per masked SDPA call of the head-routed path (padding, cached prefixes).
+ROUTED_QUERY_ROWS = 512
+# Positions per window of the head-routed causal path.
+ROUTED_WINDOW = 256
+
+
+def head_routed_attention(call: AttnCall, used: torch.Tensor) -> torch.Tensor:
+    """Inference for heads chosen per token (MoH): only the (token, head) pairs in `used`
+    (B, Q, H) are computed, each over all keys (causal by original position); the others get
+    zeros. Returns (B, Q, H, D).
+
+    Heads every token uses run as one plain SDPA call. Causal without padding, the other heads
+    go by windows of ROUTED_WINDOW positions, all heads at once (`_windowed_causal`).
+    Otherwise (padding, a cached prefix, encoders): per head, masked calls on runs of its tokens."""
+    query, key, value, mask, causal, scale = call.query, call.key, call.value, call.mask, call.causal, call.scale
+    batch, heads, q_len, _ = query.shape
+    k_len, groups = key.shape[2], heads // key.shape[1]
+    offset = k_len - q_len
+    out = query.new_zeros(batch, heads, q_len, value.shape[-1])
+    flash = CPU_FLASH
+    windowed = causal and mask is None and offset == 0 and flash is not None and query.device.type == "cpu"
+    for b in range(batch):
+        counts = used[b].sum(0)
+        full = (counts == q_len).nonzero().squeeze(-1) if mask is None and (offset == 0 or q_len == 1) else counts[:0]
+        if full.numel():  # heads every token uses
+            hs, kv = _head_run(full), _head_run(full // groups)
+            out[b, hs] = F.scaled_dot_product_attention(query[b : b + 1, hs], key[b : b + 1, kv], value[b : b + 1, kv],
+                                                        is_causal=causal and q_len > 1, scale=scale)[0]
+        partial = ((counts > 0) & (counts < q_len)).nonzero().squeeze(-1) if full.numel() else (counts > 0).nonzero().squeeze(-1)
+        if windowed and partial.numel():
+            hs, kv = _head_run(partial), _head_run(partial // groups)
+            out[b, hs] = _windowed_causal(query[b, hs], used[b][:, hs], key[b, kv], value[b, kv], scale, flash)
+            continue
+        for h in partial.tolist():
+            rows = used[b, :, h].nonzero().squeeze(-1)
+            k, v = key[b : b + 1, h // groups : h // groups + 1], value[b : b + 1, h // groups : h // groups + 1]
+            parts = []
+            for start in range(0, rows.numel(), ROUTED_QUERY_ROWS):
+                r = rows[start : start + ROUTED_QUERY_ROWS]
+                last = int(r[-1]) + offset + 1 if causal else k_len
+                keep = None if mask is None else mask[b : b + 1, :, r if mask.shape[-2] > 1 else slice(None), :last]
+                if causal:
+                    order = torch.arange(last, device=query.device)[None, :] <= (r + offset)[:, None]
+                    keep = order if keep is None else keep & order
+                parts.append(F.scaled_dot_product_attention(query[b : b + 1, h : h + 1, r], k[:, :, :last], v[:, :, :last],
+                                                            attn_mask=float_mask(keep, query.dtype), scale=scale))
+            out[b, h].index_copy_(0, rows, torch.cat(parts, dim=2)[0, 0])
+    return out.transpose(1, 2)
+
+
+def _head_run(index: torch.Tensor) -> torch.Tensor | slice:
+    """Head indices as a slice when they are one ascending run (no copy), else as given."""
+    first, n = int(index[0]), index.numel()
+    return slice(first, first + n) if bool((index == torch.arange(first, first + n, device=index.device)).all()) else index
+
+
+def _windowed_causal(q: torch.Tensor, used: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, flash: Any) -> torch.Tensor:
+    """Causal attention of heads over their own tokens: q, k, v (H, T, D), used (T, H) ->
+    (H, T, D), zero where unused. By windows of ROUTED_WINDOW positions: each window's chosen
+    queries (padded to the window's largest count over heads) read the keys before the window
+    without a mask, in one call for all heads, and the window's own keys with a small causal
+    mask, in one call for all windows; the two are merged by log-sum-exp (the CPU flash
+    kernel returns it; inference only)."""
+    size = ROUTED_WINDOW
+    heads, length, dim = q.shape
+    count = -(-length // size)
+    chosen = F.pad(used.t(), (0, count * size - length)).view(heads, count, size)
+    slot = chosen.cumsum(-1) - 1  # rank of a chosen token among its window's, per head
+    width = chosen.sum(-1).amax(0)  # (windows,) queries per window after padding
+    h_idx, w_idx, t_idx = chosen.nonzero(as_tuple=True)
+    s_idx = slot[h_idx, w_idx, t_idx]
+    most = int(width.max())
+    qw = q.new_zeros(count, heads, most, dim)
+    qw[w_idx, h_idx, s_idx] = q[h_idx, w_idx * size + t_idx]
+    reach = torch.full((count, heads, most), -1, dtype=torch.long, device=q.device)
+    reach[w_idx, h_idx, s_idx] = t_idx
+    near = float_mask(torch.arange(size, device=q.device) <= reach[..., None], q.dtype)
+    pad = count * size - length
+    kw, vw = ((F.pad(t, (0, 0, 0, pad)) if pad else t).view(heads, count, size, dim).transpose(0, 1) for t in (k, v))
+    merged, lse = flash(qw, kw, vw, 0.0, False, attn_mask=near, scale=scale)
+    for w in range(1, count):
+        n = int(width[w])
+        if n == 0:
+            continue
+        o1, l1 = flash(qw[w : w + 1, :, :n], k[None, :, : w * size], v[None, :, : w * size], 0.0, False, scale=scale)
+        o2, l2 = merged[w : w + 1, :, :n], lse[w : w + 1, :, :n]
+        top = torch.maximum(l1, l2)
+        w1, w2 = (l1 - top).exp_()[..., None], (l2 - top).exp_()[..., None]
+        merged[w : w + 1, :, :n] = (o1 * w1 + o2 * w2) / (w1 + w2)
+    out = q.new_zeros(heads, count * size, v.shape[-1])
+    out[h_idx, w_idx * size + t_idx] = merged[w_idx, h_idx, s_idx]
+    return out[:, :length]

@@ -32,7 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 
@@ -44,12 +47,14 @@ from .base import (
     layer_input,
     register_variant,
 )
+from ..call import AttnCall, positions
 from .sparse_base import SparseVariant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
 
 MODULE_NAME = "relattn_mosa"
+ROUTER = "mosa_router"  # the call's router logits (AttnCall.per_key)
 
 
 @register_variant
@@ -87,6 +92,23 @@ class MoSA(SparseVariant):
             attach(attn, self)
 
     absolute_positions = True  # token counts are those of each sample's own sequence
+
+    def attend(self, call: AttnCall, rest: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
+        # the router once per call (it appends to the cache's scores), cut with the keys when
+        # the batch runs by left-padding offset
+        return super().attend(call.replace(per_key={**call.per_key, ROUTER: self.call_router_logits(call)}), rest)
+
+    def sparse_attention(self, call: AttnCall) -> torch.Tensor:
+        """Heads choose their tokens (`expert_choice_attention`), on every path; (B, Q, H, D)."""
+        return expert_choice_attention(call, self, call.per_key[ROUTER]).transpose(1, 2).contiguous()
+
+    def dense_pattern(self, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor, None]:
+        keep, gate = expert_choice_pattern(call, self, self.call_router_logits(call))
+        return keep, gate, None
+
+    def call_router_logits(self, call: AttnCall) -> torch.Tensor:
+        """`router_logits` of the call (once per call: it appends to the cache's scores)."""
+        return self.router_logits(call.module, call.inputs, call.query.shape[2], call.key.shape[2], call.lead)
 
     def tokens(self, length: int) -> int:
         return min(max(2, length // self.sparsity), length)
@@ -179,3 +201,104 @@ def scores_layer(cache: Any, layer_idx: int) -> Any:
             globals()[_scored[base].__name__] = _scored[base]
         layer.__class__ = _scored[base]
     return layer
+
+
+def expert_choice_pattern(call: AttnCall, variant: MoSA, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoSA as a mask: (keep (B, H, Q, K), gate (B, H, Q): the router score of tokens a head
+    processes, 0 for the others). In a full forward each head keeps the top `tokens(n)` of
+    its sample's n tokens; a query after cached keys (decoding) chooses among the tokens up to
+    itself, as in `expert_choice_attention`. Padding never competes."""
+    batch, heads, q_len, _ = call.query.shape
+    k_len = call.key.shape[2]
+    if logits.shape[-1] < k_len:  # an uncropped static cache: empty slots after the filled ones
+        logits = F.pad(logits, (0, k_len - logits.shape[-1]))
+    _, _, valid, _ = positions(call, absolute=True)
+    valid = valid if valid is not None else torch.ones(1, k_len, dtype=torch.bool, device=logits.device)
+    k_slots, q_slots = torch.arange(k_len, device=logits.device), call.q_slots
+    if isinstance(call.lead, int) and call.lead == 0:  # a full forward: one choice over each sample
+        horizon = valid[:, None, None, :]  # (1|B, 1, 1, K)
+    else:  # each query among the valid tokens up to itself
+        horizon = valid[:, None, None, :] & (k_slots[None, :] <= q_slots[:, None])[None, None]  # (1|B, 1, Q, K)
+    ranked = logits[:, :, None, :].masked_fill(~horizon, float("-inf"))
+    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(k_len, device=order.device).expand_as(order))
+    count = variant.token_counts(horizon.sum(-1, keepdim=True))
+    chosen = (rank < count) & horizon  # (B, H, 1|Q, K)
+    processed = chosen.expand(batch, heads, q_len, k_len).gather(-1, q_slots[None, None, :, None].expand(batch, heads, q_len, 1))[..., 0]
+    keep = chosen & processed[..., None]
+    gate = torch.sigmoid(logits).gather(-1, q_slots[None, None, :].expand(batch, heads, q_len)) * processed
+    return keep, gate
+
+
+def _top_tokens(scores: torch.Tensor, count: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions of the `count` best scores per row, ascending; ties go to the earlier position
+    (repeated tokens score alike, so the rule must not depend on the sort kernel). `count`: an
+    int, or one per batch entry (B,): then (positions (B, H, most), taken (B, H, most)), the
+    rows past their count marked not taken (their positions repeat the last one)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    if isinstance(count, int):
+        return order[..., :count].sort(dim=-1).values, None
+    most, length = int(count.max()), scores.shape[-1]
+    taken = torch.arange(most, device=scores.device) < count[:, None, None]
+    chosen = torch.where(taken, order[..., :most], length).sort(dim=-1).values
+    return chosen.clamp(max=length - 1), chosen < length
+
+
+def expert_choice_attention(call: AttnCall, variant: MoSA, logits: torch.Tensor) -> torch.Tensor:
+    """Heads that choose their tokens (MoSA): each head attends among its chosen tokens only
+    (causally by original position), scales by the router score and writes back at the chosen
+    positions; (B, H, Q, D), zero where a head chose nothing. A full forward chooses over the
+    whole sequence; with a KV cache each new token at position t is processed by the heads for
+    which it is among the top tokens of positions 0..t (see `hf_relattn.variants.mosa`).
+    `logits` (B, H, K): the router's, of every key. Padding keys never compete, and counts are
+    those of each sample's own tokens."""
+    query, key, value, scale, dropout = call.query, call.key, call.value, call.scale, call.dropout
+    batch, heads, q_len, dim = query.shape
+    k_len = key.shape[2]
+    groups = heads // key.shape[1]
+    valid = call.key_valid()
+    ranked = logits if valid is None else logits.masked_fill(~valid[:, None, :], float("-inf"))
+    b_idx = torch.arange(batch, device=query.device)[:, None, None]
+    kv_idx = (torch.arange(heads, device=query.device) // groups)[None, :, None]
+    lowest = torch.finfo(query.dtype).min
+
+    def count(upto: int) -> int | torch.Tensor:
+        """Tokens each head keeps among the first `upto` keys (of each sample's valid ones)."""
+        if valid is None:
+            return variant.tokens(upto)
+        return variant.token_counts(valid[:, :upto].sum(-1))
+
+    def attend(q: torch.Tensor, idx: torch.Tensor, allowed: torch.Tensor | None, taken: torch.Tensor | None) -> torch.Tensor:
+        """q (B, H, r, D) over the chosen keys idx (B, H, n), allowed (B, H, r, n); None: causal
+        among the chosen (ascending positions, no padding), SDPA's causal kernel. `taken`
+        (B, H, n): which chosen entries are real (None: all)."""
+        if allowed is None and valid is None and taken is None:
+            return F.scaled_dot_product_attention(q, key[b_idx, kv_idx, idx], value[b_idx, kv_idx, idx], is_causal=True,
+                                                  dropout_p=dropout, scale=scale)
+        if allowed is None:
+            allowed = idx[..., :, None] >= idx[..., None, :]
+        if valid is not None:
+            allowed = allowed & valid.gather(1, idx.flatten(1)).view(batch, heads, 1, -1)
+        if taken is not None:
+            allowed = allowed & taken[..., None, :]
+        bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, lowest)
+        return F.scaled_dot_product_attention(q, key[b_idx, kv_idx, idx], value[b_idx, kv_idx, idx], attn_mask=bias,
+                                              dropout_p=dropout, scale=scale)
+
+    gates = torch.sigmoid(logits).to(query.dtype)
+    if q_len == k_len:
+        idx, taken = _top_tokens(ranked, count(k_len))  # (B, H, n)
+        chosen_q = query.gather(2, idx[..., None].expand(-1, -1, -1, dim))
+        out = attend(chosen_q, idx, None, taken) * gates.gather(-1, idx)[..., None]
+        # rows that are not taken go to a spare row q_len, dropped after the scatter
+        where = idx if taken is None else torch.where(taken, idx, q_len)
+        full = query.new_zeros(batch, heads, q_len + 1, value.shape[-1])
+        return full.scatter(2, where[..., None].expand(-1, -1, -1, out.shape[-1]), out)[:, :, :q_len]
+    outs = []
+    for a in range(q_len):  # decoding: each new token chooses among the tokens up to itself
+        t = k_len - q_len + a
+        idx, taken = _top_tokens(ranked[..., : t + 1], count(t + 1))
+        hit = idx == t if taken is None else (idx == t) & taken
+        out = attend(query[:, :, a : a + 1], idx, torch.ones(batch, heads, 1, idx.shape[-1], dtype=torch.bool, device=query.device), taken)
+        outs.append(torch.where(hit.any(-1)[..., None, None], out * gates[..., t, None, None], 0.0))
+    return torch.cat(outs, dim=2)

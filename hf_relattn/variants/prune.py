@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import ATTACHED, Variant, register_variant
+from .base import ATTACHED, Variant, flag_variant, register_variant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -200,9 +200,6 @@ class Prune(Variant):
         self.check_model(model, adapter, layers)
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        # engine imports this package: import at call time
-        from ..engine import flag_variant
-
         steps = self.steps()
         modules = adapter.attention_modules(model)
         counts = {idx: adapter.module_num_heads(attn) for idx, attn in enumerate(modules)}

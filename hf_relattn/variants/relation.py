@@ -36,6 +36,7 @@ class Relation(RelationalVariant):
     num_relations: int | None = None
 
     name = "relation"
+    model_inputs = (INPUT_NAME,)
     description = (
         "Learned key (and value) vectors per caller-supplied relation id (relation_ids=(B, Q, K)); "
         "id 0 = no relation; per layer, zero-init."

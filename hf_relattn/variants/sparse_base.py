@@ -2,12 +2,14 @@
 
 A sparse variant says, for each query token, which key blocks it may read (`token_blocks`,
 blocks of `block_size()` keys aligned to absolute key positions) and which tokens inside
-those blocks it may attend (`allowed`). The engine's block-sparse path
-(`hf_relattn.engine.block_sparse_attention`) takes, for each block of queries, the union of
-its tokens' key blocks, gathers only those, and applies the exact token-level mask (the
-pattern, causality, padding) inside them: compute and memory follow the kept blocks. Because
-the choice is per token at absolute positions, decoding with a KV cache reads the same blocks
-as the full forward does for that token.
+those blocks it may attend (`allowed`). Its `attend` (the sparsity axis, below) runs, in order:
+the materialised formula for the "reference" path; the pattern's own kernel (`own_kernel`,
+e.g. strided's layout); FlexAttention on GPU (`hf_relattn.ops.flex`); the block-sparse path
+(`hf_relattn.ops.blocks`: for each block of queries, the union of its tokens' key blocks,
+gathered, with the exact token-level mask inside them; a pattern may replace it with
+`blocks_attention`, as MoBA's per-token gate does); SDPA for a layer the pattern leaves dense.
+Because the choice is per token at absolute positions, decoding with a KV cache reads the same
+blocks as the full forward does for that token.
 
 `PatternVariant` adds attention sinks (Xiao et al. 2024, "Efficient Streaming Language Models
 with Attention Sinks"): every query also sees the first `sinks` tokens of its own sample
@@ -17,12 +19,19 @@ denominator (as GPT-OSS's `sinks`), letting a head attend to "nothing".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..call import AttnCall, by_offset, offset_groups, positions
+from ..ops.blocks import block_sparse_attention, chosen_blocks, query_rows, selected_blocks
+from ..ops.flex import FLEX_MIN_TOKENS, flex_sparse_attention
+from ..ops.pieces import LayoutSinks
 from ..patches import get_adapter
+from ..paths import materialized_attention
 from .base import Variant, attach, check_flag, check_int_options
 
 if TYPE_CHECKING:
@@ -47,9 +56,6 @@ class SparseVariant(Variant):
     # the exact pattern), "block" (the same for every token of an absolute key-block-sized
     # query block), "token" (per token, e.g. MoBA's gate).
     choice: ClassVar[str] = "rule"
-    # A pattern whose self-attention the engine runs in its own dense layout ("strided",
-    # "fixed": pieces merged by log-sum-exp) instead of gathering key blocks; None: block path.
-    layout: ClassVar[str | None] = None
     # True when the pattern depends on where tokens are in their own sequence (block boundaries,
     # sink blocks, token counts), not only on their distances: the engine then gives every
     # sample positions that start at its first real token (left padding moves nothing).
@@ -86,6 +92,81 @@ class SparseVariant(Variant):
         materialised paths (reference, torch.compile, output_attentions); None = a dense layer.
         The default is the token rule, exact for patterns whose `choice` is "rule"."""
         return self.allowed(module, q_pos[:, None, :, None], k_pos[:, None, None, :], k_pos.shape[-1])
+
+    # ---------------------------------------------------------------- attention
+    def sink_tokens(self, module: nn.Module, num_keys: int) -> int:
+        """Leading positions of a sample that every query sees (none without sinks)."""
+        return 0
+
+    def sink_logits(self, module: nn.Module) -> torch.Tensor | None:
+        """The layer's (heads,) sink logits, or None."""
+        return None
+
+    def dense_pattern(self, call: AttnCall) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The pattern for the materialised path: (keep (1|B, 1|H, Q, K) or None for a dense
+        layer, row weights (B, H, Q) of each (head, token) output or None, sink logits (H,) or None)."""
+        q_pos, k_pos, valid, q_valid = positions(call, self.absolute_positions)
+        pattern = self.pair_mask(call.module, q_pos, k_pos, call.query, call.key, valid, q_valid)
+        sinks = self.sink_tokens(call.module, call.key.shape[2])
+        if pattern is not None and sinks:
+            pattern = pattern | (k_pos < sinks)[:, None, None, :]
+        return pattern, None, self.sink_logits(call.module)
+
+    def attend(self, call: AttnCall, rest: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
+        """The sparsity axis, (B, Q, H, D). Patterns tied to positions in each sample's own
+        sequence run once per left-padding offset of the batch, on that offset's keys: each
+        sample exactly as alone."""
+        if call.impl != "reference" and self.absolute_positions:
+            groups = offset_groups(call, self.name)
+            if groups is not None:
+                return by_offset(call, groups, self.sparse_attention)
+        return self.sparse_attention(call)
+
+    def sparse_attention(self, call: AttnCall) -> torch.Tensor:
+        """The pattern's own kernel, flex, the block-sparse path or the materialised reference; (B, Q, H, D)."""
+        if call.impl == "reference":
+            return materialized_attention(call, [self])[0].transpose(1, 2).contiguous()
+        module, query, k_len = call.module, call.query, call.key.shape[2]
+        sinks = self.sink_tokens(module, k_len)
+        sink = self.sink_logits(module)
+        out = self.own_kernel(call, sinks, sink) if call.impl == "auto" else None
+        use_flex = call.impl == "flex" or (call.impl == "auto" and query.device.type == "cuda" and call.dropout == 0
+                                           and query.shape[2] >= FLEX_MIN_TOKENS)
+        if out is None and use_flex:
+            out = None if sink is not None else flex_sparse_attention(call, self, sinks)
+            if out is None and call.impl == "flex":
+                raise ValueError(f"{self.name} (choice {self.choice!r}, sink_logit {getattr(self, 'sink_logit', False)}) "
+                                 "has no FlexAttention form; use 'auto'")
+        if out is None:
+            q_pos, _ = call.slots
+            num_blocks = -(-k_len // self.key_block(module))
+            chosen = chosen_blocks(self, module, q_pos, num_blocks, query, call.key, call.key_valid(), call.causal)
+            if chosen is None:  # a dense layer of the pattern
+                if sink is not None:  # the sink logit still joins the softmax
+                    return materialized_attention(call, [self])[0].transpose(1, 2).contiguous()
+                return sdpa_attention_forward(module, query, call.key, call.value, call.mask, dropout=call.dropout,
+                                              scaling=call.scale, is_causal=call.causal)[0]
+            out = self.blocks_attention(call, chosen, sinks, sink)
+        return out.transpose(1, 2).contiguous()
+
+    def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
+        """The pattern's own kernel for this call, (B, H, Q, D); None: the shared paths."""
+        return None
+
+    def blocks_attention(self, call: AttnCall, chosen: torch.Tensor, sinks: int, sink: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the key blocks `chosen` (1|B, 1|H, Q, N) per token; (B, H, Q, D)."""
+        return block_sparse_attention(call, self, chosen, sinks, sink)
+
+    def computed_pairs(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> float:
+        """(query, key) pairs the block-sparse path computes per batch entry and head, averaged
+        over heads: the gathered key blocks (whole blocks) times the query rows reading them
+        (the work column of `hf-relattn bench kernels`)."""
+        length = q.shape[2]
+        block = self.key_block(module)
+        chosen = chosen_blocks(self, module, torch.arange(length), -(-length // block), q, k, None, causal=True)
+        rows = query_rows(self, block, length)
+        _, valid = selected_blocks(chosen, rows)
+        return float(valid.sum()) * block * rows / (valid.shape[0] * valid.shape[1])
 
 
 # Sink tokens a pattern keeps visible by default: StreamingLLM's 4 (see the README's sink
@@ -139,6 +220,12 @@ class PatternVariant(SparseVariant):
         adapter = get_adapter(module.config)
         prefix = adapter.token_grid(module.config, num_keys)[0] if adapter.spatial else 0
         return prefix + self.sinks
+
+    def layout_sinks(self, module: nn.Module, sinks: int, sink: torch.Tensor | None) -> LayoutSinks | None:
+        """What an own layout adds to its pieces: the sink keys its pieces do not cover, the sink logit."""
+        if not sinks and sink is None:
+            return None
+        return LayoutSinks(sinks, lambda i, j: self.allowed(module, i, j, 0), sink)
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         for idx in layers:

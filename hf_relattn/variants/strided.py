@@ -6,7 +6,7 @@ before it ((i - j) mod stride == 0). Encoders get the symmetric version (|i - j|
 i - j a multiple of stride). Parameter-free (flag or convert).
 
 Self-attention (prefill, training, encoders) runs as two dense pieces merged by log-sum-exp
-(`engine.strided_attention`): the band by blocks of `stride` queries, and the same-residue keys,
+(`strided_attention`): the band by blocks of `stride` queries, and the same-residue keys,
 which are contiguous sequences of T/stride tokens once positions are laid out residue-major.
 Cached decoding, and masks that are more than key padding, take the block-sparse path on key
 blocks of `block_size` tokens (there the strided part costs a whole block per strided key).
@@ -17,7 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from ..call import AttnCall
+from ..ops.masks import plain_key_padding
+from ..ops.pieces import LayoutSinks, layout_setup, merge, piece, sink_pieces
 from .base import check_int_options, register_variant
 from .sparse_base import PatternVariant
 
@@ -30,7 +34,6 @@ class Strided(PatternVariant):
 
     name = "strided"
     flag = True
-    layout = "strided"  # self-attention: engine.strided_attention
     description = "Previous `stride` tokens plus every stride-th token (Sparse Transformer, strided)."
     paper = "Child et al. 2019, Generating Long Sequences with Sparse Transformers"
     limits = (
@@ -57,3 +60,52 @@ class Strided(PatternVariant):
     def allowed(self, module, q_pos, k_pos, num_keys):
         near = (q_pos - k_pos).abs() < self.stride
         return near | (torch.remainder(q_pos - k_pos, self.stride) == 0)
+
+    def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
+        # self-attention whose mask is only key padding: the strided layout (the block path reads
+        # whole key blocks for single strided keys)
+        valid = plain_key_padding(call.mask, call.causal) if call.query.shape[2] == call.key.shape[2] else False
+        if valid is False:
+            return None
+        return strided_attention(call.query, call.key, call.value, valid, self.stride, call.causal, call.scale, call.dropout,
+                                 self.layout_sinks(call.module, sinks, sink))
+
+    def computed_pairs(self, module, q, k) -> float:
+        # the band blocks plus the residue sequences
+        length = q.shape[2]
+        return float(length * ((2 if module.is_causal else 3) * self.stride + -(-length // self.stride)))
+
+
+def strided_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, stride: int,
+    causal: bool, scale: float, dropout: float, sinks: LayoutSinks | None = None,
+) -> torch.Tensor:
+    """The strided pattern of Child et al. 2019 as two dense pieces merged by log-sum-exp, for
+    self-attention without a cache (Q = K): (B, Hq, T, D) -> (B, Hq, T, D).
+
+    The band |i - j| < stride runs by blocks of `stride` queries over their 2 (causal) or 3
+    neighbouring key blocks (a strided view of K/V, no gather). The same-residue keys (i - j a
+    non-zero multiple of stride) are contiguous in the residue-major layout (position a*s + r
+    -> [r, a]): T/stride sequences of T/stride tokens, attended densely."""
+    batch, heads, length, dim = query.shape
+    s = stride
+    q, k, v, valid, n, flash = layout_setup(query, key, value, key_valid, s, dropout)
+    static = key_valid is None
+    # band: query block a reads the key blocks a-1, a (and a+1 unless causal)
+    width = (2 if causal else 3) * s
+    front, back = s, 0 if causal else s
+    k_win, v_win = (F.pad(t, (0, 0, front, back)).unfold(2, width, s).transpose(-1, -2)[:, :, None] for t in (k, v))
+    u = torch.arange(s, device=query.device)[:, None]
+    t = torch.arange(width, device=query.device)[None, :]
+    near = (t > u) & (t < u + 2 * s) & ((t <= u + s) if causal else True)  # |i - j| < s, j <= i when causal
+    keep_band = near & F.pad(valid, (front, back), value=False).unfold(1, width, s)[:, None, None, :, None, :]
+    band = piece(flash, q, k_win, v_win, keep_band, static, scale, dropout)
+    # same residue: position a*s + r at [r, a]
+    k_r, v_r = (t.view(batch, k.shape[1], n, s, dim).transpose(-3, -2)[:, :, None] for t in (k, v))  # (B, G, 1, s, n, D)
+    a = torch.arange(n, device=query.device)
+    other = (a[None, :] < a[:, None]) if causal else (a[None, :] != a[:, None])  # key index b vs query index a
+    keep_res = other & valid.view(batch, n, s).transpose(1, 2)[:, None, None, :, None, :]
+    out_r, lse_r = piece(flash, q.transpose(-3, -2), k_r, v_r, keep_res, static, scale, dropout)
+    extra = sink_pieces(q, k, v, valid, sinks, causal, scale)
+    out = merge([band, (out_r.transpose(-3, -2), lse_r.transpose(-2, -1)), *extra])
+    return out.reshape(batch, heads, n * s, -1)[:, :, :length]

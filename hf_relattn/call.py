@@ -1,0 +1,195 @@
+"""One attention call, resolved once: `AttnCall` is what the engine, the variants' `attend`
+hooks and the shared paths receive instead of a dozen positional arguments.
+
+Where the queries and keys are. Transformers hands a static cache over whole: K covers every
+preallocated slot, the filled ones first; the queries are the last filled slots. `build_call`
+finds the filled length from the mask (or, without a mask, as transformers' own sdpa function
+does) and, outside torch.compile, crops the empty slots, so every path sees the queries as the
+last Q of K (`lead` = key slots before the first query). Relative terms only use differences,
+which padding does not move. Patterns that place blocks, sinks or counts at positions of a
+sample's own sequence get those positions (`positions(absolute=True)`); the eager paths run
+each left-padding offset of a batch on its own keys (`offset_groups`, `by_offset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .variants.base import Variant
+
+@dataclass
+class AttnCall:
+    """One attention call: its tensors, options and geometry.
+
+    query (B, Hq, Q, D), key/value (B, Hkv, K, D); `mask` boolean (B, 1, Q, K) (True = attend),
+    a caller's additive float mask, or None; `causal` is the one source of truth for causality
+    (the call's `is_causal`, else the module's). `lead` is the number of key slots before the
+    first query: an int, or a 0-d tensor under torch.compile (where the empty slots of a static
+    cache are masked instead of cropped). `inputs` are the keyword arguments the model passed
+    (relation_ids, the layer input for routers, the cache). `impl` is the engine path ("auto",
+    "dense", "reference", "flex" or "compiled"); `variants` all that act in this call, in the
+    order the engine asks them."""
+
+    module: nn.Module
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+    scale: float
+    dropout: float
+    inputs: dict[str, Any]
+    lead: Any
+    impl: str = "auto"
+    variants: tuple[Variant, ...] = ()
+    # (B, H, K) tensors a variant computed for every key of this call (MoSA's router logits):
+    # `by_offset` cuts them with the keys
+    per_key: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def q_slots(self) -> torch.Tensor:
+        return self.lead + torch.arange(self.query.shape[2], device=self.query.device)
+
+    @property
+    def slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query slots (Q,), key slots (K,)) when the queries are the last Q of K (eager paths)."""
+        k_pos = torch.arange(self.key.shape[2], device=self.query.device)
+        return k_pos[k_pos.shape[0] - self.query.shape[2]:], k_pos
+
+    @classmethod
+    def of(cls, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None, *,
+           causal: bool, scale: float, dropout: float = 0.0, impl: str = "auto") -> AttnCall:
+        """A call on raw tensors, without a module (the shared kernels in `hf_relattn.ops`): the
+        queries are the last Q of the K keys."""
+        return cls(None, query, key, value, mask, causal, scale, dropout, {}, key.shape[2] - query.shape[2], impl)
+
+    def replace(self, **changes: Any) -> AttnCall:
+        return dataclasses.replace(self, **changes)
+
+    def key_valid(self) -> torch.Tensor | None:
+        """(B, K) True for keys some query may attend (not padding), from a boolean mask."""
+        return key_valid(self.mask)
+
+    def query_valid(self) -> torch.Tensor | None:
+        """(B, Q) True for queries that are not padding."""
+        valid = key_valid(self.mask)
+        return None if valid is None else valid[:, self.q_slots]
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.query, self.key, self.value))
+
+
+def key_valid(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, K) True for keys some query may attend (not padding), from a boolean mask."""
+    return mask.any(dim=-2)[:, 0] if mask is not None and mask.dtype == torch.bool else None
+
+
+def _lead(q_len: int, k_len: int, mask: torch.Tensor | None, causal: bool, compiling: bool) -> Any:
+    """Key slots before the first query. K = Q (no cache, or a cache holding just these
+    tokens) and non-causal calls: none beyond K - Q. Without a mask transformers passes a
+    static cache only at prefill, queries first (its sdpa function crops the same way); a
+    decoding step without a mask has a dynamic cache, queries last. With a boolean mask, a real
+    query's last visible key is itself, so the largest (last visible key - row) over the batch
+    is the lead; queries that see nothing (padding everywhere) say nothing."""
+    if k_len == q_len or not causal:
+        return k_len - q_len
+    if mask is None:
+        return 0 if q_len > 1 else k_len - 1
+    if mask.dtype != torch.bool:
+        return k_len - q_len  # a caller's additive mask: the queries are taken to be last
+    cols = torch.arange(k_len, device=mask.device)
+    last = torch.where(mask, cols, -1).amax(-1)  # (B, 1, Q)
+    lead = (last - torch.arange(q_len, device=mask.device)).amax()
+    if compiling:
+        return lead.clamp(min=0)
+    lead = int(lead)
+    return lead if lead >= 0 else k_len - q_len
+
+
+def build_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               dropout: float, scaling: float | None, kwargs: dict[str, Any], impl: str,
+               variants: tuple[Variant, ...] = ()) -> AttnCall:
+    """The call transformers made, with causality, scale, dropout and the filled key slots resolved."""
+    compiling = impl == "compiled"
+    causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, k_len = query.shape[2], key.shape[2]
+    lead = _lead(q_len, k_len, mask, causal, compiling)
+    if not compiling and lead + q_len < k_len:  # the empty slots of a static cache
+        key, value = key[:, :, : lead + q_len], value[:, :, : lead + q_len]
+        mask = None if mask is None else mask[..., : lead + q_len]
+    return AttnCall(module, query, key, value, mask, causal, scale, dropout if module.training else 0.0, kwargs, lead,
+                    impl, variants)
+
+
+def positions(call: AttnCall, absolute: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(q_pos (1|B, Q), k_pos (1|B, K), key_valid (1|B, K) or None, query_valid (1|B, Q) or None).
+
+    Positions are key slots, or with `absolute` positions in each sample's own sequence
+    (counted over its valid keys: left padding and gaps move nothing). Empty slots of an
+    uncropped static cache are not valid."""
+    k_len = call.key.shape[2]
+    slots = torch.arange(k_len, device=call.key.device)
+    q_slots = call.q_slots
+    valid = key_valid(call.mask)
+    if valid is None and call.mask is None and not (isinstance(call.lead, int) and call.lead + call.query.shape[2] == k_len):
+        valid = (slots < call.lead + call.query.shape[2])[None]
+    if valid is None:
+        return q_slots[None], slots[None], None, None
+    q_valid = valid[:, q_slots]
+    if not absolute:
+        return q_slots[None], slots[None], valid, q_valid
+    k_pos = valid.long().cumsum(-1) - 1
+    return k_pos[:, q_slots], k_pos, valid, q_valid
+
+
+def offset_groups(call: AttnCall, who: str) -> list[tuple[int, list[int]]] | None:
+    """[(offset, batch rows)] of the samples' first real key slots; None when all are 0. `who`
+    names the variant in the error for a mask with gaps inside a sample."""
+    valid = key_valid(call.mask)
+    if valid is None:
+        return None
+    first = valid.int().argmax(-1)
+    k_len = valid.shape[-1]
+    count = valid.sum(-1)
+    last = k_len - 1 - valid.flip(-1).int().argmax(-1)
+    if bool(((count > 0) & (last - first + 1 != count)).any()):
+        raise ValueError(
+            f"{who} places its pattern at positions of each sample's own sequence, which needs each sample's "
+            "tokens to be one contiguous run (left or right padding); this attention mask has gaps inside a sample."
+        )
+    if not bool(first.any()):
+        return None
+    groups: dict[int, list[int]] = {}
+    for row, offset in enumerate(first.tolist()):
+        groups.setdefault(offset, []).append(row)
+    return sorted(groups.items())
+
+
+def by_offset(call: AttnCall, groups: list[tuple[int, list[int]]], run: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
+    """`run` on each group's samples with the keys before its offset (and the queries there,
+    which are padding) left out; their outputs are zero. (B, Q, H, D)."""
+    batch, heads, q_len, _ = call.query.shape
+    out = call.query.new_zeros(batch, q_len, heads, call.value.shape[-1])
+    for offset, rows in groups:
+        skip = max(0, offset - call.lead)
+        if skip >= q_len:
+            continue
+        idx = torch.tensor(rows, device=call.query.device)
+        mask = call.mask[idx]
+        part = call.replace(
+            query=call.query[idx, :, skip:], key=call.key[idx, :, offset:], value=call.value[idx, :, offset:],
+            mask=(mask[..., skip:, offset:] if mask.shape[-2] > 1 else mask[..., offset:]),
+            lead=call.lead + skip - offset, per_key={name: t[idx, :, offset:] for name, t in call.per_key.items()},
+        )
+        out[idx, skip:] = run(part)
+    return out

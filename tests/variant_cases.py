@@ -1,0 +1,152 @@
+"""The one table of variant cases per model family, which the generic tests are parametrised
+from (tests/test_conformance.py for every family, tests/test_paths.py for decoders).
+
+A case is `name -> (variant, options)`: `variant` is a registered name (converted with
+`hf_relattn.convert(model, variant, **options)`) or `"flag:<variant>"` (selected with
+`set_attn_implementation("relattn_<variant>")`, the options going into `config.relattn`).
+Options are small, so that tiny models with sequences of 8 to 17 tokens cross several blocks,
+windows and strides.
+
+Adding a variant: give it a case in each family's table, or say in `NOT_APPLICABLE` why the
+family cannot take it; `test_conformance.test_every_variant_has_an_entry_per_family` fails
+until then. Adding a family: an entry in `CASES`, `NOT_APPLICABLE`, `BUILDERS`, `AUTO_CLASSES`, `TOKENS`
+and `PADDING_SIDE`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import tiny_bert, tiny_llama, tiny_vit
+from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+import hf_relattn
+
+NUM_RELATIONS = 3
+
+# name -> (variant or "flag:<variant>", options); tables and routers get random values in `build`
+DECODER_CASES = {
+    "alibi_flag": ("flag:alibi", {}),
+    "t5_bias": ("t5_bias", {"num_buckets": 8, "max_distance": 16}),
+    "shaw": ("shaw", {"max_distance": 3}),
+    "relation": ("relation", {"num_relations": NUM_RELATIONS}),
+    "sliding_window": ("sliding_window", {"window": 4, "block_size": 2, "sinks": 2}),
+    "sink_logit": ("sliding_window", {"window": 3, "block_size": 2, "sinks": 1, "sink_logit": True}),
+    "strided": ("strided", {"stride": 3, "block_size": 2, "sinks": 0}),
+    "fixed": ("fixed", {"block": 4, "summary": 1, "sinks": 3}),
+    "power": ("power", {"block_size": 2, "window": 2, "sinks": 0}),
+    "moba": ("moba", {"block_size": 2, "top_k": 2, "sinks": 3}),
+    "moba_block_gate": ("moba", {"block_size": 3, "top_k": 2, "gate": "block", "sinks": 0}),
+    "moh_query_norm": ("moh", {"router": "query_norm"}),
+    "moh_learned": ("moh", {"router": "learned", "active_heads": 0.5, "shared_heads": 1}),
+    "mosa": ("mosa", {"sparsity": 3}),
+    # structure: on the decoders' 4 query / 2 K/V heads. gqa on one layer (an adapted model with
+    # per-layer K/V counts), mqa on all (the native LLaMA with one K/V head), prune leaves 3
+    # query heads on 3 K/V heads in layer 0 (uneven runs 1, 2 of the two groups)
+    "gqa": ("gqa", {"num_key_value_heads": 1, "layers": [0]}),
+    "mqa": ("mqa", {}),
+    "prune": ("prune", {"heads": {0: [1]}}),
+}
+
+# BERT: bidirectional, right-padded batches
+ENCODER_CASES = {
+    "alibi": ("alibi", {}),
+    "alibi_flag": ("flag:alibi", {}),
+    "t5_bias": ("t5_bias", {"num_buckets": 8, "max_distance": 16}),
+    "shaw": ("shaw", {"max_distance": 3}),
+    "relation": ("relation", {"num_relations": NUM_RELATIONS}),
+    "sliding_window": ("sliding_window", {"window": 3, "block_size": 2, "sinks": 2}),
+    "sink_logit": ("sliding_window", {"window": 3, "block_size": 2, "sinks": 1, "sink_logit": True}),
+    "strided": ("strided", {"stride": 3, "block_size": 2, "sinks": 1}),
+    "fixed": ("fixed", {"block": 4, "summary": 1, "sinks": 0}),
+    "power": ("power", {"block_size": 2, "window": 2, "sinks": 1}),
+    "moh_query_norm": ("moh", {"router": "query_norm"}),
+    "moh_learned": ("moh", {"router": "learned", "active_heads": 0.5, "shared_heads": 1}),
+    "gqa": ("gqa", {"num_key_value_heads": 2, "layers": [0]}),
+    "mqa": ("mqa", {}),
+    "prune": ("prune", {"heads": {0: [1]}}),
+}
+
+# ViT: [CLS] + 4 x 4 patches (17 tokens), no attention mask; patterns and Shaw's labels on the 2-D grid
+VISION_CASES = {
+    "alibi": ("alibi", {}),
+    "t5_bias": ("t5_bias", {"num_buckets": 8, "max_distance": 16}),
+    "shaw": ("shaw", {"max_distance": 2}),
+    "relation": ("relation", {"num_relations": NUM_RELATIONS}),
+    "sliding_window": ("sliding_window", {"window": 2, "block_size": 3, "sinks": 1}),
+    "sliding_window_flag": ("flag:sliding_window", {"window": 2, "block_size": 3, "sinks": 1}),
+    "sink_logit": ("sliding_window", {"window": 2, "block_size": 3, "sinks": 1, "sink_logit": True}),
+    "strided": ("strided", {"stride": 3, "block_size": 2, "sinks": 0}),
+    "fixed": ("fixed", {"block": 4, "summary": 1, "sinks": 2}),
+    "power": ("power", {"block_size": 2, "window": 2, "sinks": 1}),
+    "moh_query_norm": ("moh", {"router": "query_norm"}),
+    "moh_learned": ("moh", {"router": "learned", "active_heads": 0.5, "shared_heads": 1}),
+    "gqa": ("gqa", {"num_key_value_heads": 2}),
+    "mqa": ("mqa", {"layers": [1]}),
+    "prune": ("prune", {"heads": {1: [0, 2]}}),
+}
+
+CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirectional (convert refuses it)"
+CASES = {"llama": DECODER_CASES, "bert": ENCODER_CASES, "vit": VISION_CASES}
+# family -> {variant: why the family cannot take it}
+NOT_APPLICABLE = {
+    "llama": {},
+    "bert": {
+        "moba": CAUSAL_ONLY.format(what="its gate chooses among earlier key blocks"),
+        "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
+    },
+    "vit": {
+        "moba": CAUSAL_ONLY.format(what="its gate chooses among earlier key blocks"),
+        "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
+    },
+}
+# what the generic tests need to know of a family
+BUILDERS = {
+    "llama": lambda: tiny_llama(kv_heads=2),  # 4 query heads on 2 K/V heads
+    "bert": tiny_bert,
+    "vit": tiny_vit,
+}
+AUTO_CLASSES = {"llama": AutoModelForCausalLM, "bert": AutoModelForSequenceClassification, "vit": AutoModelForImageClassification}
+TOKENS = {"llama": 13, "bert": 11, "vit": 17}  # sequence length of the test inputs (ViT: [CLS] + 4 x 4 patches)
+PADDING_SIDE = {"llama": "left", "bert": "right", "vit": None}  # how batches are padded; ViT takes no attention mask
+FAMILIES = tuple(CASES)
+
+
+def variant_of(family: str, case: str) -> str:
+    """The registered variant name of a case ("flag:alibi" -> "alibi")."""
+    return CASES[family][case][0].removeprefix("flag:")
+
+
+def is_flag(family: str, case: str) -> bool:
+    return CASES[family][case][0].startswith("flag:")
+
+
+def family_cases() -> list[tuple[str, str]]:
+    """Every (family, case) of the table."""
+    return [(family, case) for family, table in CASES.items() for case in table]
+
+
+def randomize(model: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
+    """Random values for what the variants added (tables, routers, sink logits; MoSA's router
+    larger, so its choices are not near ties): no zero initialisation hides a path's mistake."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relattn" in name:
+                param.copy_((0.5 if "mosa" not in name else 3.0) * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def build(family: str, case: str) -> torch.nn.Module:
+    """The family's tiny random model (conftest) with the case's variant, new tables and routers random."""
+    name, options = CASES[family][case]
+    options = copy.deepcopy(options)
+    model = BUILDERS[family]()
+    if name.startswith("flag:"):
+        if options:
+            model.config.relattn = options
+        model.set_attn_implementation("relattn_" + name.removeprefix("flag:"))
+    else:
+        hf_relattn.convert(model, name, **options)
+    return randomize(model)
