@@ -51,19 +51,8 @@ from .bench import (
     summarize,
 )
 from .engine import ENGINE_NAME, force_implementation, relattn_attention
-from .patches import get_adapter
 from .presets import DTYPES
-from .variants.base import LAYER_INPUT
 from .variants.base import VARIANTS, Variant, attach
-from .variants.fixed import Fixed
-from .variants.moba import MoBA
-from .variants.moh import MoH
-from .variants.mosa import MoSA
-from .variants.power import Power
-from .variants.relational import RelationTables
-from .variants.shaw import Shaw
-from .variants.sliding_window import SlidingWindow
-from .variants.strided import Strided
 
 BACKWARD_FACTOR = 3.5  # fwd + bwd FLOPs / fwd FLOPs (backward = 2.5x forward)
 
@@ -148,116 +137,80 @@ def build_cases(heads: int, head_dim: int, kv_heads: Sequence[int]) -> list[Case
     return cases
 
 
-def shaw_stub(heads: int, head_dim: int, causal: bool, max_distance: int = 16, seed: int = 0) -> nn.Module:
-    """An attention stub converted to Shaw (keys + values, shared tables) with random tables."""
-    variant = Shaw(max_distance=max_distance)
-    module = attention_stub(heads, heads, head_dim, [variant], causal)
-    tables = RelationTables(variant.num_labels(get_adapter(module.config)), head_dim, None, values=True)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for table in (tables.key, tables.value):
-            table.copy_(0.1 * torch.randn(table.shape, generator=generator))
-    setattr(module, variant.module_name(), tables)
-    return module
-
-
 def naive_relative_bytes(length: int, head_dim: int, backward: bool) -> int:
     """Lower bound of the naive path's memory: the gathered a^K and a^V tables, T x T x d floats
     each (and as much again for their gradients in the backward pass)."""
     return 2 * length * length * head_dim * 4 * (2 if backward else 1)
 
 
+def suite_variants(suite: str, length: int) -> list[Variant]:
+    """The configurations every registered variant asks the suite to measure (`Variant.bench_variants`)."""
+    return [variant for _, cls in sorted(VARIANTS.items()) for variant in cls.bench_variants(suite, length)]
+
+
+def variant_stub(heads: int, head_dim: int, variant: Variant, length: int, causal: bool = True, seed: int = 0) -> tuple[nn.Module, Any]:
+    """A stub with `variant` attached and given random values of what it reads; and the call's extra inputs."""
+    module = attention_stub(heads, heads, head_dim, [variant], causal)
+    module.config.num_hidden_layers = 1
+    module.num_heads, module.head_dim, module.bench_length = heads, head_dim, length
+    return module, variant.bench_setup(module, torch.Generator().manual_seed(seed))
+
+
 def build_relative_cases(heads: int, head_dim: int) -> list[Case]:
-    """Shaw (keys + values, k=16) in the engine and materialised as transformers v4 BERT's
-    relative_key did, against plain SDPA without relative terms (transformers' sdpa attention
-    function, output in the model's layout like the others), causal and bidirectional."""
+    """The "relative" variants (Shaw: keys + values, k=16) in the engine and materialised as
+    transformers v4 BERT's relative_key did, against plain SDPA without relative terms
+    (transformers' sdpa attention function, output in the model's layout like the others),
+    causal and bidirectional."""
     cases = []
     for causal in (True, False):
         mode = "causal" if causal else "bidir"
-        module = shaw_stub(heads, head_dim, causal).to(torch.float32)
-        naive = _engine(module, "reference")
-        cases += [
-            # what a model without relative terms runs: transformers' sdpa function (SDPA, then
-            # the (B, L, H, D) layout transformers expects), reached through the engine
-            Case(f"sdpa {mode}", heads, _engine(attention_stub(heads, heads, head_dim, causal=causal)),
-                 baseline=f"sdpa {mode}", causal=causal),
-            Case(f"shaw {mode}", heads, _engine(module), naive, baseline=f"sdpa {mode}", causal=causal),
-            Case(f"shaw naive {mode}", heads, naive, baseline=f"sdpa {mode}", causal=causal,
-                 needs=lambda length, backward: naive_relative_bytes(length, head_dim, backward)),
-        ]
+        # what a model without relative terms runs: transformers' sdpa function (SDPA, then
+        # the (B, L, H, D) layout transformers expects), reached through the engine
+        cases.append(Case(f"sdpa {mode}", heads, _engine(attention_stub(heads, heads, head_dim, causal=causal)),
+                          baseline=f"sdpa {mode}", causal=causal))
+        for variant in suite_variants("relative", 0):
+            module, inputs = variant_stub(heads, head_dim, variant, 0, causal)
+            naive = _engine(module, "reference", inputs)
+            cases += [
+                Case(f"{variant.name} {mode}", heads, _engine(module, inputs=inputs), naive, baseline=f"sdpa {mode}", causal=causal),
+                Case(f"{variant.name} naive {mode}", heads, naive, baseline=f"sdpa {mode}", causal=causal,
+                     needs=lambda length, backward: naive_relative_bytes(length, head_dim, backward)),
+            ]
     return cases
 
 
 def build_sparse_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, k: torch.Tensor) -> list[Case]:
-    """Dense causal SDPA (transformers' sdpa function) against the sparse variants at one length:
-    sliding window T/8, MoBA (block 512, top-3; per-token and per-block gate), strided, fixed and
-    PowerAttention with about the same reach, each without and with 4 attention sinks, and
-    MoSA. `work` counts the computed pairs."""
-    variants = [
-        pattern
-        for sinks in (0, 4)
-        for pattern in (
-            SlidingWindow(window=length // 8, block_size=64, sinks=sinks),
-            MoBA(block_size=512, top_k=3, sinks=sinks),
-            MoBA(block_size=512, top_k=3, gate="block", sinks=sinks),
-            Strided(stride=256, block_size=64, sinks=sinks),
-            Fixed(block=length // 8, summary=min(64, length // 8), sinks=sinks),
-            Power(block_size=64, window=length // 16, sinks=sinks),
-        )
-    ]
-    cases = _sparse_pattern_cases(heads, head_dim, length, q, k, variants)
-    cases.append(_mosa_case(heads, head_dim, length))
-    return cases
-
-
-def _mosa_case(heads: int, head_dim: int, length: int, sparsity: int = 8) -> Case:
-    """MoSA (sparsity 8) on the stub: a random router over random layer inputs, set before each
-    call as the attention block's pre-hook would. Work: the causal pairs among T/8 tokens per head."""
-    variant = MoSA(sparsity=sparsity)
-    module = attention_stub(heads, heads, head_dim, [variant])
-    hidden = heads * head_dim
-    generator = torch.Generator().manual_seed(1)
-    router = nn.Linear(hidden, heads, bias=False)
-    with torch.no_grad():
-        router.weight.copy_(0.02 * torch.randn(router.weight.shape, generator=generator))
-    module.relattn_mosa = router
-    inputs = torch.randn(1, length, hidden, generator=generator)
-    # as the attention block's pre-hook passes it
-    run = _engine(module, inputs=lambda q: {LAYER_INPUT: inputs[:, : q.shape[2]].expand(q.shape[0], -1, -1).to(q.dtype)})
-    chosen = variant.tokens(length)
-    return Case(f"mosa(sparsity={sparsity})", heads, run, None, baseline="sdpa causal",
-                work=2.0 * head_dim * chosen * (chosen + 1))
-
-
-def _sparse_pattern_cases(heads: int, head_dim: int, length: int, q: torch.Tensor, k: torch.Tensor, variants: list[Variant]) -> list[Case]:
-    dense = attention_stub(heads, heads, head_dim)
-    cases = [Case("sdpa causal", heads, _engine(dense), baseline="sdpa causal", work=2.0 * head_dim * length * (length + 1))]
-    for variant in variants:
-        module = attention_stub(heads, heads, head_dim, [variant])
-        module.config.num_hidden_layers = 1
-        shown = {k: v for k, v in variant.options().items() if k not in ("dense_layers", "sinks", "sink_logit")}
-        options = ",".join(f"{key}={value}" for key, value in {**shown, "sinks": variant.sinks}.items())
+    """Dense causal SDPA (transformers' sdpa function) against the "sparse" variants at one
+    length (each pattern's `bench_variants`: sliding window T/8, MoBA block 512 top-3 with the
+    per-token and per-block gate, strided, fixed and PowerAttention with about the same reach,
+    each without and with 4 attention sinks, MoSA). `work` counts the computed pairs; the check
+    is the variant's reference path where that is another computation."""
+    cases = [Case("sdpa causal", heads, _engine(attention_stub(heads, heads, head_dim)), baseline="sdpa causal",
+                  work=2.0 * head_dim * length * (length + 1))]
+    for variant in suite_variants("sparse", length):
+        module, inputs = variant_stub(heads, head_dim, variant, length)
         pairs = variant.computed_pairs(module, q, k)
-        cases.append(Case(f"{variant.name}({options})", heads, _engine(module), _engine(module, "reference"),
-                          baseline="sdpa causal", work=4.0 * head_dim * pairs))
+        check = _engine(module, "reference", inputs) if variant.reference_differs else None
+        cases.append(Case(variant.bench_label(module), heads, _engine(module, inputs=inputs), check, baseline="sdpa causal",
+                          work=4.0 * head_dim * pairs))
     return cases
 
 
 def build_moh_cases(heads: int, head_dim: int, length: int) -> list[Case]:
-    """Dense SDPA against MoH with 75% and 50% of the heads active per token (query_norm router
-    on the benchmark's random queries), causal and bidirectional. Forward = inference: only
-    the (token, head) pairs the router selects are computed. The check is the masked dense
-    computation; `work` counts the selected pairs (the active fraction of the dense pairs)."""
+    """Dense SDPA against the "moh" variants (MoH with 75% and 50% of the heads active per token,
+    query_norm router on the benchmark's random queries), causal and bidirectional. Forward =
+    inference: only the (token, head) pairs the router selects are computed. The check is the
+    masked dense computation; `work` counts the selected pairs."""
     cases = []
+    q = torch.zeros(1, heads, length, head_dim)
     for causal in (True, False):
         baseline = "sdpa causal" if causal else "sdpa bidirectional"
         cases.append(Case(baseline, heads, _engine(attention_stub(heads, heads, head_dim, causal=causal)), baseline=baseline, causal=causal))
-        dense = 2.0 * head_dim * length * ((length + 1) if causal else 2 * length)
-        for active, shared in ((0.75, 0.5), (0.5, 0.25)):
-            module = attention_stub(heads, heads, head_dim, [MoH(router="query_norm", active_heads=active, shared_heads=shared)], causal=causal)
-            used = int(heads * active + 0.5) / heads
-            cases.append(Case(f"moh {used:.0%} of heads{'' if causal else ', bidir'}", heads, _engine(module), _engine(module, "dense"),
-                              baseline=baseline, causal=causal, work=used * dense))
+        for variant in suite_variants("moh", length):
+            module, inputs = variant_stub(heads, head_dim, variant, length, causal)
+            pairs = variant.computed_pairs(module, q, q)
+            cases.append(Case(f"{variant.bench_label(module)}{'' if causal else ', bidir'}", heads, _engine(module, inputs=inputs),
+                              _engine(module, "dense", inputs), baseline=baseline, causal=causal, work=4.0 * head_dim * pairs))
     return cases
 
 

@@ -162,6 +162,31 @@ class Variant:
         `inputs` are the extra keyword arguments of the model's forward (e.g. `relation_ids`)."""
         return None
 
+    # ----------------------------------------------------------------- benchmarks
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[Variant]:
+        """The configurations `hf-relattn bench kernels --suite <suite>` measures at `length`
+        tokens ("relative", "sparse", "moh"); none by default."""
+        return []
+
+    def bench_setup(self, module: nn.Module, generator: torch.Generator) -> Callable[[torch.Tensor], dict[str, Any]] | None:
+        """Give a stand-in attention module (`hf_relattn.kernels.attention_stub`, variant attached)
+        random values of what this variant's attention reads (tables, routers); returns the extra
+        keyword arguments of a call on queries q, or None."""
+        return None
+
+    def bench_label(self, module: nn.Module) -> str:
+        """The case name in the kernels benchmark."""
+        shown = {k: v for k, v in self.options().items() if k not in ("dense_layers", "sinks", "sink_logit")}
+        if hasattr(self, "sinks"):
+            shown["sinks"] = self.sinks
+        return f"{self.name}({','.join(f'{k}={v}' for k, v in shown.items())})"
+
+    def computed_pairs(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> float | None:
+        """(query, key) pairs the variant's attention computes per batch entry and head (the
+        kernels benchmark's work column); None: those of dense attention."""
+        return None
+
 
 def check_int_options(variant: Variant, *options: str, minimum: int = 1, maximum: int = MAX_TOKENS) -> None:
     """Raise ValueError unless each option is an integer (not a bool) in [minimum, maximum]."""

@@ -56,6 +56,12 @@ class Fixed(PatternVariant):
         own = torch.div(k_pos, self.block, rounding_mode="floor") == torch.div(q_pos, self.block, rounding_mode="floor")
         return own | (torch.remainder(k_pos, self.block) >= self.block - self.summary)
 
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[Fixed]:
+        if suite != "sparse":
+            return []
+        return [cls(block=length // 8, summary=min(64, length // 8), sinks=s) for s in (0, 4)]
+
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
         # self-attention whose mask is only key padding, at inference: the fixed layout. Its own
         # blocks are large, so training keeps the block path, whose SDPA calls have a fused

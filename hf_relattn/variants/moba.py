@@ -149,6 +149,21 @@ class MoBA(PatternVariant):
         k_block = torch.div(k_pos, self.block_size, rounding_mode="floor").clamp(0, num_blocks - 1)
         return chosen.gather(-1, k_block[:, None, None, :].expand(chosen.shape[0], chosen.shape[1], chosen.shape[2], -1))
 
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[MoBA]:
+        if suite != "sparse":
+            return []
+        return [cls(block_size=512, top_k=3, gate=gate, sinks=s) for s in (0, 4) for gate in GATES]
+
+    def computed_pairs(self, module, q, k) -> float:
+        if self.choice != "token":
+            return super().computed_pairs(module, q, k)
+        # exactly the chosen (token, block) pairs
+        length, block = q.shape[2], self.block_size
+        chosen = self.token_blocks(module, torch.arange(length), -(-length // block), q, k, None)
+        chosen = chosen & (torch.arange(chosen.shape[-1])[None, :] <= (torch.arange(length) // block)[:, None])
+        return float(chosen.sum()) * block / (chosen.shape[0] * chosen.shape[1])
+
     def blocks_attention(self, call: AttnCall, chosen: torch.Tensor, sinks: int, sink: torch.Tensor | None) -> torch.Tensor:
         if self.choice == "token" and call.query.shape[2] > 1:  # one query (decoding): its union is its own choice
             return per_token_blocks(call, self, chosen, sinks, sink)

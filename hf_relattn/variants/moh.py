@@ -209,6 +209,20 @@ class MoH(Variant):
             attach(attn, self)
         _register_aux_hook(model)
 
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[MoH]:
+        if suite != "moh":
+            return []
+        return [cls(router="query_norm", active_heads=active, shared_heads=shared) for active, shared in ((0.75, 0.5), (0.5, 0.25))]
+
+    def bench_label(self, module: nn.Module) -> str:
+        return f"{self.name} {self._active_count(module.num_heads) / module.num_heads:.0%} of heads"
+
+    def computed_pairs(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> float:
+        length = q.shape[2]  # the selected (token, head) pairs: the used fraction of the dense pairs
+        used = self._active_count(q.shape[1]) / q.shape[1]
+        return used * (length * (length + 1) / 2 if module.is_causal else length * length)
+
     # ----------------------------------------------------------------- run time
     def attend(self, call: AttnCall, rest: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
         """The gating axis: the layer's attention (`rest`, the other variants) times each token's

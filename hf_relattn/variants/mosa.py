@@ -41,6 +41,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, St
 
 from .base import (
     CACHE,
+    LAYER_INPUT,
     add_router,
     attach,
     check_int_options,
@@ -72,6 +73,7 @@ class MoSA(SparseVariant):
               "tokens up to itself), which differs from uncached generation past the first layer; assisted and "
               "prompt-lookup decoding are refused.")
     choice = "expert"
+    reference_differs = False  # heads choosing tokens have one formula: `expert_choice_attention` on every path
     looks_ahead = True
 
     def check_options(self) -> None:
@@ -105,6 +107,24 @@ class MoSA(SparseVariant):
     def dense_pattern(self, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor, None]:
         keep, gate = expert_choice_pattern(call, self, self.call_router_logits(call))
         return keep, gate, None
+
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[MoSA]:
+        return [cls(sparsity=8)] if suite == "sparse" else []
+
+    def bench_setup(self, module: nn.Module, generator: torch.Generator) -> Callable[[torch.Tensor], dict[str, Any]]:
+        # a random router over random layer inputs, passed as the attention block's pre-hook would
+        heads, head_dim = module.num_heads, module.head_dim
+        router = nn.Linear(heads * head_dim, heads, bias=False)
+        with torch.no_grad():
+            router.weight.copy_(0.02 * torch.randn(router.weight.shape, generator=generator))
+        setattr(module, MODULE_NAME, router)
+        inputs = torch.randn(1, module.bench_length, heads * head_dim, generator=generator)
+        return lambda q: {LAYER_INPUT: inputs[:, : q.shape[2]].expand(q.shape[0], -1, -1).to(q.dtype)}
+
+    def computed_pairs(self, module: nn.Module, q: torch.Tensor, k: torch.Tensor) -> float:
+        chosen = self.tokens(q.shape[2])  # causal pairs among the chosen tokens of each head
+        return chosen * (chosen + 1) / 2
 
     def call_router_logits(self, call: AttnCall) -> torch.Tensor:
         """`router_logits` of the call (once per call: it appends to the cache's scores)."""

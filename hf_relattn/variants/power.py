@@ -55,3 +55,7 @@ class Power(PatternVariant):
     def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None):
         blocks = torch.div(k_pos, self.block_size, rounding_mode="floor")
         return self.reads(module, q_pos[:, None, :, None], blocks[:, None, None, :])
+
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[Power]:
+        return [cls(block_size=64, window=length // 16, sinks=s) for s in (0, 4)] if suite == "sparse" else []

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..patches import get_adapter
 from .base import MAX_TABLE_ROWS, RelationTerm, check_int_options, register_variant
-from .relational import RelationalVariant
+from .relational import RelationalVariant, RelationTables
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -87,3 +87,17 @@ class Shaw(RelationalVariant):
         prefix, _, cols = adapter.token_grid(module.config, k_pos.shape[0])
         labels = grid_labels(q_pos, k_pos, prefix, cols, self.max_distance)
         return RelationTerm(self.num_labels(adapter), labels=labels[None], key=key, value=value)
+
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[Shaw]:
+        return [cls(max_distance=16)] if suite == "relative" else []
+
+    def bench_setup(self, module: nn.Module, generator: torch.Generator) -> None:
+        # keys and values, shared tables, random
+        tables = RelationTables(self.num_labels(get_adapter(module.config)), module.head_dim, None, values=True)
+        with torch.no_grad():
+            for table in (tables.key, tables.value):
+                table.copy_(0.1 * torch.randn(table.shape, generator=generator))
+        setattr(module, self.module_name(), tables)
+        return None
+

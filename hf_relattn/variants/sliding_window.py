@@ -67,3 +67,7 @@ class SlidingWindow(PatternVariant):
         if getattr(module, "is_causal", False):
             return k_pos > q_pos - self.window
         return (k_pos - q_pos).abs() < self.window
+
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[SlidingWindow]:
+        return [cls(window=length // 8, block_size=64, sinks=s) for s in (0, 4)] if suite == "sparse" else []

@@ -56,6 +56,8 @@ class SparseVariant(Variant):
     # the exact pattern), "block" (the same for every token of an absolute key-block-sized
     # query block), "token" (per token, e.g. MoBA's gate).
     choice: ClassVar[str] = "rule"
+    # False when the "reference" path runs the variant's own kernel (no independent check)
+    reference_differs: ClassVar[bool] = True
     # True when the pattern depends on where tokens are in their own sequence (block boundaries,
     # sink blocks, token counts), not only on their distances: the engine then gives every
     # sample positions that start at its first real token (left padding moves nothing).

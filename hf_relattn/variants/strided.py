@@ -61,6 +61,10 @@ class Strided(PatternVariant):
         near = (q_pos - k_pos).abs() < self.stride
         return near | (torch.remainder(q_pos - k_pos, self.stride) == 0)
 
+    @classmethod
+    def bench_variants(cls, suite: str, length: int) -> list[Strided]:
+        return [cls(stride=256, block_size=64, sinks=s) for s in (0, 4)] if suite == "sparse" else []
+
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
         # self-attention whose mask is only key padding: the strided layout (the block path reads
         # whole key blocks for single strided keys)
