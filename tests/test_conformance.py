@@ -1,0 +1,295 @@
+"""Every case of the variant table (tests/variant_cases.py) on its family's tiny random model:
+the checks every variant owes, whatever it changes.
+
+- the table covers every registered variant in every family (a case, or a reason why not),
+  and the variants said not to apply are refused;
+- (a) the default path equals the materialised reference path (`force_implementation("reference")`);
+- (b) padding: a right-padded BERT sample equals the sample alone (ViT takes no attention mask;
+  decoders: left and right padding in tests/test_paths.py, driven by the same table);
+- (c) decoders' cached decoding, token by token, equals the full forward: tests/test_paths.py
+  (DynamicCache and StaticCache, `test_static_cache_passed_in_equals_dynamic_and_full_forward`);
+- (d) gradients reach the inputs and every parameter, finite, the variant's own ones non-zero;
+- (e) save_pretrained then the Auto class's from_pretrained gives the same class, weights and outputs;
+- (f) bad option values raise a ValueError naming the option, before anything is modified.
+
+References are independent of the path under test: the other implementation, the sample alone,
+the model before saving, the model before the refused call.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from conftest import assert_same_state, state_copy
+from variant_cases import (
+    AUTO_CLASSES,
+    BUILDERS,
+    CASES,
+    FAMILIES,
+    NOT_APPLICABLE,
+    NUM_RELATIONS,
+    PADDING_SIDE,
+    TOKENS,
+    build,
+    family_cases,
+    is_flag,
+    variant_of,
+)
+
+import hf_relattn
+from hf_relattn import VARIANTS  # the registry, re-exported by the package
+
+SHORT = 7  # the padded sample's length
+PAD = 0
+ATOL = 1e-5
+# option values that are valid at 0 (every numeric option is invalid at -1)
+ZERO_ALLOWED = {"sinks", "dense_layers", "shared_heads", "aux_loss_coef"}
+CASE_PARAMS = [pytest.param(family, case, id=f"{family}-{case}") for family, case in family_cases()]
+
+
+# ----------------------------------------------------------------------------- inputs
+def relation_graph(batch: int, length: int, seed: int = 4) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, NUM_RELATIONS, (batch, length, length), generator=gen)
+
+
+def sample_inputs(family: str, case: str) -> dict:
+    """Two samples of the family's input, with relation ids for `relation` cases."""
+    gen = torch.Generator().manual_seed(1)
+    if family == "vit":
+        inputs = {"pixel_values": torch.randn(2, 1, 16, 16, generator=gen)}
+    else:
+        inputs = {"input_ids": torch.randint(3, 97, (2, TOKENS[family]), generator=gen)}
+    if variant_of(family, case) == "relation":
+        inputs["relation_ids"] = relation_graph(2, TOKENS[family])
+    return inputs
+
+
+def padded(family: str, inputs: dict) -> tuple[dict, torch.Tensor]:
+    """The batch with sample 1 cut to SHORT tokens and padded on the family's side, and the
+    (B, T) mask of real tokens (all real for ViT)."""
+    if PADDING_SIDE[family] is None:
+        return inputs, torch.ones(2, TOKENS[family], dtype=torch.bool)
+    width = TOKENS[family]
+    mask = torch.ones(2, width, dtype=torch.long)
+    real = slice(width - SHORT, width) if PADDING_SIDE[family] == "left" else slice(0, SHORT)
+    mask[1] = 0
+    mask[1, real] = 1
+    ids = inputs["input_ids"].clone()
+    ids[1] = PAD
+    ids[1, real] = inputs["input_ids"][1, :SHORT]
+    out = {**inputs, "input_ids": ids, "attention_mask": mask}
+    if "relation_ids" in inputs:
+        graph = inputs["relation_ids"].clone()
+        graph[1] = 0
+        graph[1, real, real] = inputs["relation_ids"][1, :SHORT, :SHORT]
+        out["relation_ids"] = graph
+    return out, mask.bool()
+
+
+def outputs(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, last hidden states): tiny BERT's classifier logits alone hardly tell variants apart."""
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+# ------------------------------------------------------------------------------ the table
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_variant_has_an_entry_per_family(family):
+    """A newly registered variant fails here until each family's table has a case for it or a
+    reason why it does not apply; no entry names an unregistered variant."""
+    cased = {variant_of(family, case) for case in CASES[family]}
+    refused = set(NOT_APPLICABLE[family])
+    assert not cased & refused, f"{family}: both a case and not applicable: {sorted(cased & refused)}"
+    assert cased | refused <= set(VARIANTS), f"{family}: not registered: {sorted((cased | refused) - set(VARIANTS))}"
+    missing = sorted(set(VARIANTS) - cased - refused)
+    assert not missing, f"{family}: give {missing} a case in tests/variant_cases.py or a NOT_APPLICABLE reason"
+    assert all(isinstance(why, str) and why for why in NOT_APPLICABLE[family].values())
+    assert set(CASES) == set(NOT_APPLICABLE) == set(BUILDERS) == set(AUTO_CLASSES) == set(TOKENS) == set(PADDING_SIDE)
+
+
+def _options_for(variant: str) -> dict:
+    """The options of the variant's first case in any family: what it needs to be built."""
+    for family, case in family_cases():
+        if CASES[family][case][0] == variant:
+            return copy.deepcopy(CASES[family][case][1])
+    return {}
+
+
+NOT_APPLICABLE_PARAMS = [pytest.param(f, v, id=f"{f}-{v}") for f, table in NOT_APPLICABLE.items() for v in table]
+
+
+@pytest.mark.parametrize("family, variant", NOT_APPLICABLE_PARAMS)
+def test_not_applicable_variants_are_refused(family, variant):
+    """What the table says does not apply is refused with a ValueError, the model untouched
+    (when a variant learns the family, this fails: give it a case instead)."""
+    model = BUILDERS[family]()
+    before, kind = state_copy(model), type(model)
+    with pytest.raises(ValueError, match=r"causal decoder|valid families"):
+        hf_relattn.convert(model, variant, **_options_for(variant))
+    assert_same_state(before, model)
+    assert type(model) is kind
+
+
+# -------------------------------------------------------------- (a) reference path
+@pytest.mark.parametrize("family, case", CASE_PARAMS)
+def test_default_path_equals_the_reference_path(family, case):
+    """The paths `auto` picks (SDPA with a bias, relational, block-sparse, pattern layouts,
+    routed) equal the materialised formula, unpadded and padded (at real tokens); and the
+    case really changes the computation (else the comparison proves little)."""
+    model = build(family, case)
+    inputs = sample_inputs(family, case)
+    plain = BUILDERS[family]()
+    _, native_hidden = outputs(plain, {k: v for k, v in inputs.items() if k != "relation_ids"})
+    for batch, real in ((inputs, torch.ones(2, TOKENS[family], dtype=torch.bool)), padded(family, inputs)):
+        logits, hidden = outputs(model, batch)
+        with hf_relattn.force_implementation("reference"):
+            ref_logits, ref_hidden = outputs(model, batch)
+        assert torch.isfinite(logits).all() and torch.isfinite(hidden).all()
+        torch.testing.assert_close(hidden[real], ref_hidden[real], rtol=1e-5, atol=ATOL)
+        if family == "llama":  # per token
+            torch.testing.assert_close(logits[real], ref_logits[real], rtol=1e-5, atol=ATOL)
+        else:  # pooled from [CLS], a real token of every sample
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=ATOL)
+    _, hidden = outputs(model, inputs)
+    assert (hidden - native_hidden).abs().max() > 1e-3, "the case does not change the model's outputs"
+
+
+# ------------------------------------------------------------------------ (b) padding
+@pytest.mark.parametrize("case", list(CASES["bert"]))
+def test_right_padded_encoder_sample_equals_the_sample_alone(case):
+    """Encoders: at its real tokens a right-padded sample gets what it gets alone (patterns,
+    sinks, relative terms and routers see no padding). Decoders: tests/test_paths.py (left and
+    right padding, from DECODER_CASES); ViT takes no attention mask."""
+    model = build("bert", case)
+    inputs = sample_inputs("bert", case)
+    batch, real = padded("bert", inputs)
+    logits, hidden = outputs(model, batch)
+    for row, n in enumerate([TOKENS["bert"], SHORT]):
+        alone = {"input_ids": inputs["input_ids"][row : row + 1, :n]}
+        if "relation_ids" in inputs:
+            alone["relation_ids"] = inputs["relation_ids"][row : row + 1, :n, :n]
+        alone_logits, alone_hidden = outputs(model, alone)
+        assert bool(real[row, :n].all())
+        torch.testing.assert_close(hidden[row, :n], alone_hidden[0], rtol=0, atol=ATOL)
+        torch.testing.assert_close(logits[row], alone_logits[0], rtol=0, atol=ATOL)
+    assert torch.isfinite(hidden).all()  # padding rows too
+
+
+# ---------------------------------------------------------------------- (d) gradients
+@pytest.mark.parametrize("family, case", CASE_PARAMS)
+def test_gradients_reach_inputs_and_parameters(family, case):
+    """In training mode, on a padded batch: the loss's gradient reaches the input embeddings
+    (pixels) and every parameter, all finite; the variant's own tables, routers and sink
+    logits get non-zero gradients."""
+    model = build(family, case).train()
+    batch, real = padded(family, sample_inputs(family, case))
+    if family == "vit":
+        leaf = batch["pixel_values"].clone().requires_grad_(True)
+        kwargs = {"pixel_values": leaf, "labels": torch.tensor([1, 3])}
+    else:
+        leaf = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        labels = batch["input_ids"].masked_fill(~real, -100) if family == "llama" else torch.tensor([1, 2])
+        kwargs = {"inputs_embeds": leaf, "attention_mask": batch["attention_mask"], "labels": labels}
+        if family == "llama":
+            kwargs["use_cache"] = False
+    if "relation_ids" in batch:
+        kwargs["relation_ids"] = batch["relation_ids"]
+    loss = model(**kwargs).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+    rows = real if family != "vit" else torch.ones(2, dtype=torch.bool)
+    assert leaf.grad[rows].abs().sum() > 0
+    skipped = {n for n, _ in model.named_parameters() if n.endswith(("embed_tokens.weight", "word_embeddings.weight"))}
+    for name, param in model.named_parameters():
+        if name in skipped:  # inputs_embeds given: the token table is not used
+            continue
+        assert param.grad is not None, f"{name} gets no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+        if "relattn" in name:
+            assert param.grad.abs().sum() > 0, f"{name} (the variant's) gets a zero gradient"
+
+
+# ----------------------------------------------------------------------- (e) save/load
+@pytest.mark.parametrize("family, case", CASE_PARAMS)
+def test_save_pretrained_and_auto_reload_give_the_same_model(family, case, tmp_path):
+    """save_pretrained, then the family's Auto class: the same class and weights, identical
+    outputs on a padded batch. A flag is a runtime choice (transformers does not save
+    attn_implementation): it is given again at load, with its options."""
+    model = build(family, case)
+    batch, real = padded(family, sample_inputs(family, case))
+    logits, hidden = outputs(model, batch)
+    state = state_copy(model)
+    model.save_pretrained(tmp_path)
+    if is_flag(family, case):
+        options = copy.deepcopy(CASES[family][case][1])
+        loaded = AUTO_CLASSES[family].from_pretrained(tmp_path, attn_implementation=f"relattn_{variant_of(family, case)}",
+                                              **({"relattn": options} if options else {}))
+        assert loaded.config._attn_implementation == f"relattn_{variant_of(family, case)}"
+    else:
+        loaded = AUTO_CLASSES[family].from_pretrained(tmp_path)
+        if hf_relattn.is_adapted(model):
+            assert json.loads((tmp_path / "config.json").read_text())["model_type"] == f"relattn_{family}"
+            as_json = lambda spec: json.loads(json.dumps(spec))  # noqa: E731 (JSON makes layer keys text)
+            assert as_json(loaded.config.relattn) == as_json(model.config.relattn)
+    loaded.eval()
+    assert type(loaded) is type(model)
+    assert_same_state(state, loaded)
+    got_logits, got_hidden = outputs(loaded, batch)
+    torch.testing.assert_close(got_hidden[real], hidden[real], atol=0, rtol=0)
+    torch.testing.assert_close(got_logits, logits, atol=0, rtol=0)
+
+
+# -------------------------------------------------------------------- (f) bad options
+def bad_values(option: str, value) -> list:
+    """Values of the option's kind that no variant accepts."""
+    if option == "layers":
+        return [[99]]
+    if isinstance(value, bool):
+        return ["yes"]
+    if isinstance(value, (int, float)):
+        return [-1] if option in ZERO_ALLOWED else [-1, 0]
+    if isinstance(value, str):
+        return ["bogus"]
+    if isinstance(value, dict):  # prune's {layer: [heads]}
+        return [{-1: [0]}, {0: [99]}]
+    raise AssertionError(f"no bad value for {option}={value!r}: add one")
+
+
+def _untouched(model: torch.nn.Module) -> tuple:
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return type(model), config, model.config._attn_implementation
+
+
+@pytest.mark.parametrize("family, case", CASE_PARAMS)
+def test_bad_options_raise_naming_the_option_before_any_change(family, case):
+    """Each option of the case set to a bad value of its kind (negative or zero counts, a
+    non-boolean flag, an unknown choice, a head outside the layer, a missing layer), and an
+    unknown option: a ValueError naming it, and the model as it was (class, config, weights,
+    outputs). Flags refuse bad options in config.relattn when switched to."""
+    variant = variant_of(family, case)
+    options = CASES[family][case][1]
+    model = BUILDERS[family]()
+    inputs = {k: v for k, v in sample_inputs(family, case).items() if k != "relation_ids"}
+    before, state, (logits, _) = _untouched(model), state_copy(model), outputs(model, inputs)
+    attempts = [({**copy.deepcopy(options), option: bad}, "layer" if option == "layers" else option)
+                for option, value in options.items() for bad in bad_values(option, value)]
+    attempts.append(({**copy.deepcopy(options), "bogus_option": 1}, "bogus_option"))
+    for bad_options, named in attempts:
+        with pytest.raises(ValueError, match=rf"\b{re.escape(named)}"):
+            hf_relattn.convert(model, variant, **bad_options)
+        if is_flag(family, case) and named != "layer":
+            flag_options = {k: v for k, v in bad_options.items() if k != "layers"}
+            model.config.relattn = flag_options
+            with pytest.raises(ValueError, match=rf"\b{re.escape(named)}"):
+                model.set_attn_implementation(f"relattn_{variant}")
+            del model.config.relattn  # what the test set (the class default, None, stays)
+        assert _untouched(model) == before, bad_options
+        assert_same_state(state, model)
+    torch.testing.assert_close(outputs(model, inputs)[0], logits, atol=0, rtol=0)
