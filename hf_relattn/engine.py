@@ -96,7 +96,7 @@ def implementation() -> str:
 
 
 def _check_model_inputs(config: Any, inputs: dict[str, Any]) -> None:
-    """Refuse a model input (e.g. relation_ids) that no variant of the model's spec reads: it
+    """Refuse a model input (`Variant.model_inputs`) that no variant of the model's spec reads: it
     would be silently ignored (checked on the model: layers left unconverted may still get it)."""
     spec = getattr(config, "relattn", None) or {}
     names = {entry.get("name") for entry in spec.get("variants", ())} if isinstance(spec, dict) else set()

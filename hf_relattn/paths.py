@@ -35,7 +35,7 @@ def score_attention(call: AttnCall, variants: Sequence[Variant]) -> torch.Tensor
     for term in terms:
         if isinstance(term.labels, torch.Tensor) and term.labels.shape[0] not in (1, query.shape[0]):
             raise ValueError(
-                f"relation_ids has batch size {term.labels.shape[0]} but the input has {query.shape[0]}: expected "
+                f"{term.source} has batch size {term.labels.shape[0]} but the input has {query.shape[0]}: expected "
                 f"shape (batch, query length, key length) = ({query.shape[0]}, {q_len}, {k_len})"
             )
     scorers = [v for v in variants if v.axis == "scores"]

@@ -43,7 +43,7 @@ def chosen_blocks(
 
 def query_rows(variant: Any, block: int, q_len: int) -> int:
     """Query rows per block of the block-sparse path: taller blocks copy K/V less per FLOP, but
-    when the choice of key blocks varies by query block (power, MoBA) a taller block reads the
+    when the choice of key blocks varies by query block ("block", "token") a taller block reads the
     union of more choices; decoding takes a block of the new tokens only."""
     rows = block * max(1, SPARSE_QUERY_TOKENS // block) if variant.choice == "rule" else block
     return min(rows, q_len)

@@ -43,6 +43,7 @@ class RelationTerm:
     key: torch.Tensor | None = None
     value: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    source: str = "labels"  # where given labels come from, for errors (e.g. the model input's name)
 
 
 def term_labels(term: RelationTerm, q_pos: torch.Tensor, k_pos: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:

@@ -101,4 +101,4 @@ class Relation(RelationalVariant):
     ) -> RelationTerm:
         ids = self.relation_ids(inputs, q_pos.shape[0], k_pos.shape[0], q_pos.device)
         key, value = self.tables(module)
-        return RelationTerm(self.num_relations, labels=ids, key=key, value=value)
+        return RelationTerm(self.num_relations, labels=ids, key=key, value=value, source=INPUT_NAME)
