@@ -5,7 +5,7 @@
 
 Rows: the original model (GQA-3), MQA right after conversion with each of Ainslie et al.'s
 initialisations (mean, first, random) and, if given, the uptrained MQA checkpoint. Perplexity
-is the standard sliding-window one (`hf_relattn.bench.perplexity`, the "perplexity" Evaluate
+is the standard sliding-window one (`hf_relattn.measure.perplexity`, the "perplexity" Evaluate
 module): windows of `--context` tokens every `--stride`, each token scored once, over the first
 `--tokens` tokens of the text.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import hf_relattn
-from hf_relattn.bench import perplexity
+from hf_relattn.measure import perplexity
 from hf_relattn.presets import load
 
 

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from hf_relattn.patches import get_adapter
@@ -52,23 +51,17 @@ from hf_relattn.outputs import (
     write_provenance,
     write_text_atomic,
 )
-from hf_relattn.presets import PRESETS, load
+from hf_relattn.presets import load
 from hf_relattn.settings import variant_options
+from hf_relattn.training import AUTO_CLASSES, HEAD_SUFFIXES, config_of, image_processor, resolve_task
 from hf_relattn.variants.base import get_variant_class
 from hf_relattn.variants.moh import moh_aux_loss, moh_layers
 from hf_relattn.variants.sparse_base import optimizer_groups
 
 from . import data as D
 from .distill import combined_loss, distill_kl, prediction_mask
-from .args import SCHEDULERS, TASKS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
+from .args import SCHEDULERS, TRAIN_SELECTIONS, FinetuneArguments, parse_args
 
-AUTO_CLASSES = {
-    "causal-lm": transformers.AutoModelForCausalLM,
-    "masked-lm": transformers.AutoModelForMaskedLM,
-    "seq-cls": transformers.AutoModelForSequenceClassification,
-    "image-cls": transformers.AutoModelForImageClassification,
-}
-HEAD_SUFFIXES = {"ForCausalLM": "causal-lm", "ForMaskedLM": "masked-lm", "ForSequenceClassification": "seq-cls", "ForImageClassification": "image-cls"}
 STATE_FILE = "finetune_state.json"
 CHECKPOINT = re.compile(r"step-(\d+)")
 # Arguments that do not change what a run computes (where it writes, how often it logs, evaluates
@@ -95,47 +88,6 @@ class EpochSampler(Sampler[int]):
 
 
 # ------------------------------------------------------------------------ set-up
-def _config_of(source: str) -> Any:
-    if source in PRESETS and PRESETS[source].config is not None:
-        return transformers.AutoConfig.for_model(**PRESETS[source].config)
-    if source in PRESETS:
-        from hf_relattn.presets import preset_folder
-
-        preset = PRESETS[source]
-        extra = {"gguf_file": preset.gguf_file} if preset.gguf_file else {}
-        config = transformers.AutoConfig.from_pretrained(preset_folder(source), **extra)
-        config.architectures = config.architectures or [preset.model_class]  # GGUF files name none
-        return config
-    return transformers.AutoConfig.from_pretrained(source)
-
-
-def resolve_task(args: FinetuneArguments, config: Any) -> str:
-    adapter = get_adapter(config)
-    task = args.task
-    if task is None:
-        heads = [HEAD_SUFFIXES[s] for a in (config.architectures or []) for s in HEAD_SUFFIXES if a.endswith(s)]
-        if not heads:
-            raise ValueError(f"Cannot infer the task of {args.model!r}; pass --task ({', '.join(adapter.tasks)})")
-        task = heads[0]
-    if task not in TASKS:
-        raise ValueError(f"Unknown --task {task!r}; valid: {', '.join(TASKS)}")
-    if task not in adapter.tasks:
-        raise ValueError(f"--task {task} is not available for {adapter.model_type} models; valid: {', '.join(adapter.tasks)}")
-    return task
-
-
-def image_processor(source: str, config: Any) -> Any:
-    """The checkpoint's image processor, else one matching the config (normalise to [-1, 1])."""
-    try:
-        return transformers.AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError):
-        size = {"height": config.image_size, "width": config.image_size}
-        channels = config.num_channels
-        return transformers.ViTImageProcessorPil(
-            size=size, image_mean=[0.5] * channels, image_std=[0.5] * channels, do_convert_rgb=channels == 3
-        )
-
-
 def new_parameter_names(model: torch.nn.Module, missing: set[str]) -> set[str]:
     """Parameters a variant added (modules named relattn_*) or the checkpoint lacked (new heads)."""
     return {n for n, _ in model.named_parameters() if n in missing or ".relattn_" in f".{n}"}
@@ -353,7 +305,7 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     if ckpt is not None:
         check_resume_settings(ckpt, args)
     settings = run_settings(args) if args.save_steps else None  # recorded in each checkpoint
-    config = _config_of(args.model)
+    config = config_of(args.model)
     task = resolve_task(args, config)
     if args.push_to_hub and not args.variant and not str(config.model_type).startswith("relattn_"):
         raise ValueError(f"--push-to-hub shares hf_relattn checkpoints: {args.model!r} is a plain {config.model_type} model and --variant is not set")

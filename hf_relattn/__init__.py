@@ -30,8 +30,8 @@ from .transfer import CalibrationReport, calibrate
 from .variants import VARIANTS
 from .variants.moh import moh_aux_loss
 from .variants.sparse_base import optimizer_groups
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "__version__",
     "attention_names",

@@ -45,35 +45,45 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import dataclasses
 import datetime
-import gc
-import inspect
 import json
 import math
-import os
-import platform
-import shutil
-import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__, convert
-from .outputs import check_output_folder, clear_folder, reporting_write_errors
-from .settings import parse_value, read_settings_file
+from .convert import convert
+from .measure import (  # cpu_model, plain_table: still importable from here, where they were
+    PeakMemory,
+    cpu_model,
+    environment,
+    fmt_bytes,
+    forward_accepts,
+    load_metric,
+    markdown_table,
+    paired_ratio,
+    perplexity,
+    plain_table,
+    print_table,
+    quotient,
+    sliding_windows,
+    summarize,
+    sync,
+)
 from .modeling import SPEC_KEY, is_adapted
+from .outputs import check_output_folder, clear_folder, reporting_write_errors
 from .patches import get_adapter
+from .settings import parse_value, read_settings_file
 from .streaming import StreamingCache, streaming_window
 from .variants.base import DATA_OPTIONS, VARIANTS
+from .variants.relation import INPUT_NAME as RELATION_INPUT
 
 RESULTS_FORMAT = 1
 LAYERS_OPTION = "layers"
@@ -192,12 +202,12 @@ class SameTokenGraph:
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         ids = kwargs.get("input_ids")
-        if kwargs.get("relation_ids") is not None or ids is None:
+        if kwargs.get(RELATION_INPUT) is not None or ids is None:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None else 0
         self.tokens = ids if past == 0 or self.tokens is None else torch.cat([self.tokens[:, :past], ids], dim=1)
-        kwargs["relation_ids"] = (ids[:, :, None] == self.tokens[:, None, :]).long()
+        kwargs[RELATION_INPUT] = (ids[:, :, None] == self.tokens[:, None, :]).long()
         return args, kwargs
 
 
@@ -291,7 +301,7 @@ class BenchConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"Unknown --dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
         if self.data is not None:
-            from .finetune import data as D
+            from . import data as D
 
             D.data_format(self.data)  # FileNotFoundError naming the path and the formats
         check_output_folder(self.out, bool(self.overwrite), "--out", inputs=[self.model, self.data])
@@ -365,142 +375,7 @@ def build_parser(prog: str = "hf-relattn bench", text: str | None = None) -> arg
     return parser
 
 
-# ========================================================================== environment
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith(("model name", "hardware", "processor\t: ")) and ":" in line:
-                    value = line.split(":", 1)[1].strip()
-                    if value and not value.isdigit():
-                        return value
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Versions and machine facts that a benchmark number depends on."""
-    import transformers
-
-    try:
-        import evaluate
-
-        evaluate_version = evaluate.__version__
-    except ImportError:
-        evaluate_version = None
-    device = torch.device(device)
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "evaluate": evaluate_version,
-        "hf_relattn": __version__,
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "device": str(device),
-        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }
-
-
-# ================================================================= measurement primitives
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _rss() -> int | None:
-    try:
-        with open("/proc/self/statm", "rb") as handle:
-            return int(handle.read().split()[1]) * _PAGE
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _malloc_trim() -> None:
-    # Return freed heap pages to the OS so the RSS before a call is the true baseline.
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """`with PeakMemory(device) as pm: ...` then `pm.peak_bytes`: extra memory at the peak of the block.
-
-    CUDA: `max_memory_allocated` minus the allocation at entry. CPU: a thread samples the
-    process RSS every `interval` seconds; peak minus the RSS at entry (None without /proc).
-    """
-
-    def __init__(self, device: torch.device | str = "cpu", interval: float = 5e-4) -> None:
-        self.device = torch.device(device)
-        self.interval = interval
-        self.peak_bytes: int | None = None
-
-    def __enter__(self) -> Self:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-            return self
-        gc.collect()
-        _malloc_trim()
-        self._start = _rss()
-        self._peak = self._start or 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        if self._start is not None:
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss = _rss()
-            if rss is not None and rss > self._peak:
-                self._peak = rss
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - self._start)
-            return
-        if self._start is None:
-            return
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, _rss() or 0)
-        self.peak_bytes = max(0, self._peak - self._start)
-
-
-def summarize(values: Sequence[float]) -> dict[str, Any]:
-    """Raw values plus median, min, max and quartiles (inclusive method)."""
-    values = [float(v) for v in values]
-    q1, q3 = (statistics.quantiles(values, n=4, method="inclusive")[i] for i in (0, 2)) if len(values) > 1 else (values[0], values[0])
-    return {"values": values, "median": statistics.median(values), "min": min(values), "max": max(values), "q1": q1, "q3": q3}
-
-
-def paired_ratio(variant: Sequence[float], baseline: Sequence[float]) -> float | None:
-    """Median over repetitions of variant[r] / baseline[r] (None if a baseline value is 0)."""
-    if len(variant) != len(baseline) or not variant or any(b == 0 for b in baseline):
-        return None
-    return statistics.median(v / b for v, b in zip(variant, baseline))
-
-
-def quotient(variant: float | None, baseline: float | None) -> float | None:
-    """variant / baseline, or None when either is missing or the baseline is 0."""
-    if variant is None or baseline is None or baseline == 0:
-        return None
-    return variant / baseline
-
-
+# ======================================== measurement (shared helpers: hf_relattn.measure)
 def cache_bytes(cache: Any) -> int:
     """Bytes held by the keys and values of a transformers Cache (every layer)."""
     total = 0
@@ -516,16 +391,12 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
-
-
 @torch.inference_mode()
 def prefill(model: nn.Module, ids: torch.Tensor, cache: Any = None) -> Any:
     """One forward over `ids` (1, L) building the KV cache (`cache`, or the model's default) and
     only the last logits, like `generate`."""
     kwargs: dict[str, Any] = {"use_cache": True, **({"cache": cache} if cache is not None else {})}
-    if _accepts(model, "logits_to_keep"):
+    if forward_accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     return model(input_ids=ids, **kwargs)
 
@@ -534,12 +405,12 @@ def prefill(model: nn.Module, ids: torch.Tensor, cache: Any = None) -> Any:
 def decode_steps(model: nn.Module, cache: Any, next_token: torch.Tensor, new_tokens: int) -> float:
     """Greedy-decode `new_tokens` tokens from `cache` (modified in place); returns seconds."""
     device = next_token.device
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(input_ids=next_token, cache=cache, use_cache=True)
         cache, next_token = out.cache, out.logits[:, -1:].argmax(-1)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -556,49 +427,6 @@ def decode_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[fl
 
 
 # ================================================================================ quality
-def sliding_windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows (begin, end, n_new) covering targets 1..num_tokens-1 exactly once.
-
-    The window's inputs are tokens [begin, end); they predict targets begin+1..end, of which the
-    last `n_new` are scored (the others were scored by an earlier window and are context only).
-    Windows start every `stride` tokens; the last one is moved back to keep a full context.
-    """
-    last = num_tokens - 1
-    windows, scored, start = [], 0, 0
-    while scored < last:
-        end = min(start + context, last)
-        windows.append((max(0, end - context), end, end - scored))
-        scored = end
-        start += stride
-    return windows
-
-
-def _metric(name: str) -> Any:
-    from . import metrics
-
-    return metrics.load(name, keep_in_memory=True)
-
-
-@torch.inference_mode()
-def perplexity(
-    model: nn.Module, ids: torch.Tensor, context: int, stride: int, metric: Any = None, step: Callable[[], None] | None = None
-) -> dict[str, Any]:
-    """Sliding-window perplexity of a causal LM over the 1-D token ids (hf_relattn.metrics "perplexity")."""
-    metric = metric or _metric("perplexity")
-    ids = ids.reshape(-1)
-    keep = _accepts(model, "logits_to_keep")
-    for begin, end, n_new in sliding_windows(ids.numel(), context, stride):
-        window = ids[None, begin:end]
-        logits = model(input_ids=window, logits_to_keep=n_new).logits if keep else model(input_ids=window).logits
-        logits = logits[0, -n_new:].float()
-        targets = ids[end - n_new + 1 : end + 1]
-        log_probs = logits.log_softmax(-1).gather(-1, targets[:, None].to(logits.device))[:, 0]
-        metric.add_batch(log_probs=log_probs.clamp(max=0.0).double().cpu().tolist())
-        if step:
-            step()
-    return metric.compute()
-
-
 @torch.inference_mode()
 def accuracy(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]], metric: Any, step: Callable[[], None] | None = None) -> dict[str, Any]:
     """Argmax accuracy over prepared labelled batches with an accuracy-type metrics module:
@@ -625,7 +453,7 @@ def _raw_text(cfg: BenchConfig) -> tuple[str, str]:
     """(text, description) for the LM tasks."""
     if cfg.data is None:
         return default_text(), "pydoc_data.topics (embedded in CPython)"
-    from .finetune import data as D
+    from . import data as D
 
     raw = D.load_raw(cfg.data)
     column = "text" if "text" in raw.column_names else cfg.text_column
@@ -656,7 +484,7 @@ def lm_token_ids(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
 def _class_labels(raw: Any, column: str, num_labels: int | None) -> list[Any]:
     """Label values in class-index order: identity when they are the integers 0..n-1 of the
     model's head, else sorted values (the convention of hf_relattn.finetune)."""
-    from .finetune import data as D
+    from . import data as D
 
     values = D.label_list(raw, column)
     if num_labels and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_labels for v in values):
@@ -692,7 +520,7 @@ def _model_limit(config: Any) -> int | None:
 
 def build_workload(cfg: BenchConfig, task: str, model: nn.Module, processor: Any, raw: Any, device: torch.device) -> Workload:
     """Tokenize / featurize the quality data and draw the random efficiency inputs."""
-    from .finetune import data as D
+    from . import data as D
 
     config = model.config
     info: dict[str, Any] = {"metric": TASK_METRICS[task][0], "key": TASK_METRICS[task][1], "higher_is_better": TASK_METRICS[task][2]}
@@ -713,7 +541,7 @@ def build_workload(cfg: BenchConfig, task: str, model: nn.Module, processor: Any
 
         n_blocks = max(1, cfg.max_tokens // cfg.context)
         prefix = text_prefix(processor, text, n_blocks * cfg.context)
-        # finetune.data packs the tokens into blocks of --context, exactly as masked-LM training does
+        # hf_relattn.data packs the tokens into blocks of --context, exactly as masked-LM training does
         blocks = D.prepare("masked-lm", datasets.Dataset.from_dict({"text": [prefix]}), processor, prep_args, config, None)
         blocks = blocks.select(range(min(n_blocks, len(blocks))))
         collate = D.collator("masked-lm", processor, cfg.mlm_probability)
@@ -770,14 +598,14 @@ class Entry:
 
 
 def _timed_forward(model: nn.Module, inputs: dict[str, torch.Tensor], causal: bool, device: torch.device) -> tuple[float, Any]:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     if causal:
         out = prefill(model, inputs["input_ids"])
     else:
         with torch.inference_mode():
             out = model(**inputs)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, out
 
 
@@ -792,11 +620,11 @@ def _resolve_device(name: str | None) -> torch.device:
 
 def _load(cfg: BenchConfig) -> tuple[str, nn.Module, Any, Any, dict[str, Any]]:
     """Resolve the task, read the data, then load the model (data errors come before the big load)."""
-    from .finetune import data as D
-    from .finetune.train import AUTO_CLASSES, _config_of, image_processor, resolve_task
+    from . import data as D
     from .presets import load
+    from .training import AUTO_CLASSES, config_of, image_processor, resolve_task
 
-    config = _config_of(cfg.model)
+    config = config_of(cfg.model)
     task = resolve_task(SimpleNamespace(task=cfg.task, model=cfg.model), config)
     if task in ("causal-lm", "masked-lm"):
         raw: Any = _raw_text(cfg)
@@ -854,7 +682,7 @@ def _run(cfg: BenchConfig, specs: list[VariantSpec]) -> dict[str, Any]:
     total = n * (len(work.quality_batches) + len(work.contexts) * (cfg.warmup + cfg.reps)
                  + len(work.decode_contexts) * (1 + cfg.warmup + cfg.reps))
     bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, dynamic_ncols=True)
-    metric = _metric(work.quality_info["metric"])  # one Evaluate module, reused (compute() resets it)
+    metric = load_metric(work.quality_info["metric"])  # one Evaluate module, reused (compute() resets it)
 
     # ---- quality: one pass per model (deterministic, nothing to repeat)
     for entry in entries:
@@ -1047,15 +875,6 @@ def assemble(
 
 
 # ============================================================================== reporting
-def fmt_bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value:.0f} B"
-
-
 def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"x{value:.2f}"
 
@@ -1101,47 +920,6 @@ def summary_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             row.append(f"{_fmt_num(m['tokens_per_s']['median'])} ({_fmt_ratio(ratio['decode'][str(m['context'])]['tokens_per_s'])})")
         rows.append(row)
     return headers, rows
-
-
-def plain_table(headers: list[str], rows: list[list[str]]) -> str:
-    """Aligned plain-text table: first column left, the others right."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
-
-
-def markdown_table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
-    """A markdown table; the first `left` columns are left-aligned (text), the rest right (numbers)."""
-    def esc(cell: str) -> str:
-        return str(cell).replace("|", "\\|")
-
-    align = [" --- " if i < left else " ---: " for i in range(len(headers))]
-    out = ["| " + " | ".join(map(esc, headers)) + " |", "|" + "|".join(align) + "|"]
-    out += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def print_table(title: str, headers: list[str], rows: list[list[str]], file: Any = None) -> None:
-    """Print with rich when it is importable, else as aligned plain text."""
-    file = file or sys.stdout
-    try:
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-    except ImportError:
-        print(f"\n{title}\n{plain_table(headers, rows)}", file=file)
-        return
-    table = Table(title=escape(title), title_justify="left")
-    for i, header in enumerate(headers):
-        table.add_column(escape(header), justify="left" if i == 0 else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*map(escape, row))  # "[min-max]" is text, not rich markup
-    # wide enough for every cell: rich would otherwise fold cells to 80 columns when piped
-    needed = len(plain_table(headers, rows).splitlines()[0]) + 3 * len(headers) + 1
-    Console(file=file, width=max(needed, shutil.get_terminal_size().columns)).print(table)
 
 
 def _caption(results: dict[str, Any]) -> str:

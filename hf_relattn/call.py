@@ -16,13 +16,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .variants.base import Variant
 
 @dataclass
 class AttnCall:
@@ -48,7 +45,7 @@ class AttnCall:
     inputs: dict[str, Any]
     lead: Any
     impl: str = "auto"
-    variants: tuple[Variant, ...] = ()
+    variants: tuple[Any, ...] = ()  # the Variant objects (hf_relattn.variants.base sits above this module)
     # (B, H, K) tensors a variant computed for every key of this call (MoSA's router logits):
     # `by_offset` cuts them with the keys
     per_key: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -116,7 +113,7 @@ def _lead(q_len: int, k_len: int, mask: torch.Tensor | None, causal: bool, compi
 
 def build_call(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                dropout: float, scaling: float | None, kwargs: dict[str, Any], impl: str,
-               variants: tuple[Variant, ...] = ()) -> AttnCall:
+               variants: tuple[Any, ...] = ()) -> AttnCall:
     """The call transformers made, with causality, scale, dropout and the filled key slots resolved."""
     compiling = impl == "compiled"
     causal = kwargs.get("is_causal")

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import convert, variants
+from . import bench, convert, kernels, variants
 from .outputs import (
     check_output_folder,
     publish_folder,
@@ -69,9 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="convert a variant the source already has on these layers afresh (its trained tables are dropped)")
     add_variant_option_flags(conv)
 
-    # imported here, not at the top: bench imports `parse_value` from this module
-    from . import bench, kernels
-
     bench_parser = sub.add_parser(
         "bench",
         help="quality + speed + memory of variants against the unmodified model (or `bench kernels`)",
@@ -111,7 +108,7 @@ def cmd_variants() -> None:
         print(f"{name:<{width}}  {text}")
 
 
-def _with_recipe(args: argparse.Namespace) -> argparse.Namespace:
+def with_recipe(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags not given on the command line from `--config` (keys as the flags' names)."""
     if args.config:
         defaults = vars(build_parser().parse_args(["convert"]))
@@ -134,7 +131,7 @@ def _with_recipe(args: argparse.Namespace) -> argparse.Namespace:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .presets import load
 
-    args = _with_recipe(args)
+    args = with_recipe(args)
     options = variant_option_values(args)
     if args.calibrate is not None and not Path(args.calibrate).exists():
         raise FileNotFoundError(f"--calibrate {args.calibrate!r} not found")
@@ -182,8 +179,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from . import bench, kernels
-
     if args.bench_mode == "kernels":
         given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(bench.BenchConfig) if getattr(args, f.name, None) is not None]
         if given or args.config:

@@ -12,7 +12,7 @@ it knows no variant by name, only the axes of the contract (`hf_relattn.variants
 - eager paths: the variants are asked in axis order (gating, sparsity, the others) to compute
   the call themselves (`Variant.attend`), each given how to compute the rest; the first answer
   wins. What no variant takes goes to the shared score path (`hf_relattn.paths.score_attention`:
-  score biases and relation terms over SDPA in chunks or the relational kernel);
+  the hooks `score_bias` and `relation_term` over SDPA in chunks or the relational kernel);
 - `compiled` (under torch.compile) and `output_attentions=True`: every variant at once over
   materialised scores (`hf_relattn.paths.materialized_attention`), no data-dependent Python;
 - `reference` (`force_implementation("reference")`): the materialised formulas, for tests,
@@ -36,6 +36,7 @@ from .paths import materialized_attention, score_attention
 from .variants.base import (
     CACHE,
     FLAG_PREFIX,
+    SPEC_KEY,
     VARIANTS,
     Variant,
     check_composition,
@@ -98,7 +99,7 @@ def implementation() -> str:
 def _check_model_inputs(config: Any, inputs: dict[str, Any]) -> None:
     """Refuse a model input (`Variant.model_inputs`) that no variant of the model's spec reads: it
     would be silently ignored (checked on the model: layers left unconverted may still get it)."""
-    spec = getattr(config, "relattn", None) or {}
+    spec = getattr(config, SPEC_KEY, None) or {}
     names = {entry.get("name") for entry in spec.get("variants", ())} if isinstance(spec, dict) else set()
     for name in model_input_names():
         if inputs.get(name) is None:

@@ -57,11 +57,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .measure import fmt_bytes
 from .modeling import SPEC_KEY
 from .outputs import PROVENANCE_FILE
 from .patches import ADAPTED_PREFIX, ADAPTERS
 from .settings import variant_options
 from .variants.base import VARIANTS
+from .version import __version__
 
 TEMPLATE_NAME = "relattn_card.md"
 LOGIN_HELP = (
@@ -354,9 +356,6 @@ def _evaluations(results: Mapping[str, Any], rows: list[dict[str, Any]]) -> tupl
     """EvalResults for the metadata, rows for the card's tables, and the bench context."""
     from huggingface_hub import EvalResult
 
-    # imported here: bench imports the package, which imports this module
-    from .bench import fmt_bytes
-
     quality = results["quality"]
     task = results["model"].get("task")
     data = _dataset(quality.get("data") or results["settings"].get("data"))
@@ -480,7 +479,7 @@ def _training(checkpoint: Checkpoint, task: str | None) -> dict[str, Any] | None
     args = checkpoint.training_args
     if args is None:
         return None
-    from .finetune.args import FinetuneArguments
+    from .training import FinetuneArguments
 
     defaults = {name: f.default for name, f in FinetuneArguments.__dataclass_fields__.items()}
     skip = {"output", "resume", "resume_changed_ok", "overwrite", "push_to_hub", "hub_private", "save_steps", "logging_steps"}
@@ -563,8 +562,6 @@ def build_card(
             "options": _options_text(entry.get("options") or {}), "layers": _layers_text(entry["layers"], num_layers),
             "note": cls.limits or None,
         })
-    from . import __version__
-
     names = [v["name"] for v in variants]
     trained = training is not None
     limitations = []
@@ -721,8 +718,6 @@ def push_to_hub(
             return str(out)
         check_push_target(repo_id, token)
         from huggingface_hub import HfApi
-
-        from . import __version__
 
         api = HfApi(token=_resolve_token(token))
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

@@ -19,7 +19,7 @@ module carrying what the engine reads (`config._attn_implementation`, `is_causal
 independent computation (SDPA with repeated K/V heads, or the variant's reference path).
 
 Reported per case: median time (and min/max) over `--reps`, peak memory of a warm-up run (see
-`hf_relattn.bench.PeakMemory`), forward GFLOP/s counting the causal half of the two attention
+`hf_relattn.measure.PeakMemory`), forward GFLOP/s counting the causal half of the two attention
 matmuls (2·B·H·D·L(L+1) FLOPs), and time relative to `sdpa`. Forward + backward GFLOP/s count
 3.5x the forward FLOPs (backward = 2.5x forward, the FlashAttention convention). The machine's
 fp32 `torch.matmul` rate on `--matmul-size` square matrices is measured first: the ceiling.
@@ -42,14 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bench import (
-    PeakMemory,
-    _sync,
-    environment,
-    markdown_table,
-    print_table,
-    summarize,
-)
+from .measure import PeakMemory, environment, markdown_table, print_table, summarize, sync
 from .engine import ENGINE_NAME, force_implementation, relattn_attention
 from .presets import DTYPES
 from .variants.base import VARIANTS, Variant, attach
@@ -226,10 +219,10 @@ def matmul_gflops(size: int = 2048, reps: int = 3, device: torch.device | str = 
     torch.matmul(a, b)  # warm-up
     times = []
     for _ in range(max(1, reps)):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         torch.matmul(a, b)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     return {"size": size, "seconds": summarize(times), "gflops": 2 * size**3 / seconds / 1e9}
@@ -244,7 +237,7 @@ def _qkv(batch: int, heads: int, kv_heads: int, length: int, head_dim: int, dtyp
 
 
 def _one(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward: bool, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     if backward:
         out = case.run(q, k, v)
@@ -252,7 +245,7 @@ def _one(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backward
     else:
         with torch.inference_mode():
             case.run(q, k, v)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     if backward:
         for t in (q, k, v):

@@ -84,9 +84,8 @@ except ImportError:  # pragma: no cover (transformers without the registry)
 
 from .engine import ENGINE_NAME, FLAG_PREFIX, flag_options, module_variants, relattn_attention
 from .patches import ADAPTED_PREFIX, ADAPTERS, get_adapter
-from .variants.base import ATTACHED, VARIANTS, check_composition, get_variant_class
+from .variants.base import ATTACHED, SPEC_KEY, VARIANTS, check_composition, get_variant_class, model_input_names
 
-SPEC_KEY = "relattn"
 SPEC_FORMAT = 1
 
 _config_classes: dict[str, type] = {}
@@ -104,8 +103,6 @@ PUSH_OPTIONS = ("repo_id", "private", "commit_message")
 # generate() arguments (or generation config fields) that ask for speculative decoding
 SPECULATIVE = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
-# Model inputs that variants read inside attention (passed through the models' **kwargs).
-ATTENTION_INPUTS = ("relation_ids",)
 
 
 def is_adapted(model_or_config: Any) -> bool:
@@ -189,7 +186,7 @@ def _auto_class_name(family: str, class_name: str | None) -> str | None:
     if not class_name:
         return None
     class_name = class_name[len("Relattn"):] if class_name.startswith("Relattn") else class_name
-    names = [auto.__name__ for auto in _auto_classes() if auto._model_mapping._model_mapping.get(family) == class_name]
+    names = [auto.__name__ for auto in auto_classes() if auto._model_mapping._model_mapping.get(family) == class_name]
     return min(names, key=len) if names else None
 
 
@@ -271,7 +268,8 @@ def _check_model_class(config: PreTrainedConfig, caller: Any) -> None:
     )
 
 
-def _adapted_config_class(base: type) -> type:
+def adapted_config_class(base: type) -> type:
+    """The `Relattn<Config>` subclass of a native config class (created once), model_type `relattn_<family>`."""
     model_type = ADAPTED_PREFIX + base.model_type
     if model_type not in _config_classes:
 
@@ -319,7 +317,7 @@ def adapted_class(base: type) -> type:
         return base
     if base in _model_classes:
         return _model_classes[base]
-    config_cls = _adapted_config_class(base.config_class)
+    config_cls = adapted_config_class(base.config_class)
 
     def __init__(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
         token = _BUILDING.set((*_BUILDING.get(), id(config)))
@@ -346,7 +344,7 @@ def adapted_class(base: type) -> type:
     def _validate_model_kwargs(self: PreTrainedModel, model_kwargs: dict[str, Any]) -> None:
         # generate() rejects inputs missing from forward's signature; the `relation` variant's
         # relation_ids reach attention through **kwargs (the engine cuts them to each step).
-        base._validate_model_kwargs(self, {k: v for k, v in model_kwargs.items() if k not in ATTENTION_INPUTS})
+        base._validate_model_kwargs(self, {k: v for k, v in model_kwargs.items() if k not in model_input_names()})
 
     def save_pretrained(self: PreTrainedModel, save_directory: Any, *args: Any, push_to_hub: bool = False, **kwargs: Any) -> Any:
         # weights and config, then the self-contained modeling code for trust_remote_code loads;
@@ -450,14 +448,15 @@ def make_adapted(model: PreTrainedModel) -> None:
         return
     model.__class__ = adapted_class(type(model))
     _register_output_capture(type(model))
-    model.config.__class__ = _adapted_config_class(type(model.config))
+    model.config.__class__ = adapted_config_class(type(model.config))
     # A config read from config.json (every from_pretrained model) holds `model_type` as an
     # instance attribute, which would shadow the adapted class's and make is_adapted() False.
     model.config.model_type = type(model.config).model_type
     setattr(model.config, SPEC_KEY, {"format": SPEC_FORMAT, "variants": []})
 
 
-def _auto_classes() -> list[type]:
+def auto_classes() -> list[type]:
+    """Every Auto model class of transformers (AutoModel, AutoModelForCausalLM, ...)."""
     return [
         obj
         for obj in vars(modeling_auto).values()
@@ -469,11 +468,11 @@ def register_model_types() -> None:
     """Register `relattn_<family>` with AutoConfig and every Auto class the family supports."""
     for model_type in ADAPTERS:
         base_config = AutoConfig.for_model(model_type).__class__
-        config_cls = _adapted_config_class(base_config)
+        config_cls = adapted_config_class(base_config)
         if config_cls.model_type not in transformers.CONFIG_MAPPING:
             AutoConfig.register(config_cls.model_type, config_cls)
 
-        for auto_cls in _auto_classes():
+        for auto_cls in auto_classes():
             class_name = auto_cls._model_mapping._model_mapping.get(model_type)
             if not isinstance(class_name, str) or not hasattr(transformers, class_name):
                 continue
@@ -532,12 +531,13 @@ def _refusing_attention_inputs(function: Any) -> Any:
     `relation_ids`): a model without those variants would otherwise ignore them silently."""
 
     def attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        given = [name for name in ATTENTION_INPUTS if kwargs.get(name) is not None]
+        given = [name for name in model_input_names() if kwargs.get(name) is not None]
         if given:
+            owners = sorted(v for v, cls in VARIANTS.items() if set(given) & set(cls.model_inputs))
             raise ValueError(
                 f"{', '.join(given)} passed to a model whose attention cannot use them ({type(module).__name__} runs "
-                "transformers' sdpa attention, which would ignore them): convert it first, e.g. "
-                "hf_relattn.convert(model, 'relation', num_relations=N)."
+                f"transformers' sdpa attention, which would ignore them): convert it first to {' or '.join(map(repr, owners))}, "
+                f"e.g. hf_relattn.convert(model, {owners[0]!r}, ...)."
             )
         return function(module, *args, **kwargs)
 

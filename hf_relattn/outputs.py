@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .version import __version__
+
 PROVENANCE_FILE = "relattn_provenance.json"  # how a folder was made; plain transformers ignores it
 # Files that show a folder holds an output of ours (a model, a finetune run, a bench): only such a
 # folder is cleared by --overwrite, so a mistyped path never empties a folder of something else.
@@ -157,8 +159,6 @@ def write_provenance(folder: str | os.PathLike[str], base_model: str, variant: s
                      layers: Sequence[int] | None, tool: str) -> None:
     """PROVENANCE_FILE: what `folder` was converted from and how, for `push`'s card (a native GQA
     checkpoint has no other record of it)."""
-    from . import __version__
-
     record = {"format": 1, "base_model": base_model, "variant": variant or None, "variant_options": options,
               "layers": list(layers) if layers is not None else None, "tool": tool, "hf_relattn_version": __version__}
     write_text_atomic(Path(folder) / PROVENANCE_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")

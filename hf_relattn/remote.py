@@ -108,13 +108,13 @@ def _auto_map(model: PreTrainedModel) -> tuple[dict[str, str], list[str]]:
     """auto_map entries for the family's Auto classes, and the native classes they adapt."""
     import transformers
 
-    from .modeling import _auto_classes
+    from .modeling import auto_classes
     from .patches import base_model_type
 
     family = base_model_type(model.config.model_type)
     mapping = {"AutoConfig": f"{ENTRY}.Relattn{type(model.config).__mro__[1].__name__}"}
     classes = set()
-    for auto_cls in _auto_classes():
+    for auto_cls in auto_classes():
         class_name = auto_cls._model_mapping._model_mapping.get(family)
         if isinstance(class_name, str) and hasattr(transformers, class_name):
             mapping[auto_cls.__name__] = f"{ENTRY}.Relattn{class_name}"
@@ -132,11 +132,11 @@ def entry_source(config_class: str, classes: list[str]) -> str:
         "",
         f"from transformers import {imports}",
         "",
-        "from .relattn_modeling import _adapted_config_class, adapted_class, register_attention",
+        "from .relattn_modeling import adapted_config_class, adapted_class, register_attention",
         "from .relattn_variants import VARIANTS  # registers every variant",
         "",
         "register_attention()",
-        f"Relattn{config_class} = _adapted_config_class({config_class})",
+        f"Relattn{config_class} = adapted_config_class({config_class})",
     ]
     lines += [f"Relattn{name} = adapted_class({name})" for name in classes]
     return "\n".join(lines) + "\n"

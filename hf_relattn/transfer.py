@@ -367,12 +367,12 @@ def _sink_logits(block: nn.Module) -> list[nn.Parameter]:
 def text_batches(path: str, model: nn.Module, tokenizer: Any, *, tokens: int = 16384, block: int = 512,
                  batch_size: int = 4, text_column: str = "sentence") -> list[dict[str, torch.Tensor]]:
     """Calibration batches of about `tokens` real tokens from a text source (a text file, or a
-    .tsv/.csv/.jsonl/save_to_disk table with a `text_column`, as `hf_relattn.finetune` reads).
+    .tsv/.csv/.jsonl/save_to_disk table with a `text_column`: `hf_relattn.data`, as finetune reads).
 
     Causal LMs get the text packed into blocks of `block` tokens, `labels` = `input_ids` (so
     head importance has a loss); encoders get one row per sequence (truncated to `block`),
     padded per batch, no labels."""
-    from .finetune import data as D
+    from . import data as D
 
     if tokenizer is None:
         raise ValueError("calibration data is text: the model needs a tokenizer")

@@ -142,7 +142,7 @@ def test_convert_calibrate_equals_the_python_api(tmp_path, ids):
 
 
 def test_convert_recipes_parse(capsys):
-    from hf_relattn.cli import _with_recipe, build_parser
+    from hf_relattn.cli import build_parser, with_recipe as _with_recipe
 
     recipes = sorted((Path(__file__).resolve().parents[1] / "finetune" / "recipes" / "convert").glob("*.yaml"))
     assert len(recipes) >= 2

@@ -331,6 +331,7 @@ def model_input_names() -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------- variants of a module
+SPEC_KEY = "relattn"  # config.relattn: the spec convert writes, or a flag's options
 FLAG_PREFIX = "relattn_"  # attn_implementation="relattn_<name>" selects a flag variant
 # Flag variants by name and options, built once (variants are immutable option holders).
 _flag_variants: dict[tuple[Any, ...], Variant] = {}
@@ -343,7 +344,7 @@ def flag_options(config: Any, name: str) -> dict[str, Any]:
     entry named `name` supplies the options, or (with a flag) a plain dict of options, as in
     `from_pretrained(p, attn_implementation="relattn_alibi", relattn={...})`.
     """
-    spec = getattr(config, "relattn", None) or {}
+    spec = getattr(config, SPEC_KEY, None) or {}
     if not isinstance(spec, dict):
         raise ValueError(f"config.relattn must be a dict, got {type(spec).__name__}")
     if "variants" in spec:

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .base import ATTACHED, Variant, flag_variant, register_variant
+from .base import ATTACHED, SPEC_KEY, Variant, flag_variant, register_variant
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -265,9 +265,6 @@ class Prune(Variant):
 
         `convert` records this variant's entry on `layers` and drops earlier entries of the
         same variant there, so the new entry carries the earlier steps of those layers."""
-        # modeling imports this package: import at call time
-        from ..modeling import SPEC_KEY
-
         spec = getattr(model.config, SPEC_KEY, None) or {}
         history: dict[int, list[list[int]]] = {layer: [] for layer in layers}
         for entry in spec.get("variants", []):
