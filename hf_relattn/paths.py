@@ -30,7 +30,7 @@ def score_attention(call: AttnCall, variants: Sequence[Variant]) -> torch.Tensor
     module, query = call.module, call.query
     num_heads, q_len, k_len = query.shape[1], query.shape[2], call.key.shape[2]
     q_pos, k_pos = call.slots
-    term_of = {v.name: v.relation_term(module, num_heads, q_pos, k_pos, call.inputs) for v in variants}
+    term_of = {v.name: v.relation_term(module, num_heads, q_pos, k_pos, call.inputs, causal=call.causal) for v in variants}
     terms = [t for t in term_of.values() if t is not None]
     for term in terms:
         if isinstance(term.labels, torch.Tensor) and term.labels.shape[0] not in (1, query.shape[0]):
@@ -50,7 +50,7 @@ def score_attention(call: AttnCall, variants: Sequence[Variant]) -> torch.Tensor
                                       scaling=call.scale, is_causal=call.causal)[0]
 
     def bias_fn(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor | None:
-        biases = [t for t in (v.score_bias(module, num_heads, qp, kp) for v in scorers) if t is not None]
+        biases = [t for t in (v.score_bias(module, num_heads, qp, kp, causal=call.causal) for v in scorers) if t is not None]
         return sum(biases[1:], biases[0]) if biases else None
 
     if call.impl == "reference":
@@ -83,7 +83,7 @@ def materialized_attention(call: AttnCall, variants: Sequence[Variant]) -> tuple
     scores = torch.matmul(q, k.transpose(-1, -2)) * call.scale
     placed = []
     for variant in variants:
-        term = variant.relation_term(module, heads, q_slots, k_slots, call.inputs)
+        term = variant.relation_term(module, heads, q_slots, k_slots, call.inputs, causal=call.causal)
         if term is not None and (term.key is not None or term.value is not None):
             labels = term_labels(term, q_slots, k_slots).expand(batch, q_len, k_len)
             index = labels[:, None].expand(batch, heads, q_len, k_len)
@@ -93,7 +93,7 @@ def materialized_attention(call: AttnCall, variants: Sequence[Variant]) -> tuple
                 scores = scores + term.bias.to(dtype)[:, labels].transpose(0, 1)
             placed.append((term, index))
         elif variant.axis == "scores":
-            bias = variant.score_bias(module, heads, q_slots, k_slots)
+            bias = variant.score_bias(module, heads, q_slots, k_slots, causal=call.causal)
             if bias is not None:
                 scores = scores + bias.to(dtype)
     keep: torch.Tensor | None

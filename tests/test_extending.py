@@ -46,10 +46,10 @@ class StreamingWindow(PatternVariant):
         super().check_options()
         check_int_options(self, "window")
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
         return block_range(q_pos - self.window + 1, q_pos, num_blocks, self.block_size)[None, None]
 
-    def allowed(self, module, q_pos, k_pos, num_keys):
+    def allowed(self, module, q_pos, k_pos, num_keys, *, causal):
         return k_pos > q_pos - self.window
 
     @classmethod
@@ -70,7 +70,7 @@ class MaskedWindow(SlidingWindow):
             return None
         MaskedWindow.calls += 1
         q_pos, k_pos, valid, _ = positions(call, self.absolute_positions)
-        keep = self.pair_mask(call.module, q_pos, k_pos, call.query, call.key, valid) | (k_pos < sinks)[:, None, None, :]
+        keep = self.pair_mask(call.module, q_pos, k_pos, call.query, call.key, valid, causal=True) | (k_pos < sinks)[:, None, None, :]
         keep = keep & (k_pos[:, None, None, :] <= q_pos[:, None, :, None])
         if call.mask is not None:
             keep = keep & call.mask

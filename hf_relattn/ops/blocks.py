@@ -34,7 +34,7 @@ def chosen_blocks(
 ) -> torch.Tensor | None:
     """The variant's key-block choice per token (1|B, 1|H, Q, N), without blocks after the
     token's own when causal; None for a dense layer."""
-    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, key_valid)
+    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, key_valid, causal=causal)
     if chosen is None or not causal:
         return chosen
     block = variant.key_block(module)
@@ -58,18 +58,19 @@ def key_blocks(t: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
 
 def pattern_keep(
     base: torch.Tensor | None, choice: torch.Tensor | None, variant: Any, module: nn.Module, rows: torch.Tensor,
-    kpos: torch.Tensor, k_len: int, causal: bool, sinks: int = 0,
+    kpos: torch.Tensor, k_len: int, causal: bool, sinks: int = 0, mask_future: bool | None = None,
 ) -> torch.Tensor | None:
     """Which gathered keys each query attends (None = all): among real key slots (`base`), the
-    pattern's (the token's own block `choice` and the variant's token rule) and the first
-    `sinks` positions, causally; query positions `rows` (..., 1), key positions `kpos` (..., 1, K')."""
+    pattern's (the token's own block `choice` and the variant's token rule for a `causal` call)
+    and the first `sinks` positions, without later keys when `mask_future` (default: `causal`;
+    False where none can be later); query positions `rows` (..., 1), key positions `kpos` (..., 1, K')."""
     keep = choice
-    rule = variant.allowed(module, rows, kpos, k_len)
+    rule = variant.allowed(module, rows, kpos, k_len, causal=causal)
     if rule is not None:
         keep = rule if keep is None else keep & rule
     if sinks and keep is not None:
         keep = keep | (kpos < sinks)
-    for extra in (base, (kpos <= rows) if causal else None):
+    for extra in (base, (kpos <= rows) if (causal if mask_future is None else mask_future) else None):
         if extra is not None:
             keep = extra if keep is None else keep & extra
     return keep
@@ -234,7 +235,7 @@ def block_sparse_attention(
     tail_causal = None
     if (variant.choice == "block" and not own_needed and mask is None and causal and qb == block and k_len % block == 0
             and not union_sinks and (sink is None or flash is not None)
-            and variant.allowed(module, qp[:1, :, None], k_pos[None, None, :1], k_len) is None):
+            and variant.allowed(module, qp[:1, :, None], k_pos[None, None, :1], k_len, causal=causal) is None):
         tail_causal = torch.ones(qb, width * block, dtype=torch.bool, device=query.device)
         tail_causal[:, -block:] = torch.ones(qb, block, dtype=torch.bool, device=query.device).tril()
         tail_causal = float_mask(tail_causal, query.dtype)[None, None].expand(gx, 1, -1, -1).reshape(1, 1, gx * qb, -1)

@@ -36,7 +36,7 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
     k_len = key.shape[2]
     block = variant.key_block(module)
     num_blocks = -(-k_len // block)
-    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, None)
+    chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, None, causal=causal)
     if chosen is None or chosen.shape[:2] != (1, 1):
         return None
     valid = call.key_valid()
@@ -54,7 +54,7 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
         def mask_mod(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
             position = qi + offset
             keep = table[qi, ki // block]
-            rule = variant.allowed(module, position, ki, k_len)
+            rule = variant.allowed(module, position, ki, k_len, causal=causal)
             if rule is not None:
                 keep = keep & rule
             if sinks:

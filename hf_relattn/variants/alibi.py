@@ -48,10 +48,10 @@ class Alibi(Variant):
     )
 
     def score_bias(
-        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool
     ) -> torch.Tensor:
         slopes = alibi_slopes(num_heads).to(q_pos.device)
         distance = (q_pos[:, None] - k_pos[None, :]).float()
-        if not getattr(module, "is_causal", False):
+        if not causal:
             distance = distance.abs()
         return -slopes[:, None, None] * distance

@@ -149,13 +149,15 @@ class Variant:
         return None
 
     def score_bias(
-        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool
     ) -> torch.Tensor | None:
-        """Additive term on q.k/sqrt(d) for the scores axis: (num_heads, Q, K) float32, or None."""
+        """Additive term on q.k/sqrt(d) for the scores axis in a `causal` (or bidirectional) call:
+        (num_heads, Q, K) float32, or None."""
         return None
 
     def relation_term(
-        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any]
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any], *,
+        causal: bool
     ) -> RelationTerm | None:
         """Learned relation-aware terms (keys, values, scalar bias by label), or None.
 

@@ -45,14 +45,14 @@ class Fixed(PatternVariant):
     def key_block(self, module) -> int:
         return math.gcd(self.block, self.summary)
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
         g = self.key_block(module)
         start = torch.arange(num_blocks, device=q_pos.device)[None, :] * g
         own = start // self.block == (q_pos // self.block)[:, None]
         summary = torch.remainder(start, self.block) >= self.block - self.summary
         return (own | summary)[None, None]
 
-    def allowed(self, module, q_pos, k_pos, num_keys):
+    def allowed(self, module, q_pos, k_pos, num_keys, *, causal):
         own = torch.div(k_pos, self.block, rounding_mode="floor") == torch.div(q_pos, self.block, rounding_mode="floor")
         return own | (torch.remainder(k_pos, self.block) >= self.block - self.summary)
 
@@ -72,7 +72,7 @@ class Fixed(PatternVariant):
         if valid is False:
             return None
         return fixed_attention(call.query, call.key, call.value, valid, self.block, self.summary, call.causal, call.scale,
-                               call.dropout, self.layout_sinks(call.module, sinks, sink))
+                               call.dropout, self.layout_sinks(call, sinks, sink))
 
 
 def fixed_attention(

@@ -134,14 +134,14 @@ class MoBA(PatternVariant):
             chosen = chosen | (torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, top.indices, True) & earlier)
         return chosen.expand(batch, heads, -1, -1)
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
         if self._dense(module):
             return None
         k_pos = torch.arange(key.shape[2], device=q_pos.device)[None]
         q_valid = None if key_valid is None else key_valid[:, key.shape[2] - q_pos.shape[0] :]
         return self.choose(q_pos[None], k_pos, query, key, key_valid, q_valid, num_blocks, contiguous=True)
 
-    def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None):
+    def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None, *, causal):
         if self._dense(module):
             return None
         num_blocks = key.shape[2] // self.block_size + 1  # positions lie in 0..K-1
@@ -160,7 +160,7 @@ class MoBA(PatternVariant):
             return super().computed_pairs(module, q, k)
         # exactly the chosen (token, block) pairs
         length, block = q.shape[2], self.block_size
-        chosen = self.token_blocks(module, torch.arange(length), -(-length // block), q, k, None)
+        chosen = self.token_blocks(module, torch.arange(length), -(-length // block), q, k, None, causal=True)
         chosen = chosen & (torch.arange(chosen.shape[-1])[None, :] <= (torch.arange(length) // block)[:, None])
         return float(chosen.sum()) * block / (chosen.shape[0] * chosen.shape[1])
 
@@ -217,7 +217,7 @@ def per_token_blocks(
         scores = torch.matmul(q_parts[g] * scale, k_parts[g].transpose(0, 1))
         # rows ascend: causality matters only for a block reaching past the first query
         keep = pattern_keep((kpos < k_len) if k0 + block > k_len else None, None, variant, module, qpos, kpos, k_len,
-                             causal and k0 + block - 1 > int(q_pos[rows[0]]))
+                            causal, mask_future=causal and k0 + block - 1 > int(q_pos[rows[0]]))
         if mask is not None:
             cols = kpos.clamp(max=k_len - 1).expand(rows.shape[0], -1)
             m = (mask[b, 0][rows] if mask.shape[-2] > 1 else mask[b, 0, :1].expand(rows.shape[0], -1)).gather(-1, cols)

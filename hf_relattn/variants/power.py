@@ -37,10 +37,10 @@ class Power(PatternVariant):
 
     absolute_positions = True  # blocks and the sink block start at each sample's first token
 
-    def reads(self, module, i: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def reads(self, i: torch.Tensor, b: torch.Tensor, causal: bool) -> torch.Tensor:
         """May the query at position i read key block b (broadcast)? Power-of-two block
         distance, the blocks of its `window` most recent tokens, and the sink block."""
-        bs, causal = self.block_size, getattr(module, "is_causal", False)
+        bs = self.block_size
         own = torch.div(i, bs, rounding_mode="floor")
         distance = own - b if causal else (own - b).abs()
         power = (distance > 0) & ((distance & (distance - 1)) == 0)
@@ -49,12 +49,12 @@ class Power(PatternVariant):
             local = local | ((b * bs < i + self.window) & (b >= own))
         return power | local | (b == 0)
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
-        return self.reads(module, q_pos[:, None], torch.arange(num_blocks, device=q_pos.device)[None, :])[None, None]
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
+        return self.reads(q_pos[:, None], torch.arange(num_blocks, device=q_pos.device)[None, :], causal)[None, None]
 
-    def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None):
+    def pair_mask(self, module, q_pos, k_pos, query, key, key_valid, query_valid=None, *, causal):
         blocks = torch.div(k_pos, self.block_size, rounding_mode="floor")
-        return self.reads(module, q_pos[:, None, :, None], blocks[:, None, None, :])
+        return self.reads(q_pos[:, None, :, None], blocks[:, None, None, :], causal)
 
     @classmethod
     def bench_variants(cls, suite: str, length: int) -> list[Power]:

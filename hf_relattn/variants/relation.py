@@ -97,7 +97,8 @@ class Relation(RelationalVariant):
         return ids.to(device=device, dtype=torch.long)
 
     def relation_term(
-        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any]
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any], *,
+        causal: bool
     ) -> RelationTerm:
         ids = self.relation_ids(inputs, q_pos.shape[0], k_pos.shape[0], q_pos.device)
         key, value = self.tables(module)

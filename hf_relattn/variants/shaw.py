@@ -78,7 +78,8 @@ class Shaw(RelationalVariant):
         return width * width + 3 if adapter.spatial else width
 
     def relation_term(
-        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any]
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any], *,
+        causal: bool
     ) -> RelationTerm:
         adapter = get_adapter(module.config)
         key, value = self.tables(module)

@@ -46,7 +46,7 @@ class SlidingWindow(PatternVariant):
         adapter = get_adapter(module.config)
         return adapter.token_grid(module.config, num_tokens) if adapter.spatial else None
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
         w, block = self.window, self.block_size
         grid = self._grid(module, key.shape[2])
         if grid is not None:
@@ -54,17 +54,17 @@ class SlidingWindow(PatternVariant):
             first = torch.where(q_pos < prefix, 0, q_pos - (w - 1) * cols - (cols - 1))
             last = torch.where(q_pos < prefix, key.shape[2] - 1, q_pos + (w - 1) * cols + (cols - 1))
             return (block_range(first, last, num_blocks, block) | (torch.arange(num_blocks, device=q_pos.device) < -(-prefix // block)))[None, None]
-        last = q_pos if getattr(module, "is_causal", False) else q_pos + w - 1
+        last = q_pos if causal else q_pos + w - 1
         return block_range(q_pos - w + 1, last, num_blocks, block)[None, None]
 
-    def allowed(self, module, q_pos, k_pos, num_keys):
+    def allowed(self, module, q_pos, k_pos, num_keys, *, causal):
         grid = self._grid(module, num_keys)
         if grid is not None:
             prefix, _, cols = grid
             qp, kp = (q_pos - prefix).clamp(min=0), (k_pos - prefix).clamp(min=0)
             near = ((qp // cols - kp // cols).abs() < self.window) & ((qp % cols - kp % cols).abs() < self.window)
             return near | (q_pos < prefix) | (k_pos < prefix)
-        if getattr(module, "is_causal", False):
+        if causal:
             return k_pos > q_pos - self.window
         return (k_pos - q_pos).abs() < self.window
 

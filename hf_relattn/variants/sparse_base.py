@@ -69,16 +69,18 @@ class SparseVariant(Variant):
 
     def token_blocks(
         self, module: nn.Module, q_pos: torch.Tensor, num_blocks: int, query: torch.Tensor, key: torch.Tensor,
-        key_valid: torch.Tensor | None,
+        key_valid: torch.Tensor | None, *, causal: bool,
     ) -> torch.Tensor | None:
-        """(1|B, 1|H, Q, num_blocks) bool: the key blocks each query may read (causality is added
-        by the engine). None: this layer attends densely (e.g. MoBA's `dense_layers`)."""
+        """(1|B, 1|H, Q, num_blocks) bool: the key blocks each query may read in a `causal` call
+        (or a bidirectional one; blocks after the query are removed by the engine). None: this
+        layer attends densely (e.g. MoBA's `dense_layers`)."""
         raise NotImplementedError
 
-    def allowed(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, num_keys: int) -> torch.Tensor | None:
-        """Token-level rule inside the read blocks, broadcast over q_pos (..., 1) and k_pos
-        (..., 1, K'), `num_keys` keys in all; None: every token of a read block (causality and
-        padding are the engine's)."""
+    def allowed(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, num_keys: int, *,
+                causal: bool) -> torch.Tensor | None:
+        """Token-level rule inside the read blocks of a `causal` (or bidirectional) call,
+        broadcast over q_pos (..., 1) and k_pos (..., 1, K'), `num_keys` keys in all; None: every
+        token of a read block (masking later keys and padding is the engine's)."""
         return None
 
     def check_options(self) -> None:
@@ -87,13 +89,13 @@ class SparseVariant(Variant):
             check_int_options(self, "block_size")
 
     def pair_mask(self, module: nn.Module, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                  key_valid: torch.Tensor | None, query_valid: torch.Tensor | None = None) -> torch.Tensor | None:
+                  key_valid: torch.Tensor | None, query_valid: torch.Tensor | None = None, *, causal: bool) -> torch.Tensor | None:
         """The pattern as a (1|B, 1|H, Q, K) bool mask, causality and padding left to the caller:
         q_pos (1|B, Q) and k_pos (1|B, K) are positions in each sample's own sequence, key_valid
         (1|B, K) and query_valid (1|B, Q) say which tokens are not padding. For the
         materialised paths (reference, torch.compile, output_attentions); None = a dense layer.
         The default is the token rule, exact for patterns whose `choice` is "rule"."""
-        return self.allowed(module, q_pos[:, None, :, None], k_pos[:, None, None, :], k_pos.shape[-1])
+        return self.allowed(module, q_pos[:, None, :, None], k_pos[:, None, None, :], k_pos.shape[-1], causal=causal)
 
     # ---------------------------------------------------------------- attention
     def sink_tokens(self, module: nn.Module, num_keys: int) -> int:
@@ -108,7 +110,7 @@ class SparseVariant(Variant):
         """The pattern for the materialised path: (keep (1|B, 1|H, Q, K) or None for a dense
         layer, row weights (B, H, Q) of each (head, token) output or None, sink logits (H,) or None)."""
         q_pos, k_pos, valid, q_valid = positions(call, self.absolute_positions)
-        pattern = self.pair_mask(call.module, q_pos, k_pos, call.query, call.key, valid, q_valid)
+        pattern = self.pair_mask(call.module, q_pos, k_pos, call.query, call.key, valid, q_valid, causal=call.causal)
         sinks = self.sink_tokens(call.module, call.key.shape[2])
         if pattern is not None and sinks:
             pattern = pattern | (k_pos < sinks)[:, None, None, :]
@@ -223,11 +225,11 @@ class PatternVariant(SparseVariant):
         prefix = adapter.token_grid(module.config, num_keys)[0] if adapter.spatial else 0
         return prefix + self.sinks
 
-    def layout_sinks(self, module: nn.Module, sinks: int, sink: torch.Tensor | None) -> LayoutSinks | None:
+    def layout_sinks(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> LayoutSinks | None:
         """What an own layout adds to its pieces: the sink keys its pieces do not cover, the sink logit."""
         if not sinks and sink is None:
             return None
-        return LayoutSinks(sinks, lambda i, j: self.allowed(module, i, j, 0), sink)
+        return LayoutSinks(sinks, lambda i, j: self.allowed(call.module, i, j, 0, causal=call.causal), sink)
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         for idx in layers:

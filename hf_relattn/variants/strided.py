@@ -45,19 +45,19 @@ class Strided(PatternVariant):
         super().check_options()
         check_int_options(self, "stride")
 
-    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid):
+    def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
         l, bs = self.stride, self.block_size
         start = torch.arange(num_blocks, device=q_pos.device)[None, :] * bs  # (1, N)
         i = q_pos[:, None]
-        local = (start <= i + (0 if getattr(module, "is_causal", False) else l - 1)) & (start + bs - 1 > i - l)
+        local = (start <= i + (0 if causal else l - 1)) & (start + bs - 1 > i - l)
         # the first key at or after the block start with j = i (mod l)
         first = start + torch.remainder(i - start, l)
         strided = first <= start + bs - 1
-        if getattr(module, "is_causal", False):
+        if causal:
             strided = strided & (first <= i)
         return (local | strided)[None, None]
 
-    def allowed(self, module, q_pos, k_pos, num_keys):
+    def allowed(self, module, q_pos, k_pos, num_keys, *, causal):
         near = (q_pos - k_pos).abs() < self.stride
         return near | (torch.remainder(q_pos - k_pos, self.stride) == 0)
 
@@ -72,7 +72,7 @@ class Strided(PatternVariant):
         if valid is False:
             return None
         return strided_attention(call.query, call.key, call.value, valid, self.stride, call.causal, call.scale, call.dropout,
-                                 self.layout_sinks(call.module, sinks, sink))
+                                 self.layout_sinks(call, sinks, sink))
 
     def computed_pairs(self, module, q, k) -> float:
         # the band blocks plus the residue sequences

@@ -83,10 +83,11 @@ class T5Bias(Variant):
             attach(attn, self)
 
     def relation_term(
-        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any]
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, inputs: dict[str, Any], *,
+        causal: bool
     ) -> RelationTerm:
         # Used when the layer also has Shaw/relation terms: the bias is then one more label table.
-        bidirectional = not getattr(module, "is_causal", False)
+        bidirectional = not causal
 
         def buckets(qp: torch.Tensor, kp: torch.Tensor) -> torch.Tensor:
             return relative_position_bucket(kp[None, :] - qp[:, None], bidirectional, self.num_buckets, self.max_distance)[None]
@@ -94,9 +95,9 @@ class T5Bias(Variant):
         return RelationTerm(self.num_buckets, labels=buckets, bias=getattr(module, MODULE_NAME).weight.t())
 
     def score_bias(
-        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor
+        self, module: nn.Module, num_heads: int, q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool
     ) -> torch.Tensor:
         buckets = relative_position_bucket(
-            k_pos[None, :] - q_pos[:, None], not getattr(module, "is_causal", False), self.num_buckets, self.max_distance
+            k_pos[None, :] - q_pos[:, None], not causal, self.num_buckets, self.max_distance
         )
         return getattr(module, MODULE_NAME)(buckets).permute(2, 0, 1).float()
