@@ -21,6 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+# Per-call data of an attention block, added to its call's keyword arguments by a forward
+# pre-hook (`hf_relattn.variants.base.track_input`; transformers passes them on to the attention
+# function): nothing of a call is kept on the module, so one model can serve several threads
+# and several conversations at once.
+LAYER_INPUT = "relattn_layer_input"  # the block's input hidden states (routers read it)
+CACHE = "relattn_cache"  # the model's KV cache object of this call, if any (MoSA keeps router scores in it)
+NATIVE_WINDOW = "sliding_window"  # what transformers passes for a layer with the model's own sliding window
+
 @dataclass
 class AttnCall:
     """One attention call: its tensors, options and geometry.
@@ -78,6 +86,11 @@ class AttnCall:
         """(B, Q) True for queries that are not padding."""
         valid = key_valid(self.mask)
         return None if valid is None else valid[:, self.q_slots]
+
+    @property
+    def native_window(self) -> int | None:
+        """The layer's own sliding window (Mistral, Qwen2, Gemma 3 configs), which the mask already holds."""
+        return self.inputs.get(NATIVE_WINDOW)
 
     @property
     def needs_grad(self) -> bool:

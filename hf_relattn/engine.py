@@ -137,6 +137,8 @@ def relattn_attention(
         attention_mask = stream.kept_mask(attention_mask, query.shape[2], key.shape[2])
     ordered = tuple(sorted(variants, key=lambda v: AXIS_ORDER.index(v.axis)))
     call = build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, impl, ordered)
+    if call.native_window is not None and (impl == "compiled" or call.key.shape[2] > call.query.shape[2]):
+        _check_sequence_start(call)
     if impl == "compiled" or wants_probs:
         out, probs = materialized_attention(call, ordered)
         result = out.transpose(1, 2).contiguous(), probs if wants_probs else None
@@ -155,6 +157,21 @@ def run(call: AttnCall, variants: Sequence[Variant]) -> torch.Tensor:
         if out is not None:
             return out
     return score_attention(call, variants)
+
+
+def _check_sequence_start(call: AttnCall) -> None:
+    """Refuse variants that count key positions from each sample's first token in a call with
+    cached keys on a layer with the model's native sliding window: there the mask hides the first
+    tokens like padding and the window's cache drops them, so positions would silently be
+    counted from the wrong token (full forwards see every key and are exact)."""
+    names = [v.name for v in call.variants if v.needs_sequence_start]
+    if names:
+        raise ValueError(
+            f"{names} count key positions from each sample's first token, which a call with cached keys (or under "
+            f"torch.compile) cannot see on a layer with the model's native sliding window of {call.native_window} "
+            "tokens: run full forwards (use_cache=False), use relative patterns without sinks, or a model without a "
+            "native window."
+        )
 
 
 def _streaming_layer(module: nn.Module, inputs: dict[str, Any]) -> Any:

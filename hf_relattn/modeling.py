@@ -476,7 +476,12 @@ def register_model_types() -> None:
             class_name = auto_cls._model_mapping._model_mapping.get(model_type)
             if not isinstance(class_name, str) or not hasattr(transformers, class_name):
                 continue
-            auto_cls.register(config_cls, adapted_class(getattr(transformers, class_name)), exist_ok=True)
+            native = getattr(transformers, class_name)
+            if getattr(native, "config_class", None) is not base_config:
+                # an Auto class may map the model type to a model of another family (e.g. a
+                # multimodal model built around it): not this family's class to adapt
+                continue
+            auto_cls.register(config_cls, adapted_class(native), exist_ok=True)
 
 
 def check_attention_request(model: PreTrainedModel, requested: Any, built: bool = False) -> None:

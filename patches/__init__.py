@@ -142,4 +142,4 @@ def get_adapter(model_or_config: Any) -> FamilyAdapter:
         ) from None
 
 
-from . import bert, llama, vit  # noqa: E402,F401  (each registers itself)
+from . import bert, llama, mistral, qwen2, qwen3, vit  # noqa: E402,F401  (each registers itself)

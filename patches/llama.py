@@ -50,9 +50,11 @@ def _positions_from_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return args, {**kwargs, "position_ids": positions}
 
 
-ADAPTER = register_adapter(
-    LlamaAdapter(
-        model_type="llama",
+def llama_like(model_type: str) -> LlamaAdapter:
+    """The adapter of a decoder family with LLaMA's layout: `model.layers[i].self_attn` with
+    q_proj/k_proj/v_proj/o_proj, rotate_half RoPE, a native num_key_value_heads."""
+    return LlamaAdapter(
+        model_type=model_type,
         q_proj="q_proj",
         k_proj="k_proj",
         v_proj="v_proj",
@@ -60,4 +62,6 @@ ADAPTER = register_adapter(
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         tasks=("causal-lm", "seq-cls"),
     )
-)
+
+
+ADAPTER = register_adapter(llama_like("llama"))

@@ -44,6 +44,45 @@ def tiny_llama(heads: int = 4, kv_heads: int | None = None, layers: int = 2, dty
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def tiny_decoder(family: str, heads: int = 4, kv_heads: int | None = None, layers: int = 2, **extra) -> torch.nn.Module:
+    """A tiny random causal LM of a LLaMA-like decoder family (built from its config class, no
+    download): LLaMA's sizes, the family's own features (`extra`) on top."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        family, vocab_size=97, hidden_size=16 * heads, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, head_dim=16, max_position_embeddings=256,
+        pad_token_id=0, **extra,
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_mistral(kv_heads: int | None = 2) -> torch.nn.Module:
+    """Mistral with a native sliding window of 8 tokens (shorter than the tests' 13)."""
+    return tiny_decoder("mistral", kv_heads=kv_heads, sliding_window=8)
+
+
+def tiny_qwen2(kv_heads: int | None = 2) -> torch.nn.Module:
+    """Qwen2 with q/k/v biases (random, not zero) and a native window of 8 on layer 1 only."""
+    model = tiny_decoder("qwen2", kv_heads=kv_heads, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.2)
+    return model
+
+
+def tiny_qwen3(kv_heads: int | None = 2) -> torch.nn.Module:
+    """Qwen3: per-head q_norm/k_norm (random weights, not ones)."""
+    model = tiny_decoder("qwen3", kv_heads=kv_heads)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 def tiny_bert(heads: int = 4, layers: int = 2, dtype=torch.float32) -> BertForSequenceClassification:
     torch.manual_seed(0)
     cfg = BertConfig(

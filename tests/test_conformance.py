@@ -25,6 +25,7 @@ import re
 import pytest
 import torch
 from conftest import assert_same_state, state_copy
+from transformers import DynamicCache, StaticCache
 from variant_cases import (
     AUTO_CLASSES,
     BUILDERS,
@@ -152,7 +153,7 @@ def test_default_path_equals_the_reference_path(family, case):
             ref_logits, ref_hidden = outputs(model, batch)
         assert torch.isfinite(logits).all() and torch.isfinite(hidden).all()
         torch.testing.assert_close(hidden[real], ref_hidden[real], rtol=1e-5, atol=ATOL)
-        if family == "llama":  # per token
+        if PADDING_SIDE[family] == "left":  # decoders: per token
             torch.testing.assert_close(logits[real], ref_logits[real], rtol=1e-5, atol=ATOL)
         else:  # pooled from [CLS], a real token of every sample
             torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=ATOL)
@@ -194,9 +195,9 @@ def test_gradients_reach_inputs_and_parameters(family, case):
         kwargs = {"pixel_values": leaf, "labels": torch.tensor([1, 3])}
     else:
         leaf = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
-        labels = batch["input_ids"].masked_fill(~real, -100) if family == "llama" else torch.tensor([1, 2])
+        labels = batch["input_ids"].masked_fill(~real, -100) if PADDING_SIDE[family] == "left" else torch.tensor([1, 2])
         kwargs = {"inputs_embeds": leaf, "attention_mask": batch["attention_mask"], "labels": labels}
-        if family == "llama":
+        if PADDING_SIDE[family] == "left":
             kwargs["use_cache"] = False
     if "relation_ids" in batch:
         kwargs["relation_ids"] = batch["relation_ids"]
@@ -293,3 +294,78 @@ def test_bad_options_raise_naming_the_option_before_any_change(family, case):
         assert _untouched(model) == before, bad_options
         assert_same_state(state, model)
     torch.testing.assert_close(outputs(model, inputs)[0], logits, atol=0, rtol=0)
+
+
+# ------------------------------------------------------- decoder families beyond LLaMA
+# LLaMA's decoder paths are tested at length in tests/test_paths.py; every other decoder family
+# of the table gets its two essentials here: caches and left padding.
+OTHER_DECODER_PARAMS = [pytest.param(family, case, id=f"{family}-{case}") for family in FAMILIES
+                        if PADDING_SIDE[family] == "left" and family != "llama" for case in CASES[family]]
+
+
+@pytest.mark.parametrize("family, case", OTHER_DECODER_PARAMS)
+def test_decoder_caches_equal_the_full_forward(family, case):
+    """Prefill and single-token steps through a StaticCache and a DynamicCache give the same
+    logits, and those of the uncached full forward (MoBA's block gate and MoSA excepted, as in
+    tests/test_paths.py: a step is its own query block; MoSA's prefill sees later tokens). On a
+    model with a native sliding window, variants counting positions from the first token refuse
+    cached calls (the window's mask and cache hide that token) with a clear error."""
+    model = build(family, case)
+    inputs = sample_inputs(family, case)
+    ids, graph = inputs["input_ids"], inputs.get("relation_ids")
+    prefix = 6
+
+    def extra(length: int) -> dict:
+        return {} if graph is None else {"relation_ids": graph[:, :length, :length]}
+
+    variant = VARIANTS[variant_of(family, case)].from_options(
+        {k: v for k, v in CASES[family][case][1].items() if k != "layers"})
+    if getattr(model.config, "sliding_window", None) is not None and variant.needs_sequence_start:
+        with torch.no_grad(), pytest.raises(ValueError, match="native sliding window of"):
+            cache = DynamicCache()
+            model(ids[:, :prefix], cache=cache, use_cache=True, **extra(prefix))
+            model(ids[:, prefix : prefix + 1], cache=cache, use_cache=True, **extra(prefix + 1))
+        return
+
+    with torch.no_grad():
+        full = model(ids, **extra(ids.shape[1])).logits
+        if case == "mosa":
+            full[:, :prefix] = model(ids[:, :prefix]).logits
+        steps = {}
+        for kind, cache in (("static", StaticCache(config=model.config, max_cache_len=32)), ("dynamic", DynamicCache())):
+            logits = [model(ids[:, :prefix], cache=cache, use_cache=True, **extra(prefix)).logits]
+            for t in range(prefix, ids.shape[1]):
+                logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True, **extra(t + 1)).logits)
+            steps[kind] = torch.cat(logits, dim=1)
+    torch.testing.assert_close(steps["static"], steps["dynamic"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(steps["static"][:, :prefix], full[:, :prefix], atol=1e-4, rtol=0)
+    if case not in ("moba_block_gate", "mosa"):
+        torch.testing.assert_close(steps["static"], full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family, case", OTHER_DECODER_PARAMS)
+def test_left_padded_decoder_sample_equals_the_sample_alone(family, case):
+    model = build(family, case)
+    inputs = sample_inputs(family, case)
+    batch, mask = padded(family, inputs)
+    alone = {"input_ids": inputs["input_ids"][1:, :SHORT]}
+    if "relation_ids" in inputs:
+        alone["relation_ids"] = inputs["relation_ids"][1:, :SHORT, :SHORT]
+    with torch.no_grad():
+        together = model(**batch).logits[1, mask[1]]
+        expected = model(**alone).logits[0]
+    torch.testing.assert_close(together, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family, case", OTHER_DECODER_PARAMS)
+def test_decoder_default_path_equals_the_materialised_path(family, case):
+    """The materialised path (output_attentions=True, what torch.compile runs) applies the mask
+    transformers built (padding, causality, a native sliding window) to every variant at once;
+    the eager paths, MoSA's expert choice included, give the same logits, padded and unpadded."""
+    model = build(family, case)
+    inputs = sample_inputs(family, case)
+    for batch, real in ((inputs, torch.ones(2, TOKENS[family], dtype=torch.bool)), padded(family, inputs)):
+        with torch.no_grad():
+            eager = model(**batch).logits
+            materialised = model(**batch, output_attentions=True).logits
+        torch.testing.assert_close(eager[real], materialised[real], atol=1e-5, rtol=1e-5)

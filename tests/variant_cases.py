@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_vit
+from conftest import tiny_bert, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
@@ -88,10 +88,15 @@ VISION_CASES = {
 }
 
 CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirectional (convert refuses it)"
-CASES = {"llama": DECODER_CASES, "bert": ENCODER_CASES, "vit": VISION_CASES}
+# decoders with LLaMA's layout take the decoder table (mistral and qwen2 with native sliding windows)
+CASES = {"llama": DECODER_CASES, "mistral": DECODER_CASES, "qwen2": DECODER_CASES, "qwen3": DECODER_CASES,
+         "bert": ENCODER_CASES, "vit": VISION_CASES}
 # family -> {variant: why the family cannot take it}
 NOT_APPLICABLE = {
     "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
     "bert": {
         "moba": CAUSAL_ONLY.format(what="its gate chooses among earlier key blocks"),
         "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
@@ -104,12 +109,17 @@ NOT_APPLICABLE = {
 # what the generic tests need to know of a family
 BUILDERS = {
     "llama": lambda: tiny_llama(kv_heads=2),  # 4 query heads on 2 K/V heads
+    "mistral": tiny_mistral,
+    "qwen2": tiny_qwen2,
+    "qwen3": tiny_qwen3,
     "bert": tiny_bert,
     "vit": tiny_vit,
 }
-AUTO_CLASSES = {"llama": AutoModelForCausalLM, "bert": AutoModelForSequenceClassification, "vit": AutoModelForImageClassification}
-TOKENS = {"llama": 13, "bert": 11, "vit": 17}  # sequence length of the test inputs (ViT: [CLS] + 4 x 4 patches)
-PADDING_SIDE = {"llama": "left", "bert": "right", "vit": None}  # how batches are padded; ViT takes no attention mask
+DECODERS = ("llama", "mistral", "qwen2", "qwen3")
+AUTO_CLASSES = {**dict.fromkeys(DECODERS, AutoModelForCausalLM), "bert": AutoModelForSequenceClassification,
+                "vit": AutoModelForImageClassification}
+TOKENS = {**dict.fromkeys(DECODERS, 13), "bert": 11, "vit": 17}  # sequence length of the test inputs (ViT: [CLS] + 4 x 4 patches)
+PADDING_SIDE = {**dict.fromkeys(DECODERS, "left"), "bert": "right", "vit": None}  # how batches are padded; ViT takes no mask
 FAMILIES = tuple(CASES)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..call import CACHE, LAYER_INPUT
 from ..ops.relational import RelationTerm
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from ..call import AttnCall
     from ..patches import FamilyAdapter
 
-__all__ = ["RelationTerm", "Variant", "VARIANTS", "register_variant", "get_variant_class"]
+__all__ = ["CACHE", "LAYER_INPUT", "RelationTerm", "Variant", "VARIANTS", "register_variant", "get_variant_class"]
 
 AXES = ("structure", "scores", "values", "sparsity", "gating")
 # Sane upper bounds of option values, so a typo (10**12) is refused when the variant is built
@@ -64,6 +65,10 @@ class Variant:
     # Keyword arguments of the model's forward the variant reads inside attention (e.g. the
     # relation variant's `relation_ids`); the engine refuses them for a model without it.
     model_inputs: ClassVar[tuple[str, ...]] = ()
+    # True when the variant reads keys at positions counted from the start of the sequence
+    # (blocks, sinks, token counts, labels by index): a KV cache that dropped the first tokens
+    # (the sliding-window cache of a model with a native window) cannot serve it.
+    needs_sequence_start: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ options
     def __post_init__(self) -> None:
@@ -240,11 +245,6 @@ def get_variant_class(name: str) -> type[Variant]:
 
 
 ATTACHED = "relattn_variants"
-# Per-call data of an attention block, added to its call's keyword arguments by `track_input`'s
-# pre-hook (transformers passes them on to the attention function): nothing of a call is kept
-# on the module, so one model can serve several threads and several conversations at once.
-LAYER_INPUT = "relattn_layer_input"  # the block's input hidden states (routers read it)
-CACHE = "relattn_cache"  # the model's KV cache object of this call, if any (MoSA keeps router scores in it)
 
 
 def _call_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:

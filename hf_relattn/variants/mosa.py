@@ -305,11 +305,18 @@ def expert_choice_attention(call: AttnCall, variant: MoSA, logits: torch.Tensor)
         return F.scaled_dot_product_attention(q, key[b_idx, kv_idx, idx], value[b_idx, kv_idx, idx], attn_mask=bias,
                                               dropout_p=dropout, scale=scale)
 
+    # the call's own boolean mask where it says more than padding and causality (a model's native
+    # sliding window): (B, Q, K), applied to the chosen pairs
+    seen = call.mask[:, 0].expand(batch, q_len, k_len) if call.mask is not None and call.mask.dtype == torch.bool else None
     gates = torch.sigmoid(logits).to(query.dtype)
     if q_len == k_len:
         idx, taken = _top_tokens(ranked, count(k_len))  # (B, H, n)
         chosen_q = query.gather(2, idx[..., None].expand(-1, -1, -1, dim))
-        out = attend(chosen_q, idx, None, taken) * gates.gather(-1, idx)[..., None]
+        allowed = None
+        if seen is not None:
+            rows = seen[:, None].expand(batch, heads, q_len, k_len).gather(2, idx[..., None].expand(-1, -1, -1, k_len))
+            allowed = rows.gather(3, idx[:, :, None, :].expand(-1, -1, idx.shape[-1], -1))
+        out = attend(chosen_q, idx, allowed, taken) * gates.gather(-1, idx)[..., None]
         # rows that are not taken go to a spare row q_len, dropped after the scatter
         where = idx if taken is None else torch.where(taken, idx, q_len)
         full = query.new_zeros(batch, heads, q_len + 1, value.shape[-1])
@@ -319,6 +326,9 @@ def expert_choice_attention(call: AttnCall, variant: MoSA, logits: torch.Tensor)
         t = k_len - q_len + a
         idx, taken = _top_tokens(ranked[..., : t + 1], count(t + 1))
         hit = idx == t if taken is None else (idx == t) & taken
-        out = attend(query[:, :, a : a + 1], idx, torch.ones(batch, heads, 1, idx.shape[-1], dtype=torch.bool, device=query.device), taken)
+        allowed = torch.ones(batch, heads, 1, idx.shape[-1], dtype=torch.bool, device=query.device)
+        if seen is not None:
+            allowed = seen[:, a][:, None, :].expand(batch, heads, k_len).gather(-1, idx)[:, :, None, :]
+        out = attend(query[:, :, a : a + 1], idx, allowed, taken)
         outs.append(torch.where(hit.any(-1)[..., None, None], out * gates[..., t, None, None], 0.0))
     return torch.cat(outs, dim=2)

@@ -63,6 +63,10 @@ class SparseVariant(Variant):
     # sample positions that start at its first real token (left padding moves nothing).
     absolute_positions: ClassVar[bool] = False
 
+    @property
+    def needs_sequence_start(self) -> bool:  # type: ignore[override]
+        return self.absolute_positions
+
     def key_block(self, module: nn.Module) -> int:
         """Tokens per key block (blocks start at absolute key position 0)."""
         return self.block_size
