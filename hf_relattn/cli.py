@@ -31,6 +31,7 @@ from .outputs import (
     staging_folder,
     write_provenance,
 )
+from .patches import ADAPTERS
 from .presets import DTYPES, PRESETS
 from .settings import add_variant_option_flags, parse_value, read_settings_file, variant_option_values
 from .variants.base import VARIANTS
@@ -106,6 +107,8 @@ def cmd_variants() -> None:
     width = max(map(len, rows))
     for name, text in rows.items():
         print(f"{name:<{width}}  {text}")
+    # on stderr: stdout stays one line per variant, for scripts
+    print(f"families: {', '.join(sorted(ADAPTERS))} (README: 'Model families')", file=sys.stderr)
 
 
 def with_recipe(args: argparse.Namespace) -> argparse.Namespace:

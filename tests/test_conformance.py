@@ -369,3 +369,22 @@ def test_decoder_default_path_equals_the_materialised_path(family, case):
             eager = model(**batch).logits
             materialised = model(**batch, output_attentions=True).logits
         torch.testing.assert_close(eager[real], materialised[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if PADDING_SIDE[f] == "left"])
+def test_gqa_on_every_layer_saves_a_plain_native_checkpoint(family, tmp_path):
+    """The family's own config expresses grouped K/V heads: GQA on every layer leaves a native
+    model (no relattn spec), which plain transformers reloads with the same logits."""
+    config = copy.deepcopy(BUILDERS[family]().config)
+    config.num_key_value_heads = config.num_attention_heads  # start from multi-head attention
+    torch.manual_seed(0)
+    model = AUTO_CLASSES[family].from_config(config).eval()
+    hf_relattn.convert(model, "gqa", num_key_value_heads=2)
+    ids = sample_inputs(family, "gqa")["input_ids"]
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == family and saved["num_key_value_heads"] == 2 and "relattn" not in saved
+    reloaded = AUTO_CLASSES[family].from_pretrained(tmp_path).eval()
+    assert type(reloaded).__name__.startswith(type(model).__name__.removeprefix("Relattn"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
