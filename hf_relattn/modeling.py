@@ -186,7 +186,7 @@ def _auto_class_name(family: str, class_name: str | None) -> str | None:
     if not class_name:
         return None
     class_name = class_name[len("Relattn"):] if class_name.startswith("Relattn") else class_name
-    names = [auto.__name__ for auto in auto_classes() if auto._model_mapping._model_mapping.get(family) == class_name]
+    names = [auto.__name__ for auto in auto_classes() if mapped_class_name(auto, family) == class_name]
     return min(names, key=len) if names else None
 
 
@@ -464,6 +464,15 @@ def auto_classes() -> list[type]:
     ]
 
 
+def mapped_class_name(auto_cls: type, family: str) -> str | None:
+    """The native class an Auto class builds for `family` (the default one where it lists
+    several, as DeiT's image classifier with and without teacher), or None."""
+    name = auto_cls._model_mapping._model_mapping.get(family)
+    if isinstance(name, (list, tuple)):
+        name = name[0] if name else None
+    return name if isinstance(name, str) and hasattr(transformers, name) else None
+
+
 def register_model_types() -> None:
     """Register `relattn_<family>` with AutoConfig and every Auto class the family supports."""
     for model_type in ADAPTERS:
@@ -473,8 +482,8 @@ def register_model_types() -> None:
             AutoConfig.register(config_cls.model_type, config_cls)
 
         for auto_cls in auto_classes():
-            class_name = auto_cls._model_mapping._model_mapping.get(model_type)
-            if not isinstance(class_name, str) or not hasattr(transformers, class_name):
+            class_name = mapped_class_name(auto_cls, model_type)
+            if class_name is None:
                 continue
             native = getattr(transformers, class_name)
             if getattr(native, "config_class", None) is not base_config:

@@ -106,17 +106,15 @@ def flattened_sources() -> dict[str, str]:
 
 def _auto_map(model: PreTrainedModel) -> tuple[dict[str, str], list[str]]:
     """auto_map entries for the family's Auto classes, and the native classes they adapt."""
-    import transformers
-
-    from .modeling import auto_classes
+    from .modeling import auto_classes, mapped_class_name
     from .patches import base_model_type
 
     family = base_model_type(model.config.model_type)
     mapping = {"AutoConfig": f"{ENTRY}.Relattn{type(model.config).__mro__[1].__name__}"}
     classes = set()
     for auto_cls in auto_classes():
-        class_name = auto_cls._model_mapping._model_mapping.get(family)
-        if isinstance(class_name, str) and hasattr(transformers, class_name):
+        class_name = mapped_class_name(auto_cls, family)
+        if class_name is not None:
             mapping[auto_cls.__name__] = f"{ENTRY}.Relattn{class_name}"
             classes.add(class_name)
     return mapping, sorted(classes)

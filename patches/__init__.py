@@ -142,4 +142,16 @@ def get_adapter(model_or_config: Any) -> FamilyAdapter:
         ) from None
 
 
-from . import bert, llama, mistral, qwen2, qwen3, vit  # noqa: E402,F401  (each registers itself)
+from . import (  # noqa: E402,F401  (each registers itself)
+    bert,
+    deit,
+    dinov2,
+    llama,
+    mistral,
+    qwen2,
+    qwen3,
+    roberta,
+    smollm3,
+    vit,
+    xlm_roberta,
+)

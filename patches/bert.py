@@ -29,9 +29,11 @@ class BertAdapter(FamilyAdapter):
         attn.all_head_size = num_heads * attn.attention_head_size
 
 
-ADAPTER = register_adapter(
-    BertAdapter(
-        model_type="bert",
+def bert_like(model_type: str) -> BertAdapter:
+    """The adapter of an encoder family with BERT's layout (`encoder.layer[i].attention.self`
+    with query/key/value, output projection in `attention.output.dense`)."""
+    return BertAdapter(
+        model_type=model_type,
         q_proj="query",
         k_proj="key",
         v_proj="value",
@@ -39,4 +41,6 @@ ADAPTER = register_adapter(
         lora_targets=("query", "key", "value", "attention.output.dense"),
         tasks=("masked-lm", "seq-cls"),
     )
-)
+
+
+ADAPTER = register_adapter(bert_like("bert"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -10,26 +11,29 @@ from torch import nn
 from . import FamilyAdapter, register_adapter
 
 
+@dataclass(frozen=True)
 class ViTAdapter(FamilyAdapter):
+    # tokens before the patches: [CLS] (ViT, DINOv2), [CLS] and the distillation token (DeiT)
+    prefix: int = 1
     spatial = True
 
     def token_grid(self, config: Any, num_tokens: int) -> tuple[int, int, int]:
-        # [CLS] then the patches in row-major order (ViTEmbeddings); the configured grid, or a
-        # square one for other image sizes (interpolate_pos_encoding).
-        patches = num_tokens - 1
+        # the prefix tokens, then the patches in row-major order (ViTEmbeddings); the configured
+        # grid, or a square one for other image sizes (interpolate_pos_encoding).
+        patches = num_tokens - self.prefix
         image, patch = config.image_size, config.patch_size
         height, width = image if isinstance(image, (tuple, list)) else (image, image)
         patch_h, patch_w = patch if isinstance(patch, (tuple, list)) else (patch, patch)
         rows, cols = height // patch_h, width // patch_w
         if patches == rows * cols:
-            return 1, rows, cols
+            return self.prefix, rows, cols
         side = math.isqrt(max(patches, 0))
         if side * side != patches:
             raise ValueError(
-                f"Cannot place {patches} ViT patch tokens on a grid: expected {rows}x{cols} "
+                f"Cannot place {patches} {self.model_type} patch tokens on a grid: expected {rows}x{cols} "
                 "(the configured image size) or another square number."
             )
-        return 1, side, side
+        return self.prefix, side, side
 
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
         # transformers 5.x: ViTModel.layers (no `encoder` wrapper any more)
@@ -47,14 +51,19 @@ class ViTAdapter(FamilyAdapter):
         attn.num_attention_heads = num_heads  # ViTAttention's own count (forward reshapes with -1)
 
 
-ADAPTER = register_adapter(
-    ViTAdapter(
-        model_type="vit",
+def vit_like(model_type: str, prefix: int = 1, cls: type[ViTAdapter] = ViTAdapter) -> ViTAdapter:
+    """The adapter of a vision family with ViT's attention (q_proj/k_proj/v_proj/o_proj on
+    `layer.attention`) and `prefix` tokens before the patch grid."""
+    return cls(
+        model_type=model_type,
         q_proj="q_proj",
         k_proj="k_proj",
         v_proj="v_proj",
         native_gqa=False,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         tasks=("image-cls",),
+        prefix=prefix,
     )
-)
+
+
+ADAPTER = register_adapter(vit_like("vit"))

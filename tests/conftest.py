@@ -83,6 +83,39 @@ def tiny_qwen3(kv_heads: int | None = 2) -> torch.nn.Module:
     return model
 
 
+def tiny_smollm3(kv_heads: int | None = 2) -> torch.nn.Module:
+    """SmolLM3 with layer 1 without rotary positions (NoPE)."""
+    return tiny_decoder("smollm3", kv_heads=kv_heads, no_rope_layers=[1, 0])
+
+
+def tiny_encoder(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module:
+    """A tiny random sequence classifier of an encoder family with BERT's layout (no download)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        family, vocab_size=97, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, pad_token_id=1,
+    )
+    return AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+def tiny_vision(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module:
+    """A tiny random image classifier of a vision family with ViT's attention: 16 x 16 pixels,
+    4 x 4 patches, one channel (no download)."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(
+        family, image_size=16, patch_size=4, num_channels=1, hidden_size=8 * heads, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=heads, num_labels=5, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    cfg.architectures = []  # DeiT's Auto entry is a tuple, chosen by architectures (None fails in transformers)
+    return AutoModelForImageClassification.from_config(cfg).eval()
+
+
 def tiny_bert(heads: int = 4, layers: int = 2, dtype=torch.float32) -> BertForSequenceClassification:
     torch.manual_seed(0)
     cfg = BertConfig(

@@ -61,7 +61,7 @@ def relation_graph(batch: int, length: int, seed: int = 4) -> torch.Tensor:
 def sample_inputs(family: str, case: str) -> dict:
     """Two samples of the family's input, with relation ids for `relation` cases."""
     gen = torch.Generator().manual_seed(1)
-    if family == "vit":
+    if PADDING_SIDE[family] is None:  # vision
         inputs = {"pixel_values": torch.randn(2, 1, 16, 16, generator=gen)}
     else:
         inputs = {"input_ids": torch.randint(3, 97, (2, TOKENS[family]), generator=gen)}
@@ -162,16 +162,20 @@ def test_default_path_equals_the_reference_path(family, case):
 
 
 # ------------------------------------------------------------------------ (b) padding
-@pytest.mark.parametrize("case", list(CASES["bert"]))
-def test_right_padded_encoder_sample_equals_the_sample_alone(case):
+ENCODER_PARAMS = [pytest.param(family, case, id=f"{family}-{case}") for family in FAMILIES
+                  if PADDING_SIDE[family] == "right" for case in CASES[family]]
+
+
+@pytest.mark.parametrize("family, case", ENCODER_PARAMS)
+def test_right_padded_encoder_sample_equals_the_sample_alone(family, case):
     """Encoders: at its real tokens a right-padded sample gets what it gets alone (patterns,
     sinks, relative terms and routers see no padding). Decoders: tests/test_paths.py (left and
-    right padding, from DECODER_CASES); ViT takes no attention mask."""
-    model = build("bert", case)
-    inputs = sample_inputs("bert", case)
-    batch, real = padded("bert", inputs)
+    right padding, from DECODER_CASES) and below; vision models take no attention mask."""
+    model = build(family, case)
+    inputs = sample_inputs(family, case)
+    batch, real = padded(family, inputs)
     logits, hidden = outputs(model, batch)
-    for row, n in enumerate([TOKENS["bert"], SHORT]):
+    for row, n in enumerate([TOKENS[family], SHORT]):
         alone = {"input_ids": inputs["input_ids"][row : row + 1, :n]}
         if "relation_ids" in inputs:
             alone["relation_ids"] = inputs["relation_ids"][row : row + 1, :n, :n]
@@ -190,7 +194,7 @@ def test_gradients_reach_inputs_and_parameters(family, case):
     logits get non-zero gradients."""
     model = build(family, case).train()
     batch, real = padded(family, sample_inputs(family, case))
-    if family == "vit":
+    if PADDING_SIDE[family] is None:  # vision
         leaf = batch["pixel_values"].clone().requires_grad_(True)
         kwargs = {"pixel_values": leaf, "labels": torch.tensor([1, 3])}
     else:
@@ -205,11 +209,13 @@ def test_gradients_reach_inputs_and_parameters(family, case):
     assert torch.isfinite(loss)
     loss.backward()
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
-    rows = real if family != "vit" else torch.ones(2, dtype=torch.bool)
+    rows = real if PADDING_SIDE[family] is not None else torch.ones(2, dtype=torch.bool)
     assert leaf.grad[rows].abs().sum() > 0
-    skipped = {n for n, _ in model.named_parameters() if n.endswith(("embed_tokens.weight", "word_embeddings.weight"))}
+    # inputs_embeds given: the token table is not used; nor is a vision model's mask token
+    # (masked image modelling only)
+    skipped = {n for n, _ in model.named_parameters() if n.endswith(("embed_tokens.weight", "word_embeddings.weight", "mask_token"))}
     for name, param in model.named_parameters():
-        if name in skipped:  # inputs_embeds given: the token table is not used
+        if name in skipped:
             continue
         assert param.grad is not None, f"{name} gets no gradient"
         assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"

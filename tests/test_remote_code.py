@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_vit
+from conftest import tiny_llama
+from variant_cases import BUILDERS, PADDING_SIDE
 
 import hf_relattn
 
@@ -36,6 +37,15 @@ CASES = {
     "bert-sliding-window-prune": ("bert", "AutoModelForSequenceClassification", [("sliding_window", {"window": 3, "block_size": 4}), ("prune", {"heads": {1: [2]}})]),
     "vit-shaw": ("vit", "AutoModelForImageClassification", [("shaw", {"max_distance": 2})]),
     "vit-sliding-window-moh": ("vit", "AutoModelForImageClassification", [("sliding_window", {"window": 2, "block_size": 3}), ("moh", {"active_heads": 0.75})]),
+    # the other families: one case each (their native features: windows, biases, norms, prefix tokens)
+    "mistral-sliding-window": ("mistral", "AutoModelForCausalLM", [("sliding_window", {"window": 4, "block_size": 4})]),
+    "qwen2-gqa-alibi": ("qwen2", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 1, "layers": [0]}), ("alibi", {})]),
+    "qwen3-moh": ("qwen3", "AutoModelForCausalLM", [("moh", {"active_heads": 0.5, "shared_heads": 1})]),
+    "smollm3-shaw": ("smollm3", "AutoModelForCausalLM", [("shaw", {"max_distance": 3})]),
+    "roberta-shaw": ("roberta", "AutoModelForSequenceClassification", [("shaw", {"max_distance": 3})]),
+    "xlm-roberta-moh": ("xlm-roberta", "AutoModelForSequenceClassification", [("moh", {"router": "query_norm", "active_heads": 0.5})]),
+    "deit-shaw": ("deit", "AutoModelForImageClassification", [("shaw", {"max_distance": 2})]),
+    "dinov2-sliding-window": ("dinov2", "AutoModelForImageClassification", [("sliding_window", {"window": 2, "block_size": 3})]),
 }
 
 LOADER = """
@@ -58,7 +68,7 @@ assert "hf_relattn" not in sys.modules
 
 
 def build(family, conversions):
-    model = {"llama": lambda: tiny_llama(heads=4, kv_heads=4), "bert": tiny_bert, "vit": tiny_vit}[family]()
+    model = tiny_llama(heads=4, kv_heads=4) if family == "llama" else BUILDERS[family]()
     for name, options in conversions:
         options = dict(options)
         layers = options.pop("layers", None)
@@ -73,14 +83,14 @@ def build(family, conversions):
 
 def inputs(family):
     torch.manual_seed(2)
-    if family == "vit":
+    if PADDING_SIDE[family] is None:  # vision
         return {"pixel_values": torch.randn(2, 1, 16, 16)}
     ids = torch.randint(3, 90, (2, 13))
     mask = torch.ones_like(ids)
-    if family == "llama":
-        mask[1, :3] = 0  # left padding
+    if PADDING_SIDE[family] == "left":
+        mask[1, :3] = 0
     else:
-        mask[1, 10:] = 0
+        mask[1, -3:] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3, tiny_vit
+from conftest import tiny_bert, tiny_encoder, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
@@ -89,22 +89,18 @@ VISION_CASES = {
 
 CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirectional (convert refuses it)"
 # decoders with LLaMA's layout take the decoder table (mistral and qwen2 with native sliding windows)
-CASES = {"llama": DECODER_CASES, "mistral": DECODER_CASES, "qwen2": DECODER_CASES, "qwen3": DECODER_CASES,
-         "bert": ENCODER_CASES, "vit": VISION_CASES}
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+ENCODERS = ("bert", "roberta", "xlm-roberta")
+VISION = ("vit", "deit", "dinov2")
+CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
+         **dict.fromkeys(VISION, VISION_CASES)}
 # family -> {variant: why the family cannot take it}
 NOT_APPLICABLE = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {},
-    "qwen3": {},
-    "bert": {
+    **{family: {} for family in DECODERS},
+    **{family: {
         "moba": CAUSAL_ONLY.format(what="its gate chooses among earlier key blocks"),
         "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
-    },
-    "vit": {
-        "moba": CAUSAL_ONLY.format(what="its gate chooses among earlier key blocks"),
-        "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
-    },
+    } for family in ENCODERS + VISION},
 }
 # what the generic tests need to know of a family
 BUILDERS = {
@@ -112,14 +108,19 @@ BUILDERS = {
     "mistral": tiny_mistral,
     "qwen2": tiny_qwen2,
     "qwen3": tiny_qwen3,
+    "smollm3": tiny_smollm3,
+    "roberta": lambda: tiny_encoder("roberta"),
+    "xlm-roberta": lambda: tiny_encoder("xlm-roberta"),
+    "deit": lambda: tiny_vision("deit"),
+    "dinov2": lambda: tiny_vision("dinov2"),
     "bert": tiny_bert,
     "vit": tiny_vit,
 }
-DECODERS = ("llama", "mistral", "qwen2", "qwen3")
-AUTO_CLASSES = {**dict.fromkeys(DECODERS, AutoModelForCausalLM), "bert": AutoModelForSequenceClassification,
-                "vit": AutoModelForImageClassification}
-TOKENS = {**dict.fromkeys(DECODERS, 13), "bert": 11, "vit": 17}  # sequence length of the test inputs (ViT: [CLS] + 4 x 4 patches)
-PADDING_SIDE = {**dict.fromkeys(DECODERS, "left"), "bert": "right", "vit": None}  # how batches are padded; ViT takes no mask
+AUTO_CLASSES = {**dict.fromkeys(DECODERS, AutoModelForCausalLM), **dict.fromkeys(ENCODERS, AutoModelForSequenceClassification),
+                **dict.fromkeys(VISION, AutoModelForImageClassification)}
+# sequence length of the test inputs (vision: the prefix tokens + 4 x 4 patches; DeiT has two)
+TOKENS = {**dict.fromkeys(DECODERS, 13), **dict.fromkeys(ENCODERS, 11), "vit": 17, "deit": 18, "dinov2": 17}
+PADDING_SIDE = {**dict.fromkeys(DECODERS, "left"), **dict.fromkeys(ENCODERS, "right"), **dict.fromkeys(VISION, None)}  # vision: no mask
 FAMILIES = tuple(CASES)
 
 
