@@ -124,6 +124,9 @@ def relattn_attention(
     """Attention entry point registered as "relattn" and "relattn_<flag>" (see module doc)."""
     variants = module_variants(module)
     _check_model_inputs(module.config, kwargs)
+    if kwargs.get("softcap") is not None:  # tanh capping of the scores (Gemma 2): no path here applies it
+        raise ValueError(f"attention logit softcapping (softcap={kwargs['softcap']}) is not supported by hf_relattn's "
+                         "attention paths; use the family's eager attention, or a checkpoint without it")
     impl = implementation()
     wants_probs = bool(kwargs.get("output_attentions"))
     if not variants and not wants_probs and impl in ("auto", "compiled"):

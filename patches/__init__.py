@@ -146,6 +146,8 @@ from . import (  # noqa: E402,F401  (each registers itself)
     bert,
     deit,
     dinov2,
+    distilbert,
+    gemma3,
     llama,
     mistral,
     qwen2,

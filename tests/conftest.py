@@ -88,16 +88,35 @@ def tiny_smollm3(kv_heads: int | None = 2) -> torch.nn.Module:
     return tiny_decoder("smollm3", kv_heads=kv_heads, no_rope_layers=[1, 0])
 
 
+def tiny_gemma3(kv_heads: int | None = 2) -> torch.nn.Module:
+    """Gemma 3 text: a local layer (native window of 8) then a global one, head_dim 16 on hidden 48
+    (not hidden/heads), query_pre_attn_scalar scaling, per-head q_norm/k_norm (random weights)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads or 4, head_dim=16, max_position_embeddings=256, pad_token_id=0,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=20,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(-0.5, 0.5)
+    return model
+
+
 def tiny_encoder(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module:
     """A tiny random sequence classifier of an encoder family with BERT's layout (no download)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(
-        family, vocab_size=97, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=1,
-    )
+    sizes = {"dim": 8 * heads, "hidden_dim": 64, "n_layers": layers, "n_heads": heads, "dropout": 0.0,
+             "attention_dropout": 0.0} if family == "distilbert" else {
+        "hidden_size": 8 * heads, "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    cfg = AutoConfig.for_model(family, vocab_size=97, max_position_embeddings=128, num_labels=3, pad_token_id=1, **sizes)
     return AutoModelForSequenceClassification.from_config(cfg).eval()
 
 

@@ -394,3 +394,16 @@ def test_gqa_on_every_layer_saves_a_plain_native_checkpoint(family, tmp_path):
     assert type(reloaded).__name__.startswith(type(model).__name__.removeprefix("Relattn"))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_attention_softcapping_is_refused_not_ignored():
+    """Tanh capping of the scores (Gemma 2's `softcap`) has no form in the engine's paths: a call
+    that asks for it gets a clear error instead of uncapped scores."""
+    from hf_relattn.engine import relattn_attention
+
+    model = build("llama", "alibi_flag")
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 5, 16)
+    k = v = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="softcapping"):
+        relattn_attention(module, q, k, v, None, softcap=50.0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_encoder, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
+from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
@@ -89,8 +89,8 @@ VISION_CASES = {
 
 CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirectional (convert refuses it)"
 # decoders with LLaMA's layout take the decoder table (mistral and qwen2 with native sliding windows)
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-ENCODERS = ("bert", "roberta", "xlm-roberta")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 VISION = ("vit", "deit", "dinov2")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
@@ -109,6 +109,8 @@ BUILDERS = {
     "qwen2": tiny_qwen2,
     "qwen3": tiny_qwen3,
     "smollm3": tiny_smollm3,
+    "gemma3_text": tiny_gemma3,
+    "distilbert": lambda: tiny_encoder("distilbert"),
     "roberta": lambda: tiny_encoder("roberta"),
     "xlm-roberta": lambda: tiny_encoder("xlm-roberta"),
     "deit": lambda: tiny_vision("deit"),
