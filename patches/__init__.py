@@ -31,6 +31,9 @@ class FamilyAdapter:
     # True when the family's own config can say `num_key_value_heads` (e.g. LLaMA), so a
     # model whose every layer has G K/V heads is a plain native checkpoint.
     native_gqa: bool
+    # Why removing query heads cannot leave the others as they were (e.g. a norm over all heads
+    # together), or None: `prune` refuses the family with this reason.
+    prune_refused: str | None = None
     # True when tokens are image patches on a 2-D grid (`token_grid` gives the geometry).
     spatial: ClassVar[bool] = False
 
@@ -150,6 +153,7 @@ from . import (  # noqa: E402,F401  (each registers itself)
     gemma3,
     llama,
     mistral,
+    olmo2,
     qwen2,
     qwen3,
     roberta,

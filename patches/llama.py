@@ -50,10 +50,11 @@ def _positions_from_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return args, {**kwargs, "position_ids": positions}
 
 
-def llama_like(model_type: str) -> LlamaAdapter:
+def llama_like(model_type: str, cls: type[LlamaAdapter] = LlamaAdapter, **changes: Any) -> LlamaAdapter:
     """The adapter of a decoder family with LLaMA's layout: `model.layers[i].self_attn` with
-    q_proj/k_proj/v_proj/o_proj, rotate_half RoPE, a native num_key_value_heads."""
-    return LlamaAdapter(
+    q_proj/k_proj/v_proj/o_proj, rotate_half RoPE, a native num_key_value_heads (`changes`:
+    other field values)."""
+    return cls(
         model_type=model_type,
         q_proj="q_proj",
         k_proj="k_proj",
@@ -61,6 +62,7 @@ def llama_like(model_type: str) -> LlamaAdapter:
         native_gqa=True,
         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
         tasks=("causal-lm", "seq-cls"),
+        **changes,
     )
 
 

@@ -107,6 +107,16 @@ def tiny_gemma3(kv_heads: int | None = 2) -> torch.nn.Module:
     return model
 
 
+def tiny_olmo2(kv_heads: int | None = 2) -> torch.nn.Module:
+    """OLMo 2: q_norm/k_norm over all heads of a projection (random weights, not ones)."""
+    model = tiny_decoder("olmo2", kv_heads=kv_heads)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 def tiny_encoder(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module:
     """A tiny random sequence classifier of an encoder family with BERT's layout (no download)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification

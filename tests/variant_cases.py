@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_llama, tiny_mistral, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
+from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_llama, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
@@ -89,11 +89,12 @@ VISION_CASES = {
 
 CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirectional (convert refuses it)"
 # decoders with LLaMA's layout take the decoder table (mistral and qwen2 with native sliding windows)
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "olmo2")
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 VISION = ("vit", "deit", "dinov2")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
+CASES["olmo2"] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] != "prune"}
 # family -> {variant: why the family cannot take it}
 NOT_APPLICABLE = {
     **{family: {} for family in DECODERS},
@@ -101,6 +102,7 @@ NOT_APPLICABLE = {
         "moba": CAUSAL_ONLY.format(what="its gate chooses among earlier key blocks"),
         "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
     } for family in ENCODERS + VISION},
+    "olmo2": {"prune": "q_norm normalises all query heads together, so removing one changes the others (convert refuses it)"},
 }
 # what the generic tests need to know of a family
 BUILDERS = {
@@ -109,6 +111,7 @@ BUILDERS = {
     "qwen2": tiny_qwen2,
     "qwen3": tiny_qwen3,
     "smollm3": tiny_smollm3,
+    "olmo2": tiny_olmo2,
     "gemma3_text": tiny_gemma3,
     "distilbert": lambda: tiny_encoder("distilbert"),
     "roberta": lambda: tiny_encoder("roberta"),

@@ -200,6 +200,11 @@ class Prune(Variant):
         self.check_model(model, adapter, layers)
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        if adapter.prune_refused:
+            from ..patches import ADAPTERS
+
+            valid = ", ".join(sorted(name for name, a in ADAPTERS.items() if not a.prune_refused))
+            raise ValueError(f"prune: not for {adapter.model_type}: {adapter.prune_refused}; valid families: {valid}")
         steps = self.steps()
         modules = adapter.attention_modules(model)
         counts = {idx: adapter.module_num_heads(attn) for idx, attn in enumerate(modules)}
