@@ -34,6 +34,8 @@ class FamilyAdapter:
     # Why removing query heads cannot leave the others as they were (e.g. a norm over all heads
     # together), or None: `prune` refuses the family with this reason.
     prune_refused: str | None = None
+    # Why K/V heads cannot be merged here (e.g. a fused QKV projection not split yet), or None.
+    gqa_refused: str | None = None
     # True when tokens are image patches on a 2-D grid (`token_grid` gives the geometry).
     spatial: ClassVar[bool] = False
 
@@ -151,9 +153,12 @@ from . import (  # noqa: E402,F401  (each registers itself)
     dinov2,
     distilbert,
     gemma3,
+    gpt2,
+    gpt_neox,
     llama,
     mistral,
     olmo2,
+    phi3,
     qwen2,
     qwen3,
     roberta,

@@ -117,6 +117,31 @@ def tiny_olmo2(kv_heads: int | None = 2) -> torch.nn.Module:
     return model
 
 
+def tiny_gpt_neox() -> torch.nn.Module:
+    """GPT-NeoX (Pythia's family): fused query_key_value, rotary on half of each head."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=256, rotary_pct=0.5, pad_token_id=0, hidden_dropout=0.0, attention_dropout=0.0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_gpt2() -> torch.nn.Module:
+    """GPT-2: fused Conv1D c_attn, learned absolute positions."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256, pad_token_id=0, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_phi3(kv_heads: int | None = 2) -> torch.nn.Module:
+    """Phi-3: fused qkv_proj (4 query heads, 2 K/V heads)."""
+    return tiny_decoder("phi3", kv_heads=kv_heads)
+
+
 def tiny_encoder(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module:
     """A tiny random sequence classifier of an encoder family with BERT's layout (no download)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification

@@ -48,6 +48,10 @@ CASES = {
     "dinov2-sliding-window": ("dinov2", "AutoModelForImageClassification", [("sliding_window", {"window": 2, "block_size": 3})]),
     "gemma3-shaw-gqa": ("gemma3_text", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 1, "layers": [1]}), ("shaw", {"max_distance": 3})]),
     "distilbert-t5-bias": ("distilbert", "AutoModelForSequenceClassification", [("t5_bias", {})]),
+    "olmo2-gqa-layer0": ("olmo2", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 1, "layers": [0]})]),
+    "gpt-neox-moh": ("gpt_neox", "AutoModelForCausalLM", [("moh", {"active_heads": 0.5, "shared_heads": 1})]),
+    "gpt2-shaw": ("gpt2", "AutoModelForCausalLM", [("shaw", {"max_distance": 3})]),
+    "phi3-sliding-window": ("phi3", "AutoModelForCausalLM", [("sliding_window", {"window": 4, "block_size": 4, "sinks": 1})]),
 }
 
 LOADER = """

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_llama, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
+from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_phi3, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
@@ -89,12 +89,15 @@ VISION_CASES = {
 
 CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirectional (convert refuses it)"
 # decoders with LLaMA's layout take the decoder table (mistral and qwen2 with native sliding windows)
-DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "olmo2")
+DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "olmo2", "gpt_neox", "gpt2", "phi3")
+FUSED = "its q/k/v projections are one fused matrix, which GQA surgery and pruning do not split yet (convert refuses it)"
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 VISION = ("vit", "deit", "dinov2")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
 CASES["olmo2"] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] != "prune"}
+for _family in ("gpt_neox", "gpt2", "phi3"):
+    CASES[_family] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] not in ("gqa", "mqa", "prune")}
 # family -> {variant: why the family cannot take it}
 NOT_APPLICABLE = {
     **{family: {} for family in DECODERS},
@@ -103,6 +106,7 @@ NOT_APPLICABLE = {
         "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
     } for family in ENCODERS + VISION},
     "olmo2": {"prune": "q_norm normalises all query heads together, so removing one changes the others (convert refuses it)"},
+    **{family: {"gqa": FUSED, "mqa": FUSED, "prune": FUSED} for family in ("gpt_neox", "gpt2", "phi3")},
 }
 # what the generic tests need to know of a family
 BUILDERS = {
@@ -112,6 +116,9 @@ BUILDERS = {
     "qwen3": tiny_qwen3,
     "smollm3": tiny_smollm3,
     "olmo2": tiny_olmo2,
+    "gpt_neox": tiny_gpt_neox,
+    "gpt2": tiny_gpt2,
+    "phi3": tiny_phi3,
     "gemma3_text": tiny_gemma3,
     "distilbert": lambda: tiny_encoder("distilbert"),
     "roberta": lambda: tiny_encoder("roberta"),

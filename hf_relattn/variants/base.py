@@ -249,7 +249,9 @@ ATTACHED = "relattn_variants"
 
 def _call_inputs(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     hidden = args[0] if args else kwargs["hidden_states"]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    # the attention block's cache argument: `cache` (transformers 5.2x), `past_key_values`
+    # (older), `layer_past` (GPT-NeoX)
+    cache = next((kwargs[k] for k in ("cache", "past_key_values", "layer_past") if kwargs.get(k) is not None), None)
     return args, {**kwargs, LAYER_INPUT: hidden, CACHE: cache}
 
 

@@ -274,6 +274,11 @@ class GQA(Variant):
                 raise ValueError(f"{self.name}: batches= is only used with init='aligned' or 'procrustes' (got init={self.init!r})")
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        if adapter.gqa_refused:
+            from ..patches import ADAPTERS
+
+            valid = ", ".join(sorted(name for name, a in ADAPTERS.items() if not a.gqa_refused))
+            raise ValueError(f"{self.name}: not for {adapter.model_type}: {adapter.gqa_refused}; valid families: {valid}")
         groups = self.num_key_value_heads
         heads = adapter.num_heads(model.config)
         if heads % groups:

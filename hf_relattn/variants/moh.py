@@ -78,7 +78,7 @@ HOOKED = "_relattn_moh_hooked"
 
 def module_heads(module: nn.Module, adapter: FamilyAdapter) -> int:
     """Query heads of one attention module (pruned layers may have fewer than the config)."""
-    return getattr(module, adapter.q_proj).out_features // adapter.head_dim(module.config)
+    return adapter.module_num_heads(module)
 
 
 @register_variant
