@@ -175,10 +175,12 @@ def output_of(record):
 
 # ------------------------------------------------------------------------------ models
 def attention_modules(model):
-    """The attention module of every layer of a GPT-2, BERT, LLaMA or ViT model."""
+    """The attention module of every layer of a GPT-2, OPT, BERT, LLaMA or ViT model."""
     base = model.base_model
     if hasattr(base, "h"):  # GPT-2
         return [block.attn for block in base.h]
+    if hasattr(base, "decoder"):  # OPT
+        return [layer.self_attn for layer in base.decoder.layers]
     if hasattr(base, "encoder"):  # BERT
         return [layer.attention.self for layer in base.encoder.layer]
     if hasattr(base, "layers") and hasattr(base.layers[0], "self_attn"):  # LLaMA

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
 from reference import attention_modules
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, OPTConfig, OPTForCausalLM
 
 import hf_relattn
 from hf_relattn.variants.base import ATTACHED
@@ -121,10 +121,12 @@ def test_divisor_list_follows_head_count() -> None:
 
 def test_unsupported_model_names_supported_families() -> None:
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=97, n_positions=64, bos_token_id=1, eos_token_id=2)
-    model = GPT2LMHeadModel(config).eval()
+    # OPT: a family the plugin does not adapt (GPT-2 was the example until issue 18 added it)
+    config = OPTConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, ffn_dim=64, vocab_size=97,
+                       max_position_embeddings=64, word_embed_proj_dim=32)
+    model = OPTForCausalLM(config).eval()
     for variant, options in [("gqa", {"num_key_value_heads": 2}), ("alibi", {}), ("mqa", {"layers": [0]})]:
-        message = _assert_refused(model, variant, options, ["gpt2", "llama", "bert", "vit"])
+        message = _assert_refused(model, variant, options, ["opt", "llama", "bert", "vit"])
         assert "Unsupported" in message
 
 

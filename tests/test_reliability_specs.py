@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
 from reference import attention_modules
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 import hf_relattn
 from hf_relattn.variants.base import ATTACHED, get_variant_class
@@ -355,11 +355,13 @@ def test_misspelled_flag_names_the_valid_ones(tmp_path):
 
 
 def test_flag_on_unsupported_family_refused_like_convert():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=32))
-    with pytest.raises(ValueError, match="Unsupported architecture 'gpt2'.*llama"):
+    # OPT: a family the plugin does not adapt (GPT-2 was the example until issue 18 added it)
+    model = OPTForCausalLM(OPTConfig(num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=16, vocab_size=32,
+                                     word_embed_proj_dim=8))
+    with pytest.raises(ValueError, match="Unsupported architecture 'opt'.*llama"):
         model.set_attn_implementation("relattn_alibi")
-    with pytest.raises(ValueError, match="Unsupported architecture 'gpt2'"):
-        GPT2LMHeadModel._from_config(model.config, attn_implementation="relattn_sliding_window")
+    with pytest.raises(ValueError, match="Unsupported architecture 'opt'"):
+        OPTForCausalLM._from_config(model.config, attn_implementation="relattn_sliding_window")
 
 
 def test_flag_check_against_the_model():
