@@ -73,14 +73,19 @@ def tiny_qwen2(kv_heads: int | None = 2) -> torch.nn.Module:
     return model
 
 
-def tiny_qwen3(kv_heads: int | None = 2) -> torch.nn.Module:
-    """Qwen3: per-head q_norm/k_norm (random weights, not ones)."""
-    model = tiny_decoder("qwen3", kv_heads=kv_heads)
+def random_qk_norms(model: torch.nn.Module, low: float = 0.5, high: float = 1.5) -> torch.nn.Module:
+    """Uniform random q_norm/k_norm weights (not the ones they start with: a path that skips a
+    norm would otherwise go unnoticed)."""
     with torch.no_grad():
         for layer in model.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.uniform_(0.5, 1.5)
+                norm.weight.uniform_(low, high)
     return model
+
+
+def tiny_qwen3(kv_heads: int | None = 2) -> torch.nn.Module:
+    """Qwen3: per-head q_norm/k_norm (random weights)."""
+    return random_qk_norms(tiny_decoder("qwen3", kv_heads=kv_heads))
 
 
 def tiny_smollm3(kv_heads: int | None = 2) -> torch.nn.Module:
@@ -99,22 +104,12 @@ def tiny_gemma3(kv_heads: int | None = 2) -> torch.nn.Module:
         num_key_value_heads=kv_heads or 4, head_dim=16, max_position_embeddings=256, pad_token_id=0,
         sliding_window=8, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=20,
     )
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.uniform_(-0.5, 0.5)
-    return model
+    return random_qk_norms(AutoModelForCausalLM.from_config(cfg).eval(), -0.5, 0.5)  # Gemma's norms scale by 1 + w
 
 
 def tiny_olmo2(kv_heads: int | None = 2) -> torch.nn.Module:
-    """OLMo 2: q_norm/k_norm over all heads of a projection (random weights, not ones)."""
-    model = tiny_decoder("olmo2", kv_heads=kv_heads)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                norm.weight.uniform_(0.5, 1.5)
-    return model
+    """OLMo 2: q_norm/k_norm over all heads of a projection (random weights)."""
+    return random_qk_norms(tiny_decoder("olmo2", kv_heads=kv_heads))
 
 
 def tiny_gpt_neox() -> torch.nn.Module:
