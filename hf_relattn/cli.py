@@ -33,7 +33,7 @@ from .outputs import (
 )
 from .patches import ADAPTERS
 from .presets import DTYPES, PRESETS
-from .settings import add_variant_option_flags, parse_value, read_settings_file, variant_option_values
+from .settings import add_variant_option_flags, read_settings_file, variant_option_values
 from .variants.base import VARIANTS
 
 
