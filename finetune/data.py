@@ -4,6 +4,6 @@ The code lives in `hf_relattn.data` (the bench and calibration read data too, an
 does not import finetune); its names are re-exported here, where they always were.
 """
 
-from hf_relattn.data import TEXT_SUFFIXES, collator, data_format, label_list, load_raw, prepare, split
+from hf_relattn.data import TEXT_SUFFIXES, class_labels, collator, data_format, label_list, load_raw, prepare, split
 
-__all__ = ["TEXT_SUFFIXES", "collator", "data_format", "label_list", "load_raw", "prepare", "split"]
+__all__ = ["TEXT_SUFFIXES", "class_labels", "collator", "data_format", "label_list", "load_raw", "prepare", "split"]

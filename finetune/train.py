@@ -324,12 +324,19 @@ def run(args: FinetuneArguments) -> dict[str, Any]:
     train_raw, eval_raw = D.split(raw_train, args.eval_fraction, args.eval_size, args.train_size)
     if args.eval_data:
         eval_raw = D.load_raw(args.eval_data)
-    labels = D.label_list(train_raw, args.label_column) if task in ("seq-cls", "image-cls") else None
+    labels = None
     load_kwargs: dict[str, Any] = {"output_loading_info": True}
-    if labels is not None:
+    if task in ("seq-cls", "image-cls"):
+        found = D.label_list(train_raw, args.label_column)
+        if args.num_labels is not None and args.num_labels < len(found):
+            raise ValueError(f"--num-labels {args.num_labels} but the data has {len(found)} labels: {found[:20]}")
+        # a checkpoint's own head keeps its classes (integer label i stays class i, even when the
+        # training subset lacks some); a new head gets one class per distinct label
+        config = config_of(args.model)
+        has_head = any(a.endswith(suffix) and head == task for a in (config.architectures or [])
+                       for suffix, head in HEAD_SUFFIXES.items())
+        labels = D.class_labels(train_raw, args.label_column, args.num_labels or (config.num_labels if has_head else None))
         load_kwargs["num_labels"] = args.num_labels or len(labels)
-        if args.num_labels is not None and args.num_labels < len(labels):
-            raise ValueError(f"--num-labels {args.num_labels} but the data has {len(labels)} labels: {labels[:20]}")
     (model, info), processor = load(args.model, dtype=args.dtype, model_class=AUTO_CLASSES[task], **load_kwargs)
     if task == "image-cls":
         processor = image_processor(args.model, model.config)

@@ -481,19 +481,6 @@ def lm_token_ids(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
     return torch.tensor(ids[: max_tokens + 1], dtype=torch.long)
 
 
-def _class_labels(raw: Any, column: str, num_labels: int | None) -> list[Any]:
-    """Label values in class-index order: identity when they are the integers 0..n-1 of the
-    model's head, else sorted values (the convention of hf_relattn.finetune)."""
-    from . import data as D
-
-    values = D.label_list(raw, column)
-    if num_labels and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_labels for v in values):
-        return list(range(num_labels))
-    if num_labels and len(values) > num_labels:
-        raise ValueError(f"The data has {len(values)} labels {values[:20]} but the model's head has {num_labels} classes")
-    return values
-
-
 # ============================================================================ inputs
 @dataclasses.dataclass
 class Workload:
@@ -554,7 +541,7 @@ def build_workload(cfg: BenchConfig, task: str, model: nn.Module, processor: Any
 
         full = raw
         evaluated = full if cfg.eval_size is None or cfg.eval_size >= len(full) else D.split(full, 0.0, cfg.eval_size, None)[1]
-        labels = _class_labels(full, cfg.label_column, getattr(config, "num_labels", None))
+        labels = D.class_labels(full, cfg.label_column, getattr(config, "num_labels", None))
         prepared = D.prepare(task, evaluated, processor, prep_args, config, labels)
         loader = DataLoader(prepared, batch_size=cfg.batch_size, collate_fn=D.collator(task, processor, cfg.mlm_probability))
         batches = list(loader)
@@ -635,7 +622,7 @@ def _load(cfg: BenchConfig) -> tuple[str, nn.Module, Any, Any, dict[str, Any]]:
     kwargs: dict[str, Any] = {"output_loading_info": True}
     has_head = any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in (config.architectures or []))
     if task in ("seq-cls", "image-cls") and not has_head:
-        kwargs["num_labels"] = len(_class_labels(raw, cfg.label_column, None))
+        kwargs["num_labels"] = len(D.class_labels(raw, cfg.label_column, None))
     (model, info), processor = load(cfg.model, dtype=cfg.dtype, model_class=AUTO_CLASSES[task], **kwargs)
     if task == "image-cls":
         processor = image_processor(cfg.model, model.config)

@@ -169,6 +169,18 @@ def label_list(ds: datasets.Dataset, column: str) -> list[Any]:
     return sorted(set(ds[column]))
 
 
+def class_labels(raw: datasets.Dataset, column: str, num_labels: int | None) -> list[Any]:
+    """Label values in class-index order: class i is the integer i when the data's labels are
+    integers inside the `num_labels` classes of a model's existing head (so a subset of the data
+    lacking some classes keeps each label's class), else the sorted distinct values."""
+    values = label_list(raw, column)
+    if num_labels and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_labels for v in values):
+        return list(range(num_labels))
+    if num_labels and len(values) > num_labels:
+        _fail(f"The data has {len(values)} labels {values[:20]} but the model's head has {num_labels} classes")
+    return values
+
+
 def collator(task: str, processor: Any, mlm_probability: float) -> Any:
     """The batch collation function of `task` (masked-lm: masks drawn at `mlm_probability`)."""
     if task == "causal-lm":

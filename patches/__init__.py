@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 ADAPTED_PREFIX = "relattn_"
@@ -81,6 +82,27 @@ class FamilyAdapter:
         """Replace layer `layer_idx`'s attention output projection."""
         parent, name = self.output_projection_site(self.layer_modules(model)[layer_idx])
         setattr(parent, name, module)
+
+    def projections(self, attn: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """The (query, key, value) projections of one module, for weight surgery. Families with
+        one fused matrix (`patches.fused`) return nn.Linear copies of its rows: change them, then
+        write them back with `set_projections`."""
+        return getattr(attn, self.q_proj), getattr(attn, self.k_proj), getattr(attn, self.v_proj)
+
+    def set_projections(self, attn: nn.Module, query: nn.Module, key: nn.Module, value: nn.Module) -> None:
+        """Install (resized) query, key and value projections (re-fused where the family fuses them)."""
+        for name, proj in zip((self.q_proj, self.k_proj, self.v_proj), (query, key, value)):
+            setattr(attn, name, proj)
+
+    def projection_sites(self, attn: nn.Module) -> tuple[tuple[nn.Module, torch.Tensor | None], ...]:
+        """Where the model computes the query, key and value of one module: (module, output rows
+        or None for all) each, for forward hooks that read them."""
+        return tuple((proj, None) for proj in (getattr(attn, self.q_proj), getattr(attn, self.k_proj), getattr(attn, self.v_proj)))
+
+    def as_linear(self, module: nn.Module) -> nn.Module:
+        """An output projection as an nn.Linear (GPT-2's Conv1D: a copy; `set_output_projection`
+        takes an nn.Linear back); other modules as they are."""
+        return module
 
     def set_num_heads(self, attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
         """Keep a module's bookkeeping consistent after query-head surgery (head pruning).

@@ -1,6 +1,8 @@
-"""GPT-2 family adapter: `h[i].attn` with a fused Conv1D `c_attn` and output `c_proj`, learned
-absolute positions (counted from each sample's first token under left padding, as generate
-does). Every variant that leaves the projections as they are; gqa/mqa and prune are refused."""
+"""GPT-2 family adapter: `h[i].attn` with a fused Conv1D `c_attn` (Q, K, V columns) and output
+Conv1D `c_proj`, learned absolute positions (counted from each sample's first token under left
+padding, as generate does). Pruning splits `c_attn`, keeps the remaining heads' rows and
+re-fuses it (the module's `split_size` follows); gqa/mqa are refused (the forward splits the
+fused output into three equal parts)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from typing import Any
 from torch import nn
 
 from . import register_adapter
-from .llama import FUSED, FusedQKVAdapter, llama_like
+from .fused import EQUAL_PARTS, FusedQKV, as_conv1d, as_linear
+from .llama import LlamaAdapter, llama_like
 
 
-class GPT2Adapter(FusedQKVAdapter):
+class GPT2Adapter(FusedQKV, LlamaAdapter):
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
         return list(self.base_model(model).h)
 
@@ -25,8 +28,23 @@ class GPT2Adapter(FusedQKVAdapter):
     def rope_planes(self, config: Any) -> list[tuple[int, int]] | None:
         return None  # learned absolute positions, no rotary planes
 
+    def head_counts(self, attn: nn.Module) -> tuple[int, int]:
+        heads = attn.split_size // self.head_dim(attn.config)
+        return heads, heads
+
+    def as_linear(self, module: nn.Module) -> nn.Module:
+        return as_linear(module)
+
+    def set_output_projection(self, model: nn.Module, layer_idx: int, module: nn.Module) -> None:
+        super().set_output_projection(model, layer_idx, as_conv1d(module) if type(module) is nn.Linear else module)
+
+    def set_num_heads(self, attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+        super().set_num_heads(attn, num_heads, num_kv_heads)
+        attn.split_size = num_heads * self.head_dim(attn.config)  # where the forward cuts Q, K and V apart
+        attn.num_heads = num_heads
+
 
 ADAPTER = register_adapter(llama_like(
     "gpt2", cls=GPT2Adapter, q_proj="c_attn", k_proj="c_attn", v_proj="c_attn", native_gqa=False,
-    lora_targets=("c_attn", "attn.c_proj"), prune_refused=FUSED, gqa_refused=FUSED,
+    lora_targets=("c_attn", "attn.c_proj"), gqa_refused=EQUAL_PARTS,
 ))

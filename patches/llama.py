@@ -50,21 +50,6 @@ def _positions_from_mask(module: nn.Module, args: tuple[Any, ...], kwargs: dict[
     return args, {**kwargs, "position_ids": positions}
 
 
-class FusedQKVAdapter(LlamaAdapter):
-    """A decoder whose q/k/v projections are one fused matrix (`q_proj` names it): head counts
-    come from the config; merging K/V heads and removing heads would split and re-fuse it,
-    which is not written yet, so gqa/mqa and prune refuse these families."""
-
-    def module_num_heads(self, attn: nn.Module) -> int:
-        return self.num_heads(attn.config)
-
-    def num_kv_heads(self, attn: nn.Module) -> int:
-        return getattr(attn.config, "num_key_value_heads", None) or self.num_heads(attn.config)
-
-
-FUSED = "its q/k/v projections are one fused matrix, which GQA surgery and pruning do not split yet"
-
-
 def llama_like(model_type: str, cls: type[LlamaAdapter] = LlamaAdapter, **changes: Any) -> LlamaAdapter:
     """The adapter of a decoder family with LLaMA's layout: `model.layers[i].self_attn` with
     q_proj/k_proj/v_proj/o_proj, rotate_half RoPE, a native num_key_value_heads (`changes`:

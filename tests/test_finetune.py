@@ -362,3 +362,19 @@ def test_two_process_ddp_distill(llama_dir, text_file, tmp_path):
     assert final["processes"] == 2
     assert final["weight_checksums"][0] == final["weight_checksums"][1]
     assert "attention_transfer" in final
+
+
+def test_integer_labels_keep_their_class_in_an_existing_head():
+    """A subset of the data lacking some classes (MNIST digits 0, 3, 5) finetuned on a 10-class
+    head: digit 5 stays class 5 (counting the distinct labels would make it class 2); a new head
+    (no count given) gets one class per distinct label, in sorted order."""
+    import datasets
+    from hf_relattn.data import class_labels
+
+    raw = datasets.Dataset.from_dict({"label": [5, 0, 3, 5]})
+    assert class_labels(raw, "label", 10) == list(range(10))
+    assert class_labels(raw, "label", None) == [0, 3, 5]
+    words = datasets.Dataset.from_dict({"label": ["pos", "neg"]})
+    assert class_labels(words, "label", 2) == ["neg", "pos"]
+    with pytest.raises(ValueError, match="the model's head has 2 classes"):
+        class_labels(raw, "label", 2)

@@ -90,14 +90,18 @@ VISION_CASES = {
 CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirectional (convert refuses it)"
 # decoders with LLaMA's layout take the decoder table (mistral and qwen2 with native sliding windows)
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "olmo2", "gpt_neox", "gpt2", "phi3")
-FUSED = "its q/k/v projections are one fused matrix, which GQA surgery and pruning do not split yet (convert refuses it)"
+EQUAL_PARTS = ("its forward splits the fused q/k/v output into three equal parts, so K/V cannot have fewer heads than "
+               "the queries (convert refuses it)")
+PHI3_PRUNE = ("its forward takes the number of query rows from the model config, so one layer cannot lose query heads "
+              "(convert refuses it)")
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
 VISION = ("vit", "deit", "dinov2")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
 CASES["olmo2"] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] != "prune"}
-for _family in ("gpt_neox", "gpt2", "phi3"):
-    CASES[_family] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] not in ("gqa", "mqa", "prune")}
+CASES["phi3"] = CASES["olmo2"]
+for _family in ("gpt_neox", "gpt2"):  # multi-head: prune removes each head's q, k and v rows of the fused matrix
+    CASES[_family] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] not in ("gqa", "mqa")}
 # family -> {variant: why the family cannot take it}
 NOT_APPLICABLE = {
     **{family: {} for family in DECODERS},
@@ -106,7 +110,8 @@ NOT_APPLICABLE = {
         "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
     } for family in ENCODERS + VISION},
     "olmo2": {"prune": "q_norm normalises all query heads together, so removing one changes the others (convert refuses it)"},
-    **{family: {"gqa": FUSED, "mqa": FUSED, "prune": FUSED} for family in ("gpt_neox", "gpt2", "phi3")},
+    "phi3": {"prune": PHI3_PRUNE},
+    **{family: {"gqa": EQUAL_PARTS, "mqa": EQUAL_PARTS} for family in ("gpt_neox", "gpt2")},
 }
 # what the generic tests need to know of a family
 BUILDERS = {

@@ -68,15 +68,19 @@ def kv_grams(model: nn.Module, adapter: FamilyAdapter, layers: list[int], batche
     grams: dict[int, list[torch.Tensor | None]] = {idx: [None, None, None] for idx in layers}
     valid: list[torch.Tensor | None] = [None]
 
-    def record(idx: int, which: int, module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    def record(idx: int, which: int, rows: torch.Tensor | None, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         x = output.detach().double().flatten(0, -2)
+        if rows is not None:  # one part of a fused projection
+            x = x[:, rows.to(x.device)]
         if valid[0] is not None:
             x = x[valid[0].flatten().to(x.device)]
         gram = (x.T @ x).cpu()
         grams[idx][which] = gram if grams[idx][which] is None else grams[idx][which] + gram
 
-    handles = [getattr(modules[idx], name).register_forward_hook(partial(record, idx, which))
-               for idx in layers for which, name in enumerate((adapter.k_proj, adapter.v_proj, adapter.q_proj))]
+    # sites in (query, key, value) order, recorded as (key, value, query)
+    handles = [site.register_forward_hook(partial(record, idx, which, rows))
+               for idx in layers
+               for which, (site, rows) in zip((2, 0, 1), adapter.projection_sites(modules[idx]))]
     device = next(model.parameters()).device
     try:
         with eval_mode(model), torch.no_grad():
@@ -172,11 +176,11 @@ def _principal_merge(block: dict[tuple[int, int], torch.Tensor], members: list[i
     return maps
 
 
-def align_and_merge(attn: nn.Module, out_proj: nn.Linear, adapter: FamilyAdapter, grams: tuple[torch.Tensor, ...],
+def align_and_merge(projections: tuple[nn.Linear, nn.Linear, nn.Linear], out_proj: nn.Linear, grams: tuple[torch.Tensor, ...],
                     heads: int, kv_heads: int, groups: int, dim: int, planes: list[tuple[int, int]] | None,
                     method: str) -> dict[str, torch.Tensor]:
-    """New K/V projection weights (and biases) of `groups` merged heads; the query projection
-    rows and output projection columns are refitted in place.
+    """New K/V projection weights (and biases) of `groups` merged heads, keyed "key.weight",
+    "value.bias", ...; the query projection rows and output projection columns are refitted in place.
 
     Per group the merged head is X_m = sum_j X_j T_j over the group's original heads j:
     "procrustes" averages the heads after aligning them (T_j = c_j R_j / n, R_j orthogonal,
@@ -186,15 +190,14 @@ def align_and_merge(attn: nn.Module, out_proj: nn.Linear, adapter: FamilyAdapter
     head j: queries q -> N_j q (q.k_j ~ (N_j q).k_m), output columns W_o -> W_o N_j^T. This
     also restores each head's scale, which averaging shrinks where heads disagree; it is exact
     when the heads are hidden maps of one another (then X_j = X_m N_j)."""
-    q = getattr(attn, adapter.q_proj)
+    q = projections[0]
     per_group = heads // groups
     source = [h // (heads // kv_heads) for h in range(heads)]  # original K/V head of each query head
     query_gram = grams[2].double()
     out_weight = out_proj.weight.double()
     merged: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
-        for which, name in enumerate((adapter.k_proj, adapter.v_proj)):
-            proj = getattr(attn, name)
+        for which, (name, proj) in enumerate(zip(("key", "value"), projections[1:])):
             weight = proj.weight.double().reshape(kv_heads, dim, -1)
             bias = proj.bias.double().reshape(kv_heads, dim) if proj.bias is not None else None
             gram = grams[which].double()
@@ -310,14 +313,19 @@ class GQA(Variant):
         for idx in layers:
             attn = modules[idx]
             kv_heads = adapter.num_kv_heads(attn)
+            projections = adapter.projections(attn)  # copies where the family fuses them
             aligned = None
             if self.init in FITTED and initialize:
                 if grams is None:
                     raise RuntimeError(f"{self.name}: init={self.init!r} is fitted in validate(); convert() runs it")
-                aligned = align_and_merge(attn, adapter.output_projections(model)[idx], adapter, grams[idx], heads, kv_heads,
-                                          groups, adapter.head_dim(model.config), adapter.rope_planes(model.config), self.init)
-            for proj_name in (adapter.k_proj, adapter.v_proj):
-                old = getattr(attn, proj_name)
+                out = adapter.output_projections(model)[idx]
+                out_linear = adapter.as_linear(out)
+                aligned = align_and_merge(projections, out_linear, grams[idx], heads, kv_heads, groups,
+                                          adapter.head_dim(model.config), adapter.rope_planes(model.config), self.init)
+                if out_linear is not out:
+                    adapter.set_output_projection(model, idx, out_linear)
+            merged = []
+            for role, old in zip(("key", "value"), projections[1:]):
                 new = nn.Linear(
                     old.in_features,
                     groups * adapter.head_dim(model.config),
@@ -328,9 +336,9 @@ class GQA(Variant):
                 if initialize:
                     with torch.no_grad():
                         if aligned is not None:
-                            new.weight.copy_(aligned[proj_name + ".weight"])
+                            new.weight.copy_(aligned[role + ".weight"])
                             if new.bias is not None:
-                                new.bias.copy_(aligned[proj_name + ".bias"])
+                                new.bias.copy_(aligned[role + ".bias"])
                         elif self.init == "random":
                             new.weight.normal_(0.0, std)
                             if new.bias is not None:
@@ -342,7 +350,8 @@ class GQA(Variant):
                 new.weight.requires_grad_(old.weight.requires_grad)
                 if new.bias is not None:
                     new.bias.requires_grad_(old.bias.requires_grad)
-                setattr(attn, proj_name, new)
+                merged.append(new)
+            adapter.set_projections(attn, projections[0], *merged)
             adapter.set_num_kv_heads(attn, groups)
         if self.native(adapter, len(modules), layers):
             adapter.set_config_kv_heads(model.config, groups)

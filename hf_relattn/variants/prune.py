@@ -111,13 +111,12 @@ def prune_layer(model: nn.Module, adapter: FamilyAdapter, layer_idx: int, remove
     gone = set(removed)
     kept = [h for h in range(num_heads) if h not in gone]
     kv_sources, _ = kv_layout(num_heads, num_kv_heads, kept)
-    device = getattr(attn, adapter.q_proj).weight.device
+    query, key, value = adapter.projections(attn)  # copies where the family fuses them
+    device = query.weight.device
     q_rows, kv_rows = _rows(kept, head_dim, device), _rows(kv_sources, head_dim, device)
-
-    setattr(attn, adapter.q_proj, _resized(getattr(attn, adapter.q_proj), q_rows, None, initialize))
-    for name in (adapter.k_proj, adapter.v_proj):
-        setattr(attn, name, _resized(getattr(attn, name), kv_rows, None, initialize))
-    out = adapter.output_projections(model)[layer_idx]
+    adapter.set_projections(attn, _resized(query, q_rows, None, initialize), _resized(key, kv_rows, None, initialize),
+                            _resized(value, kv_rows, None, initialize))
+    out = adapter.as_linear(adapter.output_projections(model)[layer_idx])
     adapter.set_output_projection(model, layer_idx, _resized(out, None, q_rows, initialize))
     adapter.set_num_heads(attn, len(kept), len(kv_sources))
 
@@ -231,12 +230,7 @@ class Prune(Variant):
                     )
                 counts[layer] = count - len(removed)
                 attn = modules[layer]
-                for proj in (
-                    getattr(attn, adapter.q_proj),
-                    getattr(attn, adapter.k_proj),
-                    getattr(attn, adapter.v_proj),
-                    adapter.output_projections(model)[layer],
-                ):
+                for proj in (*adapter.projections(attn), adapter.as_linear(adapter.output_projections(model)[layer])):
                     if type(proj) is not nn.Linear:
                         raise ValueError(
                             f"prune: layer {layer} has a {type(proj).__name__} projection; prune needs plain nn.Linear "
