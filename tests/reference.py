@@ -232,23 +232,24 @@ def clipped_relative_labels(q_len, k_len, max_distance):
     return labels
 
 
-def vit_grid_labels(num_tokens, cols, max_distance):
-    """ViT token pairs: token 0 is [CLS], token t >= 1 is patch t-1 at (row, col) = divmod(t-1, cols).
-    Patch pairs: (clip(dy) + k) * (2k + 1) + clip(dx) + k; then CLS->patch, patch->CLS, CLS->CLS
-    get (2k+1)^2, +1, +2 (BEiT's three extra labels). Plain loops."""
+def vit_grid_labels(num_tokens, cols, max_distance, prefix=1):
+    """ViT token pairs: tokens 0 .. prefix-1 are special ([CLS]; DeiT adds its distillation
+    token), token t >= prefix is patch t-prefix at (row, col) = divmod(t-prefix, cols).
+    Patch pairs: (clip(dy) + k) * (2k + 1) + clip(dx) + k; then special->patch, patch->special,
+    special->special get (2k+1)^2, +1, +2 (BEiT's three extra labels). Plain loops."""
     k = max_distance
     width = 2 * k + 1
     labels = torch.empty(num_tokens, num_tokens, dtype=torch.long)
     for i in range(num_tokens):
         for j in range(num_tokens):
-            if i == 0 and j == 0:
+            if i < prefix and j < prefix:
                 labels[i, j] = width * width + 2
-            elif i == 0:
+            elif i < prefix:
                 labels[i, j] = width * width
-            elif j == 0:
+            elif j < prefix:
                 labels[i, j] = width * width + 1
             else:
-                (yi, xi), (yj, xj) = divmod(i - 1, cols), divmod(j - 1, cols)
+                (yi, xi), (yj, xj) = divmod(i - prefix, cols), divmod(j - prefix, cols)
                 dy, dx = max(-k, min(k, yj - yi)), max(-k, min(k, xj - xi))
                 labels[i, j] = (dy + k) * width + dx + k
     return labels

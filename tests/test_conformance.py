@@ -430,3 +430,32 @@ def test_attention_softcapping_is_refused_not_ignored():
     k = v = torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="softcapping"):
         relattn_attention(module, q, k, v, None, softcap=50.0)
+
+
+# ----------------------------------------------------------------------- half precision
+HALF_CASES = ("shaw", "sliding_window")  # the score path (relative table) and the sparse path, on every family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_forward_and_backward_on_every_family(family):
+    """The family's own modules (fused projections, q/k norms, Conv1D, prefix tokens) with a
+    variant in bf16: a padded batch's real tokens within bf16's tolerance of the same model in
+    float32, and a finite backward (LLaMA's half-precision paths, decoding and fp16 included,
+    are in tests/test_paths.py)."""
+    for case in HALF_CASES:
+        reference = build(family, case)
+        model = copy.deepcopy(reference).to(torch.bfloat16)
+        batch, real = padded(family, sample_inputs(family, case))
+        half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+        want, _ = outputs(reference, batch)
+        got, _ = outputs(model, half)
+        assert got.dtype == torch.bfloat16
+        if want.dim() == 3:  # per-token logits: the real tokens
+            want, got = want[real], got[real]
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, atol=0.05 * max(scale, 1.0), rtol=0.05)
+        model.train()
+        out = model(**half)
+        out.logits.float().square().mean().backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads), (family, case)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import pytest
 import torch
-from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vit
+from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vision, tiny_vit
 from reference import materialized_attention, run_with_attention
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -19,9 +19,10 @@ from hf_relattn.variants.strided import strided_attention
 REF = "sparse_reference_for_tests"
 
 
-def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None, offset=0):
+def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None, offset=0, prefix=1):
     """(Q, K) bool: may query i attend key j, by the paper's definition (causality included).
-    Slots before `offset` are padding: positions count from the sample's first token."""
+    Slots before `offset` are padding: positions count from the sample's first token. On a
+    vision grid (`vit_cols`) the first `prefix` tokens are special ([CLS]; DeiT's distillation token)."""
     keep = torch.zeros(len(q_positions), k_len, dtype=torch.bool)
     for a, q_slot in enumerate(q_positions):
         i = q_slot - offset
@@ -29,11 +30,11 @@ def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None, offset=0):
             if causal and j > i:
                 continue
             if name == "sliding_window":
-                if vit_cols is not None:  # token 0 = [CLS], global; patches on a grid
-                    if i == 0 or j == 0:
+                if vit_cols is not None:  # the prefix tokens are global; patches on a grid
+                    if i < prefix or j < prefix:
                         ok = True
                     else:
-                        (ri, ci), (rj, cj) = divmod(i - 1, vit_cols), divmod(j - 1, vit_cols)
+                        (ri, ci), (rj, cj) = divmod(i - prefix, vit_cols), divmod(j - prefix, vit_cols)
                         ok = abs(ri - rj) < o["window"] and abs(ci - cj) < o["window"]
                 else:
                     ok = i - j < o["window"] if causal else abs(i - j) < o["window"]
@@ -52,7 +53,7 @@ def pattern_mask(name, o, q_positions, k_len, causal, vit_cols=None, offset=0):
             # attention sinks (Xiao et al. 2024): the first tokens of the sample, for every query
             # (ViT: [CLS] and the first patches)
             sinks = o.get("sinks", 0)
-            ok = ok or (sinks > 0 and j < sinks + (1 if vit_cols is not None else 0))
+            ok = ok or (sinks > 0 and j < sinks + (prefix if vit_cols is not None else 0))
             keep[a, j + offset] = ok
     return keep
 
@@ -108,8 +109,9 @@ def allowed_pairs(module, query, key, attention_mask):
                                                      per_block=variant.gate == "block", sinks=variant.sinks)
     else:
         cols = module.config.image_size // module.config.patch_size if hasattr(module.config, "patch_size") else None
+        prefix = 2 if module.config.model_type.endswith("deit") else 1  # DeiT: [CLS] and the distillation token
         allowed = torch.stack([pattern_mask(variant.name, variant.options(), q_positions, k_len, causal, cols,
-                                            offset=int(valid[b].int().argmax()))
+                                            offset=int(valid[b].int().argmax()), prefix=prefix)
                                for b in range(query.shape[0])])[:, None]
     if attention_mask is not None:
         allowed = attention_mask if allowed is None else allowed & attention_mask
@@ -224,6 +226,19 @@ def test_vit_two_d_neighbourhood_with_global_cls(pixels):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     with torch.no_grad():
         assert (got - tiny_vit()(pixels, output_hidden_states=True).hidden_states[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_deit_two_d_neighbourhood_with_two_global_prefix_tokens(sinks):
+    """DeiT: [CLS] and the distillation token both global, the window and sinks on the patch grid after them."""
+    model = hf_relattn.convert(tiny_vision("deit"), "sliding_window", window=2, block_size=3, sinks=sinks)
+    pixels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = model(pixels, output_hidden_states=True).hidden_states[-1]
+        plain = tiny_vision("deit")(pixels, output_hidden_states=True).hidden_states[-1]
+    expected = run_with_attention(model, REF, pixel_values=pixels)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name, options", CASES + [("moba", {"block_size": 4, "top_k": 2})])
