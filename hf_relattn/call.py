@@ -57,6 +57,9 @@ class AttnCall:
     # (B, H, K) tensors a variant computed for every key of this call (MoSA's router logits):
     # `by_offset` cuts them with the keys
     per_key: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # (B|1, 1) position of key slot 0 in each sample's own sequence, from the model's
+    # position_ids, where the mask cannot tell (`positions_from_ids`); None: counted from the mask
+    key_origin: torch.Tensor | None = None
 
     @property
     def q_slots(self) -> torch.Tensor:
@@ -151,6 +154,11 @@ def positions(call: AttnCall, absolute: bool) -> tuple[torch.Tensor, torch.Tenso
     slots = torch.arange(k_len, device=call.key.device)
     q_slots = call.q_slots
     valid = key_valid(call.mask)
+    if absolute and call.key_origin is not None:
+        k_pos = call.key_origin + slots
+        live = (k_pos >= 0) & (slots < call.lead + call.query.shape[2])  # not padding, not an empty static slot
+        valid = live if valid is None else valid & live
+        return k_pos[:, q_slots], k_pos, valid, valid[:, q_slots]
     if valid is None and call.mask is None and not (isinstance(call.lead, int) and call.lead + call.query.shape[2] == k_len):
         valid = (slots < call.lead + call.query.shape[2])[None]
     if valid is None:
@@ -160,6 +168,15 @@ def positions(call: AttnCall, absolute: bool) -> tuple[torch.Tensor, torch.Tenso
         return q_slots[None], slots[None], valid, q_valid
     k_pos = valid.long().cumsum(-1) - 1
     return k_pos[:, q_slots], k_pos, valid, q_valid
+
+
+def positions_from_ids(call: AttnCall, position_ids: torch.Tensor) -> AttnCall:
+    """The call with each sample's key positions counted from the model's position_ids (B|1, Q)
+    of its queries: the keys are the tokens before and up to the last query, in order (every
+    cache, the sliding-window ones included, keeps them so), so key slot j sits at
+    position_ids[:, -1] - (lead + Q - 1 - j)."""
+    last = position_ids[:, -1:].to(call.query.device)
+    return call.replace(key_origin=last - (call.lead + call.query.shape[2] - 1))
 
 
 def offset_groups(call: AttnCall, who: str) -> list[tuple[int, list[int]]] | None:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .call import AttnCall, build_call, key_valid
+from .call import AttnCall, build_call, key_valid, positions_from_ids
 from .paths import materialized_attention, score_attention
 from .variants.base import (
     CACHE,
@@ -141,8 +141,8 @@ def relattn_attention(
     ordered = tuple(sorted(variants, key=lambda v: AXIS_ORDER.index(v.axis)))
     call = build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, impl, ordered)
     if call.native_window is not None and (impl == "compiled" or call.key.shape[2] > call.query.shape[2]):
-        _check_sequence_start(call)
-    if impl == "compiled" or wants_probs:
+        call = _count_from_position_ids(call)
+    if impl == "compiled" or wants_probs or call.key_origin is not None:
         out, probs = materialized_attention(call, ordered)
         result = out.transpose(1, 2).contiguous(), probs if wants_probs else None
     else:
@@ -162,22 +162,35 @@ def run(call: AttnCall, variants: Sequence[Variant]) -> torch.Tensor:
     return score_attention(call, variants)
 
 
-def _check_sequence_start(call: AttnCall) -> None:
-    """Refuse variants that count key positions from each sample's first token in a call with
-    cached keys on a layer with the model's native sliding window: there the mask hides the first
-    tokens like padding and the window's cache drops them, so positions would silently be
-    counted from the wrong token (full forwards see every key and are exact)."""
-    names = [v.name for v in call.variants if v.needs_sequence_start]
+def _count_from_position_ids(call: AttnCall) -> AttnCall:
+    """A call with cached keys (or under torch.compile) on a layer with the model's native sliding
+    window: once the sequence is longer than the window, the mask hides each sample's first
+    tokens like padding and the window's cache drops them. Variants placing blocks and sinks at
+    positions counted from that token then get the keys' positions from the model's position_ids
+    (as generate() passes them) and the materialised path (one query row per decoding step);
+    variants that need the first keys themselves are refused (full forwards see every key)."""
+    needs = [v for v in call.variants if v.sequence_start]
     positions = call.inputs.get("position_ids")
-    if isinstance(positions, torch.Tensor) and positions.numel() and int(positions.max()) < call.native_window:
-        return  # no token is outside the window yet: nothing hidden, nothing dropped
-    if names:
+    if not needs:
+        return call
+    compiling = call.impl == "compiled"
+    if not compiling and isinstance(positions, torch.Tensor) and positions.numel() and int(positions.max()) < call.native_window:
+        return call  # no token is outside the window yet: the mask still shows every first token
+    keys = [v.name for v in needs if v.sequence_start == "keys"]
+    if keys:
         raise ValueError(
-            f"{names} count key positions from each sample's first token, which a call with cached keys (or under "
-            f"torch.compile) cannot see on a layer with the model's native sliding window of {call.native_window} "
-            "tokens: run full forwards (use_cache=False), use relative patterns without sinks, or a model without a "
-            "native window."
+            f"{keys} read each sample's first keys (a gate's block means, routing over the whole sequence, ids indexing "
+            f"it), which a call with cached keys (or under torch.compile) cannot see on a layer with the model's native "
+            f"sliding window of {call.native_window} tokens once the sequence is longer: run full forwards "
+            "(use_cache=False), or use a model without a native window."
         )
+    if not isinstance(positions, torch.Tensor) or positions.dim() != 2 or positions.shape[-1] != call.query.shape[2]:
+        raise ValueError(
+            f"{[v.name for v in needs]} count key positions from each sample's first token, which the mask of a layer "
+            f"with a native sliding window of {call.native_window} tokens hides in a call with cached keys: the model "
+            "must pass position_ids (batch, query length) to its attention (LLaMA-like decoders do)."
+        )
+    return positions_from_ids(call, positions)
 
 
 def _streaming_layer(module: nn.Module, inputs: dict[str, Any]) -> Any:

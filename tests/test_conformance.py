@@ -326,8 +326,9 @@ def test_decoder_caches_equal_the_full_forward(family, case):
     """Prefill and single-token steps through a StaticCache and a DynamicCache give the same
     logits, and those of the uncached full forward (MoBA's block gate and MoSA excepted, as in
     tests/test_paths.py: a step is its own query block; MoSA's prefill sees later tokens). On a
-    model with a native sliding window, variants counting positions from the first token refuse
-    cached calls (the window's mask and cache hide that token) with a clear error."""
+    model with a native sliding window the caches built from the config keep only the window:
+    patterns placed at positions counted from the first token stay exact past it (positions from
+    position_ids), variants that read the first keys themselves refuse the first step past it."""
     model = build(family, case)
     inputs = sample_inputs(family, case)
     ids, graph = inputs["input_ids"], inputs.get("relation_ids")
@@ -339,10 +340,10 @@ def test_decoder_caches_equal_the_full_forward(family, case):
     variant = VARIANTS[variant_of(family, case)].from_options(
         {k: v for k, v in CASES[family][case][1].items() if k != "layers"})
     window = getattr(model.config, "sliding_window", None)
-    if window is not None and variant.needs_sequence_start:
+    if window is not None and variant.sequence_start == "keys":
         # exact while every token is inside the window; refused from the first step past it
         with torch.no_grad():
-            cache = DynamicCache()
+            cache = DynamicCache(config=model.config)
             logits = [model(ids[:, :prefix], cache=cache, use_cache=True, **extra(prefix)).logits]
             for t in range(prefix, window):
                 logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True, **extra(t + 1)).logits)
@@ -358,7 +359,8 @@ def test_decoder_caches_equal_the_full_forward(family, case):
         if case == "mosa":
             full[:, :prefix] = model(ids[:, :prefix]).logits
         steps = {}
-        for kind, cache in (("static", StaticCache(config=model.config, max_cache_len=32)), ("dynamic", DynamicCache())):
+        for kind, cache in (("static", StaticCache(config=model.config, max_cache_len=32)),
+                            ("dynamic", DynamicCache(config=model.config))):  # windowed layers keep only the window
             logits = [model(ids[:, :prefix], cache=cache, use_cache=True, **extra(prefix)).logits]
             for t in range(prefix, ids.shape[1]):
                 logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True, **extra(t + 1)).logits)
@@ -367,6 +369,27 @@ def test_decoder_caches_equal_the_full_forward(family, case):
     torch.testing.assert_close(steps["static"][:, :prefix], full[:, :prefix], atol=1e-4, rtol=0)
     if case not in ("moba_block_gate", "mosa"):
         torch.testing.assert_close(steps["static"], full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["sliding_window", "fixed"])
+def test_generate_past_the_native_window_with_left_padding(case):
+    """generate() on Mistral (native window of 8) with a pattern counting positions from each
+    sample's first token, a left-padded batch, 12 new tokens: every step's scores equal a full
+    forward of the text so far (own positions from the mask, as generate gives them)."""
+    model = build("mistral", case)
+    batch, mask = padded("mistral", sample_inputs("mistral", case))
+    ids, attention = batch["input_ids"][:, -9:], batch["attention_mask"][:, -9:]  # sample 1: 2 pads, 7 tokens
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=attention, max_new_tokens=12, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=PAD)
+        seq = out.sequences
+        for step, logits in enumerate(out.logits):
+            length = ids.shape[1] + step
+            full_mask = torch.cat([attention, torch.ones(2, step, dtype=attention.dtype)], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            want = model(seq[:, :length], attention_mask=full_mask, position_ids=positions).logits[:, -1]
+            torch.testing.assert_close(logits, want, atol=1e-4, rtol=0, msg=lambda m, step=step: f"step {step}: {m}")
+    assert seq.shape[1] - (attention[1] == 0).sum() > model.config.sliding_window + 4  # well past the window
 
 
 @pytest.mark.parametrize("family, case", OTHER_DECODER_PARAMS)

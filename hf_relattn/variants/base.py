@@ -65,10 +65,13 @@ class Variant:
     # Keyword arguments of the model's forward the variant reads inside attention (e.g. the
     # relation variant's `relation_ids`); the engine refuses them for a model without it.
     model_inputs: ClassVar[tuple[str, ...]] = ()
-    # True when the variant reads keys at positions counted from the start of the sequence
-    # (blocks, sinks, token counts, labels by index): a KV cache that dropped the first tokens
-    # (the sliding-window cache of a model with a native window) cannot serve it.
-    needs_sequence_start: ClassVar[bool] = False
+    # What the variant needs of each sample's first token, which a call with cached keys on a
+    # layer with the model's native sliding window cannot see (the window's mask hides it like
+    # padding, the window's cache drops it): None (only distances), "positions" (blocks and
+    # sinks placed at positions counted from it: the engine then counts them from the model's
+    # position_ids) or "keys" (the first keys themselves: a gate's block means, routing over the
+    # whole sequence, ids indexing it; refused there).
+    sequence_start: ClassVar[str | None] = None
 
     # ------------------------------------------------------------------ options
     def __post_init__(self) -> None:

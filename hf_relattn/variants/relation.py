@@ -37,7 +37,7 @@ class Relation(RelationalVariant):
 
     name = "relation"
     model_inputs = (INPUT_NAME,)
-    needs_sequence_start = True  # relation_ids index keys from the first token
+    sequence_start = "keys"  # relation_ids index keys from the first token
     description = (
         "Learned key (and value) vectors per caller-supplied relation id (relation_ids=(B, Q, K)); "
         "id 0 = no relation; per layer, zero-init."

@@ -64,8 +64,10 @@ class SparseVariant(Variant):
     absolute_positions: ClassVar[bool] = False
 
     @property
-    def needs_sequence_start(self) -> bool:  # type: ignore[override]
-        return self.absolute_positions
+    def sequence_start(self) -> str | None:  # type: ignore[override]
+        if not self.absolute_positions:
+            return None
+        return "positions" if self.choice == "rule" else "keys"  # gates and routers read the keys
 
     def key_block(self, module: nn.Module) -> int:
         """Tokens per key block (blocks start at absolute key position 0)."""
@@ -236,6 +238,8 @@ class PatternVariant(SparseVariant):
         return LayoutSinks(sinks, lambda i, j: self.allowed(call.module, i, j, 0, causal=call.causal), sink)
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
+        if self.sequence_start == "positions":
+            adapter.positions_from_mask(model)  # position_ids of left-padded calls count from each sample's first token
         for idx in layers:
             attn = adapter.attention_modules(model)[idx]
             if self.sink_logit:
