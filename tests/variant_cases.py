@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_phi3, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
+from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_modernbert, tiny_phi3, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
@@ -91,13 +91,17 @@ CAUSAL_ONLY = "needs a causal decoder: {what}; BERT and ViT attention is bidirec
 # decoders with LLaMA's layout take the decoder table (mistral and qwen2 with native sliding windows)
 DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3_text", "olmo2", "gpt_neox", "gpt2", "phi3")
 FUSED = "its q/k/v projections are one fused matrix, which GQA surgery and pruning do not split yet (convert refuses it)"
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
+# modernbert: fused Wqkv, rotary positions, a native bidirectional window on its local layers
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
 VISION = ("vit", "deit", "dinov2")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
 CASES["olmo2"] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] != "prune"}
 for _family in ("gpt_neox", "gpt2", "phi3"):
     CASES[_family] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] not in ("gqa", "mqa", "prune")}
+CASES["modernbert"] = {case: entry for case, entry in ENCODER_CASES.items() if entry[0] not in ("gqa", "mqa", "prune")}
+MODERNBERT_GQA = ("its forward splits the fused Wqkv into three equal parts, so there cannot be fewer K/V heads than "
+                  "query heads (convert refuses it)")
 # family -> {variant: why the family cannot take it}
 NOT_APPLICABLE = {
     **{family: {} for family in DECODERS},
@@ -108,6 +112,9 @@ NOT_APPLICABLE = {
     "olmo2": {"prune": "q_norm normalises all query heads together, so removing one changes the others (convert refuses it)"},
     **{family: {"gqa": FUSED, "mqa": FUSED, "prune": FUSED} for family in ("gpt_neox", "gpt2", "phi3")},
 }
+NOT_APPLICABLE["modernbert"] = {**NOT_APPLICABLE["modernbert"], "gqa": MODERNBERT_GQA, "mqa": MODERNBERT_GQA,
+                                "prune": "its q/k/v projections are one fused matrix (Wqkv), which pruning does not split "
+                                         "yet (convert refuses it)"}
 # what the generic tests need to know of a family
 BUILDERS = {
     "llama": lambda: tiny_llama(kv_heads=2),  # 4 query heads on 2 K/V heads
@@ -126,6 +133,7 @@ BUILDERS = {
     "deit": lambda: tiny_vision("deit"),
     "dinov2": lambda: tiny_vision("dinov2"),
     "bert": tiny_bert,
+    "modernbert": tiny_modernbert,
     "vit": tiny_vit,
 }
 AUTO_CLASSES = {**dict.fromkeys(DECODERS, AutoModelForCausalLM), **dict.fromkeys(ENCODERS, AutoModelForSequenceClassification),
