@@ -92,7 +92,8 @@ class AttnCall:
 
     @property
     def native_window(self) -> int | None:
-        """The layer's own sliding window (Mistral, Qwen2, Gemma 3 configs), which the mask already holds."""
+        """The layer's own sliding window (Mistral, Qwen2, Gemma 3 configs; ModernBERT's local layers pass
+        half their window + 1, flash attention's inclusive bound), which the mask already holds."""
         return self.inputs.get(NATIVE_WINDOW)
 
     @property

@@ -140,7 +140,9 @@ def relattn_attention(
         attention_mask = stream.kept_mask(attention_mask, query.shape[2], key.shape[2])
     ordered = tuple(sorted(variants, key=lambda v: AXIS_ORDER.index(v.axis)))
     call = build_call(module, query, key, value, attention_mask, dropout, scaling, kwargs, impl, ordered)
-    if call.native_window is not None and (impl == "compiled" or call.key.shape[2] > call.query.shape[2]):
+    # a causal layer's window may have hidden or dropped cached keys; a bidirectional one
+    # (ModernBERT's local layers) has no cache: every key is in the call and visible to itself
+    if call.native_window is not None and call.causal and (impl == "compiled" or call.key.shape[2] > call.query.shape[2]):
         call = _count_from_position_ids(call)
     if impl == "compiled" or wants_probs or call.key_origin is not None:
         out, probs = materialized_attention(call, ordered)

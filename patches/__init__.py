@@ -179,6 +179,7 @@ from . import (  # noqa: E402,F401  (each registers itself)
     gpt_neox,
     llama,
     mistral,
+    modernbert,
     olmo2,
     phi3,
     qwen2,

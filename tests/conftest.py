@@ -150,6 +150,24 @@ def tiny_encoder(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Modul
     return AutoModelForSequenceClassification.from_config(cfg).eval()
 
 
+def tiny_modernbert(layers: int = 2, head: str = "AutoModelForSequenceClassification") -> torch.nn.Module:
+    """A tiny random ModernBERT (a sequence classifier unless `head` names another Auto class): a
+    global layer then a local one (the real model starts global; two layers keep the table's
+    cases fast), the local window 4 (2 tokens each side, so the tests' 11 tokens cross it),
+    separate RoPE bases for global and local layers, 4 heads of 8 dims."""
+    import transformers
+    from transformers import ModernBertConfig
+
+    torch.manual_seed(0)
+    cfg = ModernBertConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        max_position_embeddings=128, local_attention=4,
+        layer_types=["sliding_attention" if i % 2 else "full_attention" for i in range(layers)],
+        num_labels=3, pad_token_id=0, bos_token_id=1, cls_token_id=1, eos_token_id=2, sep_token_id=2,
+    )
+    return getattr(transformers, head).from_config(cfg).eval()
+
+
 def tiny_vision(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module:
     """A tiny random image classifier of a vision family with ViT's attention: 16 x 16 pixels,
     4 x 4 patches, one channel (no download)."""

@@ -1,5 +1,5 @@
 """Surgery on fused q/k/v projections (Phi-3 `qkv_proj`, GPT-NeoX `query_key_value`, GPT-2's
-Conv1D `c_attn`): split, changed, re-fused in the family's own row order.
+Conv1D `c_attn`, ModernBERT's `Wqkv`): split, changed, re-fused in the family's own row order.
 
 References written here from the families' layouts, not from the plugin: which rows of the fused
 matrix are head h's query, key and value; the unpruned model with the pruned heads' outputs
@@ -14,12 +14,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_gpt_neox, tiny_phi3
-from transformers import AutoModelForCausalLM
+from conftest import tiny_gpt2, tiny_gpt_neox, tiny_modernbert, tiny_phi3
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import hf_relattn
 
 D = 16  # head size of the tiny decoders (64 hidden, 4 heads)
+HEAD_DIM = {"gpt2": 16, "gpt_neox": 16, "modernbert": 8}  # tiny ModernBERT: 32 hidden, 4 heads
 IDS = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(5))
 MASK = torch.ones(2, 13, dtype=torch.long)
 MASK[1, :4] = 0  # left padding
@@ -27,41 +28,46 @@ MASK[1, :4] = 0  # left padding
 
 def head_rows(family: str, part: int, head: int, heads: int = 4) -> slice:
     """Rows (output features) of head `head`'s query (0), key (1) or value (2) in the fused matrix."""
+    d = HEAD_DIM[family]
     if family == "gpt_neox":  # per head: q, k, v side by side
-        start = head * 3 * D + part * D
-    else:  # GPT-2: Q | K | V columns of equal width
-        start = part * heads * D + head * D
-    return slice(start, start + D)
+        start = head * 3 * d + part * d
+    else:  # GPT-2's Q | K | V columns, ModernBERT's Wqkv viewed as (3, heads, d): equal thirds
+        start = part * heads * d + head * d
+    return slice(start, start + d)
 
 
 def fused_weight(family: str, attn: torch.nn.Module) -> torch.Tensor:
     """(out, in) weight of the fused projection (GPT-2's Conv1D stores (in, out))."""
-    return attn.c_attn.weight.T if family == "gpt2" else attn.query_key_value.weight
+    return {"gpt2": lambda: attn.c_attn.weight.T, "gpt_neox": lambda: attn.query_key_value.weight,
+            "modernbert": lambda: attn.Wqkv.weight}[family]()
 
 
 def attention(family: str, model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    return model.transformer.h[layer].attn if family == "gpt2" else model.gpt_neox.layers[layer].attention
+    return {"gpt2": lambda: model.transformer.h[layer].attn, "gpt_neox": lambda: model.gpt_neox.layers[layer].attention,
+            "modernbert": lambda: model.model.layers[layer].attn}[family]()
 
 
 def output_projection(family: str, model: torch.nn.Module, layer: int) -> torch.nn.Module:
     attn = attention(family, model, layer)
-    return attn.c_proj if family == "gpt2" else attn.dense
+    return getattr(attn, {"gpt2": "c_proj", "gpt_neox": "dense", "modernbert": "Wo"}[family])
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
+    """The last hidden states of the real tokens (a classifier's logits alone say little)."""
     with torch.no_grad():
-        return model(IDS, attention_mask=MASK).logits[MASK.bool()]
+        return model(IDS, attention_mask=MASK, output_hidden_states=True).hidden_states[-1][MASK.bool()]
 
 
-@pytest.mark.parametrize("family, build", [("gpt2", tiny_gpt2), ("gpt_neox", tiny_gpt_neox)])
+@pytest.mark.parametrize("family, build", [("gpt2", tiny_gpt2), ("gpt_neox", tiny_gpt_neox), ("modernbert", tiny_modernbert)])
 def test_prune_fused_heads_equals_zeroed_heads(family, build, tmp_path):
     src = build()
+    d, hidden = HEAD_DIM[family], src.config.hidden_size
     heads = {0: [1], 1: [0, 3]}
     pruned = hf_relattn.convert(copy.deepcopy(src), "prune", heads=heads)
     for layer, removed in heads.items():
         kept = [h for h in range(4) if h not in removed]
         before, after = fused_weight(family, attention(family, src, layer)), fused_weight(family, attention(family, pruned, layer))
-        assert after.shape == (3 * len(kept) * D, 64)
+        assert after.shape == (3 * len(kept) * d, hidden)
         for part in range(3):  # each kept head's q, k, v rows, at their new place
             for new, old in enumerate(kept):
                 torch.testing.assert_close(after[head_rows(family, part, new, len(kept))],
@@ -72,7 +78,7 @@ def test_prune_fused_heads_equals_zeroed_heads(family, build, tmp_path):
     def zero(module, args, removed):
         x = args[0].clone()
         for h in removed:
-            x[..., h * D:(h + 1) * D] = 0
+            x[..., h * d:(h + 1) * d] = 0
         return (x,)
 
     handles = [output_projection(family, src, layer).register_forward_pre_hook(
@@ -84,13 +90,15 @@ def test_prune_fused_heads_equals_zeroed_heads(family, build, tmp_path):
     torch.testing.assert_close(logits(pruned), expected, atol=1e-5, rtol=0)
 
     # decoding with a cache, and a reload from safetensors, compute the same
-    with torch.no_grad():
-        full = pruned(IDS).logits[:, -1]
-        head = pruned(IDS[:, :-1], use_cache=True)
-        step = pruned(IDS[:, -1:], cache=head.past_key_values).logits[:, -1]
-    torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+    if family != "modernbert":
+        with torch.no_grad():
+            full = pruned(IDS).logits[:, -1]
+            head = pruned(IDS[:, :-1], use_cache=True)
+            step = pruned(IDS[:, -1:], cache=head.past_key_values).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
     pruned.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    auto = AutoModelForSequenceClassification if family == "modernbert" else AutoModelForCausalLM
+    reloaded = auto.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits(reloaded), logits(pruned), atol=0, rtol=0)
 
 

@@ -13,10 +13,12 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     BertConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    ModernBertConfig,
     PreTrainedConfig,
     ViTConfig,
 )
@@ -76,6 +78,7 @@ def test_variants_listing() -> None:
         ("llama", LlamaConfig, [AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification]),
         ("bert", BertConfig, [AutoModel, AutoModelForSequenceClassification]),
         ("vit", ViTConfig, [AutoModel, AutoModelForImageClassification]),
+        ("modernbert", ModernBertConfig, [AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification]),
     ],
 )
 def test_adapted_model_types_registered(family, base_config, autos) -> None:

@@ -52,6 +52,8 @@ CASES = {
     "gpt-neox-moh": ("gpt_neox", "AutoModelForCausalLM", [("moh", {"active_heads": 0.5, "shared_heads": 1})]),
     "gpt2-shaw": ("gpt2", "AutoModelForCausalLM", [("shaw", {"max_distance": 3})]),
     "phi3-sliding-window": ("phi3", "AutoModelForCausalLM", [("sliding_window", {"window": 4, "block_size": 4, "sinks": 1})]),
+    # ModernBERT: sinks and a sink logit on its local layers (inside the native window)
+    "modernbert-sinks-sink-logit": ("modernbert", "AutoModelForSequenceClassification", [("sliding_window", {"window": 3, "block_size": 2, "sinks": 2, "sink_logit": True})]),
 }
 
 LOADER = """

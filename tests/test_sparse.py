@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import pytest
 import torch
-from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vision, tiny_vit
+from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_mistral, tiny_modernbert, tiny_vision, tiny_vit
 from reference import materialized_attention, run_with_attention
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -339,6 +339,30 @@ def test_flex_attention_path_matches_loop_masks(name, options, long_ids):
     with torch.no_grad(), hf_relattn.force_implementation("flex"):
         got = model(input_ids=long_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     expected = run_hidden(model, long_ids, mask)
+    for b, r in rows:
+        torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile")
+@pytest.mark.parametrize("family", ["modernbert", "mistral"])
+def test_flex_attention_path_keeps_the_native_sliding_window(family, long_ids, monkeypatch):
+    """The FlexAttention block mask intersects the whole mask transformers built, not only its
+    padded keys: a native sliding window (ModernBERT's bidirectional one on its local layers,
+    Mistral's causal one) hides keys, sinks included, that the pattern alone would keep. It
+    kept them before (GPU, 4096 tokens and more). flex_attention runs uncompiled here: the same
+    block mask, without tens of seconds of CPU compilation."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from hf_relattn.ops import flex
+
+    monkeypatch.setattr(flex, "_compiled_flex", flex_attention)
+    model = tiny_modernbert() if family == "modernbert" else tiny_mistral()
+    hf_relattn.convert(model, "sliding_window", window=4, block_size=2, sinks=2)
+    mask, rows = padded("llama" if family == "mistral" else "bert", long_ids)  # decoders: left padding
+    with torch.no_grad(), hf_relattn.force_implementation("flex"):
+        got = model(input_ids=long_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    with torch.no_grad(), hf_relattn.force_implementation("reference"):
+        expected = model(input_ids=long_ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
     for b, r in rows:
         torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)
 

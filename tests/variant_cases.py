@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_phi3, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
+from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_modernbert, tiny_phi3, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
 from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
@@ -94,7 +94,8 @@ EQUAL_PARTS = ("its forward splits the fused q/k/v output into three equal parts
                "the queries (convert refuses it)")
 PHI3_PRUNE = ("its forward takes the number of query rows from the model config, so one layer cannot lose query heads "
               "(convert refuses it)")
-ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")
+# modernbert: fused Wqkv, rotary positions, a native bidirectional window on its local layers
+ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
 VISION = ("vit", "deit", "dinov2")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
@@ -102,6 +103,7 @@ CASES["olmo2"] = {case: entry for case, entry in DECODER_CASES.items() if entry[
 CASES["phi3"] = CASES["olmo2"]
 for _family in ("gpt_neox", "gpt2"):  # multi-head: prune removes each head's q, k and v rows of the fused matrix
     CASES[_family] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] not in ("gqa", "mqa")}
+CASES["modernbert"] = {case: entry for case, entry in ENCODER_CASES.items() if entry[0] not in ("gqa", "mqa")}
 # family -> {variant: why the family cannot take it}
 NOT_APPLICABLE = {
     **{family: {} for family in DECODERS},
@@ -113,6 +115,7 @@ NOT_APPLICABLE = {
     "phi3": {"prune": PHI3_PRUNE},
     **{family: {"gqa": EQUAL_PARTS, "mqa": EQUAL_PARTS} for family in ("gpt_neox", "gpt2")},
 }
+NOT_APPLICABLE["modernbert"] = {**NOT_APPLICABLE["modernbert"], "gqa": EQUAL_PARTS, "mqa": EQUAL_PARTS}
 # what the generic tests need to know of a family
 BUILDERS = {
     "llama": lambda: tiny_llama(kv_heads=2),  # 4 query heads on 2 K/V heads
@@ -131,6 +134,7 @@ BUILDERS = {
     "deit": lambda: tiny_vision("deit"),
     "dinov2": lambda: tiny_vision("dinov2"),
     "bert": tiny_bert,
+    "modernbert": tiny_modernbert,
     "vit": tiny_vit,
 }
 AUTO_CLASSES = {**dict.fromkeys(DECODERS, AutoModelForCausalLM), **dict.fromkeys(ENCODERS, AutoModelForSequenceClassification),

@@ -40,6 +40,10 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
     if chosen is None or chosen.shape[:2] != (1, 1):
         return None
     valid = call.key_valid()
+    # the mask transformers built holds padding and a native sliding window (Mistral's causal
+    # one, ModernBERT's bidirectional one on its local layers): the pattern must intersect all
+    # of it, not only its padded keys
+    allowed = None if valid is None else mask[:, 0].expand(batch, q_len, k_len)
     # every layer of a forward shares the pattern: build its block mask once
     # the variant and the mask are held weakly and compared by identity: an id reused by a
     # new object never finds another's block mask
@@ -61,8 +65,8 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
                 keep = keep | (ki < sinks)
             if causal:
                 keep = keep & (ki <= position)
-            if valid is not None:
-                keep = keep & valid[b, ki]
+            if allowed is not None:
+                keep = keep & allowed[b, qi, ki]
             return keep
 
         _block_masks.clear()
