@@ -549,9 +549,10 @@ def build_workload(cfg: BenchConfig, task: str, model: nn.Module, processor: Any
 
     # efficiency inputs: random ids of each length (the same for every model); ViT: one image size
     if task == "image-cls":
-        size, channels = config.image_size, config.num_channels
-        patch = config.patch_size
-        tokens = (size // patch) ** 2 + 1
+        vision = getattr(config, "vision_config", None) or config  # CLIP: the vision tower's sizes
+        size, channels = vision.image_size, vision.num_channels
+        patch = vision.patch_size
+        tokens = (size // patch) ** 2 + getattr(get_adapter(config), "prefix", 1)  # patches + [CLS] (DeiT: + distillation)
         generator = torch.Generator().manual_seed(cfg.seed)
         pixels = torch.randn(1, channels, size, size, generator=generator).to(device)
         contexts = (tokens,)
@@ -771,11 +772,12 @@ def _model_facts(model: nn.Module, task: str, source: str) -> dict[str, Any]:
     try:
         adapter = get_adapter(model)
         modules = adapter.attention_modules(model)
+        layer = modules[0].config if modules else config  # a layer's own config (CLIP: its tower's)
         facts.update(
             num_layers=len(modules),
-            num_attention_heads=adapter.num_heads(config),
+            num_attention_heads=adapter.num_heads(layer),
             num_key_value_heads=adapter.num_kv_heads(modules[0]) if modules else None,
-            head_dim=adapter.head_dim(config),
+            head_dim=adapter.head_dim(layer),
         )
     except ValueError:
         pass

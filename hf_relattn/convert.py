@@ -145,9 +145,9 @@ def _check_pruned(model: PreTrainedModel, adapter: Any, variant: Any, layers: li
     """Variants sized by the config's head count go before pruning (which leaves fewer heads)."""
     if not variant.heads_from_config:
         return
-    heads = adapter.num_heads(model.config)
     modules = adapter.attention_modules(model)
     for idx in layers:
+        heads = adapter.num_heads(modules[idx].config)  # the layer's own config: CLIP's towers differ
         if adapter.module_num_heads(modules[idx]) != heads:
             raise ValueError(
                 f"{variant.name}: layer {idx} has {adapter.module_num_heads(modules[idx])} of the model's {heads} heads after "

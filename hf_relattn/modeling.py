@@ -311,6 +311,24 @@ def _register_key_renamings(base: type, cls: type) -> None:
         register_checkpoint_conversion_mapping(cls.__name__, renamings)
 
 
+def _engine_on_sub_configs(config: Any) -> None:
+    """Before an adapted model is built: every sub-config (at any depth) asks for the engine too.
+
+    A composite model's sub-models (CLIPModel's towers) resolve their own attention
+    implementation from their sub-config; with none requested (a plain from_pretrained) they
+    would pick sdpa and silently drop the variants attached to their layers. A sub-config that
+    already asks for the engine or a flag keeps it."""
+    top = getattr(config, "_attn_implementation", None)
+    wanted = top if isinstance(top, str) and top.startswith(ENGINE_NAME) else ENGINE_NAME
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if isinstance(sub, PreTrainedConfig):
+            own = getattr(sub, "_attn_implementation", None)
+            if not (isinstance(own, str) and own.startswith(ENGINE_NAME)):
+                sub._attn_implementation = wanted
+            _engine_on_sub_configs(sub)
+
+
 def adapted_class(base: type) -> type:
     """The `Relattn<Base>` subclass of a native model class (created once)."""
     if base in _model_classes.values():
@@ -320,6 +338,7 @@ def adapted_class(base: type) -> type:
     config_cls = adapted_config_class(base.config_class)
 
     def __init__(self: PreTrainedModel, config: Any, *args: Any, **kwargs: Any) -> None:
+        _engine_on_sub_configs(config)
         token = _BUILDING.set((*_BUILDING.get(), id(config)))
         try:
             base.__init__(self, config, *args, **kwargs)
@@ -515,6 +534,24 @@ def check_attention_request(model: PreTrainedModel, requested: Any, built: bool 
             for idx, module in enumerate(layers):
                 attached = [v for v in getattr(module, ATTACHED, ()) if v.name != flag.name]
                 check_composition([*attached, flag], f"attn_implementation={requested!r}: layer {idx}")
+        _share_flag_options(model.config, name)
+
+
+def _share_flag_options(config: Any, name: str) -> None:
+    """Give every sub-config (at any depth) the flag's options of `config`.
+
+    transformers hands a flag to the sub-models of a composite model (CLIPModel's towers), whose
+    attention modules read `relattn` off their own sub-config: without this they would run the
+    flag with its default options (a window of 512 instead of the 2 asked), silently."""
+    options = flag_options(config, name)
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if isinstance(sub, PreTrainedConfig):
+            if options:
+                setattr(sub, SPEC_KEY, dict(options))
+            else:
+                delattr(sub, SPEC_KEY)
+            _share_flag_options(sub, name)
 
 
 def _wrap_attention_checks(cls: type) -> None:

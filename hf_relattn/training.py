@@ -142,6 +142,7 @@ def image_processor(source: str, config: Any) -> Any:
     try:
         return transformers.AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError):
+        config = getattr(config, "vision_config", None) or config  # CLIP: the vision tower's sizes
         size = {"height": config.image_size, "width": config.image_size}
         channels = config.num_channels
         return transformers.ViTImageProcessorPil(

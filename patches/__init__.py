@@ -2,7 +2,8 @@
 
 An adapter answers, for its family: where the attention modules are (in layer order), what
 their query/key/value/output projections are called, how many heads they have, which tasks it trains for, what LoRA targets, and whether its native config can express grouped
-K/V heads (causality is read off each module's own `is_causal`).
+K/V heads, and which modules are causal before any call (`is_causal`; at run time the engine
+reads the call's own `is_causal`, else the module's).
 Adapters are keyed by `config.model_type` (as liger-kernel does), with the `relattn_` prefix of
 adapted checkpoints stripped.
 """
@@ -37,6 +38,8 @@ class FamilyAdapter:
     prune_refused: str | None = None
     # Why K/V heads cannot be merged here (e.g. a fused QKV projection not split yet), or None.
     gqa_refused: str | None = None
+    # Why variants that read extra model inputs (`relation_ids`) cannot run here, or None.
+    inputs_refused: str | None = None
     # True when tokens are image patches on a 2-D grid (`token_grid` gives the geometry).
     spatial: ClassVar[bool] = False
 
@@ -124,6 +127,11 @@ class FamilyAdapter:
         """
         attn.num_key_value_groups = self.num_heads(attn.config) // num_kv_heads
 
+    def is_causal(self, attn: nn.Module) -> bool:
+        """True when the module attends only earlier tokens: its own `is_causal` (LLaMA), unless
+        the family passes causality with each call instead (CLIP's text tower)."""
+        return bool(getattr(attn, "is_causal", False))
+
     def token_grid(self, config: Any, num_tokens: int) -> tuple[int, int, int]:
         """(prefix tokens, grid rows, grid columns) of a spatial family's token sequence."""
         raise TypeError(f"{self.model_type} tokens are a sequence, not a 2-D grid")
@@ -171,6 +179,7 @@ def get_adapter(model_or_config: Any) -> FamilyAdapter:
 
 from . import (  # noqa: E402,F401  (each registers itself)
     bert,
+    clip,
     deit,
     dinov2,
     distilbert,

@@ -183,6 +183,49 @@ def tiny_vision(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module
     return AutoModelForImageClassification.from_config(cfg).eval()
 
 
+# CLIP's towers: text pooled at the highest token id (eos_token_id=2, CLIP's original rule), so
+# the pooled token is a real one under right padding and sees more than itself under causality
+CLIP_TEXT = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "max_position_embeddings": 32, "eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0}
+CLIP_VISION = {"image_size": 16, "patch_size": 4, "num_channels": 1, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+def tiny_clip_text() -> torch.nn.Module:
+    """CLIPTextModel: causal (is_causal passed with each call), learned absolute positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    return CLIPTextModel(CLIPTextConfig(**CLIP_TEXT)).eval()
+
+
+def tiny_clip_vision() -> torch.nn.Module:
+    """CLIPVisionModel: [CLS] + 4 x 4 patches of a 16 x 16 one-channel image."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    return CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION)).eval()
+
+
+def tiny_clip_classifier() -> torch.nn.Module:
+    """CLIPForImageClassification (model_type clip, the vision tower only): mean of the patches."""
+    from transformers import CLIPConfig, CLIPForImageClassification
+
+    torch.manual_seed(0)
+    return CLIPForImageClassification(CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION, num_labels=5)).eval()
+
+
+def tiny_clip(text_heads: int = 2, vision_heads: int = 4) -> torch.nn.Module:
+    """CLIPModel with towers of different widths and head counts (text 2 x 16, vision 4 x 12), so
+    a variant sized by the wrong tower's config fails."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    text = {**CLIP_TEXT, "num_attention_heads": text_heads}
+    vision = {**CLIP_VISION, "hidden_size": 48, "num_attention_heads": vision_heads}
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+
+
 def tiny_bert(heads: int = 4, layers: int = 2, dtype=torch.float32) -> BertForSequenceClassification:
     torch.manual_seed(0)
     cfg = BertConfig(

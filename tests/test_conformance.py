@@ -31,9 +31,11 @@ from variant_cases import (
     BUILDERS,
     CASES,
     FAMILIES,
+    HEADLESS,
     NOT_APPLICABLE,
     NUM_RELATIONS,
     PADDING_SIDE,
+    SAME_ATTENTION_AS,
     TOKENS,
     build,
     family_cases,
@@ -50,6 +52,9 @@ ATOL = 1e-5
 # option values that are valid at 0 (every numeric option is invalid at -1)
 ZERO_ALLOWED = {"sinks", "dense_layers", "shared_heads", "aux_loss_coef"}
 CASE_PARAMS = [pytest.param(family, case, id=f"{family}-{case}") for family, case in family_cases()]
+# gradients and bad options: not again on a family whose attention another family's table checks
+OWN_CASE_PARAMS = [pytest.param(family, case, id=f"{family}-{case}") for family, case in family_cases()
+                   if family not in SAME_ATTENTION_AS]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -97,10 +102,11 @@ def padded(family: str, inputs: dict) -> tuple[dict, torch.Tensor]:
 
 
 def outputs(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, last hidden states): tiny BERT's classifier logits alone hardly tell variants apart."""
+    """(logits, last hidden states): tiny BERT's classifier logits alone hardly tell variants apart.
+    A backbone without a head (HEADLESS: CLIP's towers) gives its pooled output for the logits."""
     with torch.no_grad():
         out = model(**inputs, output_hidden_states=True)
-    return out.logits, out.hidden_states[-1]
+    return (out.logits if "logits" in out else out.pooler_output), out.hidden_states[-1]
 
 
 # ------------------------------------------------------------------------------ the table
@@ -191,13 +197,16 @@ def test_right_padded_encoder_sample_equals_the_sample_alone(family, case):
 
 
 # ---------------------------------------------------------------------- (d) gradients
-@pytest.mark.parametrize("family, case", CASE_PARAMS)
+@pytest.mark.parametrize("family, case", OWN_CASE_PARAMS)
 def test_gradients_reach_inputs_and_parameters(family, case):
     """In training mode, on a padded batch: the loss's gradient reaches the input embeddings
     (pixels) and every parameter, all finite; the variant's own tables, routers and sink
     logits get non-zero gradients."""
     model = build(family, case).train()
     batch, real = padded(family, sample_inputs(family, case))
+    if family in HEADLESS:
+        _check_headless_gradients(model, batch, real)
+        return
     if PADDING_SIDE[family] is None:  # vision
         leaf = batch["pixel_values"].clone().requires_grad_(True)
         kwargs = {"pixel_values": leaf, "labels": torch.tensor([1, 3])}
@@ -221,6 +230,30 @@ def test_gradients_reach_inputs_and_parameters(family, case):
     for name, param in model.named_parameters():
         if param is table or name.endswith("mask_token"):
             continue
+        assert param.grad is not None, f"{name} gets no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+        if "relattn" in name:
+            assert param.grad.abs().sum() > 0, f"{name} (the variant's) gets a zero gradient"
+
+
+def _check_headless_gradients(model: torch.nn.Module, batch: dict, real: torch.Tensor) -> None:
+    """The gradient test on a backbone without a head or labels (CLIP's towers): a loss on its
+    pooled output and every token's last state. CLIPTextModel takes no inputs_embeds: its token
+    table stands for the input embeddings (non-zero at the real tokens' rows)."""
+    if "pixel_values" in batch:
+        leaf = batch["pixel_values"].clone().requires_grad_(True)
+        batch = {**batch, "pixel_values": leaf}
+    out = model(**batch)
+    states = out.last_hidden_state[real] if "attention_mask" in batch else out.last_hidden_state
+    loss = out.pooler_output.pow(2).mean() + states.pow(2).mean()
+    assert torch.isfinite(loss)
+    loss.backward()
+    if "pixel_values" in batch:
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    else:
+        table = model.get_input_embeddings().weight
+        assert table.grad[batch["input_ids"][real]].abs().sum(-1).gt(0).all()
+    for name, param in model.named_parameters():
         assert param.grad is not None, f"{name} gets no gradient"
         assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
         if "relattn" in name:
@@ -286,7 +319,7 @@ def _untouched(model: torch.nn.Module) -> tuple:
     return type(model), config, model.config._attn_implementation
 
 
-@pytest.mark.parametrize("family, case", CASE_PARAMS)
+@pytest.mark.parametrize("family, case", OWN_CASE_PARAMS)
 def test_bad_options_raise_naming_the_option_before_any_change(family, case):
     """Each option of the case set to a bad value of its kind (negative or zero counts, a
     non-boolean flag, an unknown choice, a head outside the layer, a missing layer), and an
@@ -466,6 +499,7 @@ def test_bfloat16_forward_and_backward_on_every_family(family):
     float32, and a finite backward (LLaMA's half-precision paths, decoding and fp16 included,
     are in tests/test_paths.py)."""
     for case in HALF_CASES:
+        case = case if case in CASES[family] else case + "_flag"  # CLIPForImageClassification: the flag form
         reference = build(family, case)
         model = copy.deepcopy(reference).to(torch.bfloat16)
         batch, real = padded(family, sample_inputs(family, case))
@@ -479,6 +513,6 @@ def test_bfloat16_forward_and_backward_on_every_family(family):
         torch.testing.assert_close(got.float(), want, atol=0.05 * max(scale, 1.0), rtol=0.05)
         model.train()
         out = model(**half)
-        out.logits.float().square().mean().backward()
+        (out.logits if "logits" in out else out.pooler_output).float().square().mean().backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads), (family, case)

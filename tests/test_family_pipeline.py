@@ -23,6 +23,7 @@ from hf_relattn.cli import main as cli_main
 from hf_relattn.finetune import run
 from hf_relattn.finetune.args import parse_args
 from hf_relattn.hub import push_to_hub
+from hf_relattn.patches import ADAPTERS
 
 TEXT = "\n".join(topics[k] for k in sorted(topics))[:30_000]
 MNIST = DATA / "mnist" / "t10k-images-idx3-ubyte.gz"
@@ -72,7 +73,15 @@ def save_source(family: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# the families with a task head (CLIP's towers alone have none: CLIPForImageClassification, `clip`, has)
+WITH_TASKS = [family for family in FAMILIES if ADAPTERS[family].tasks]
+
+
+def test_only_headless_towers_are_left_out():
+    assert sorted(set(FAMILIES) - set(WITH_TASKS)) == ["clip_text_model", "clip_vision_model"]
+
+
+@pytest.mark.parametrize("family", WITH_TASKS)
 def test_finetune_bench_and_push(family, data, tmp_path):
     if kind(family) == "vision" and not MNIST.exists():
         pytest.skip("../shared/data/mnist absent")
@@ -105,6 +114,8 @@ def test_finetune_bench_and_push(family, data, tmp_path):
     results = json.loads((bench / "results.json").read_text())
     assert len(results["results"]) == 1 and results["results"][0]["relattn_spec"] == saved["relattn"]
     assert all(v == v for v in results["results"][0]["quality"].values() if isinstance(v, float))
+    if kind(family) == "vision":  # the prefill context: 4 x 4 patches of 7 pixels and the prefix tokens
+        assert [m["context"] for m in results["results"][0]["prefill"]] == [16 + getattr(ADAPTERS[family], "prefix", 1)]
 
     preview = tmp_path / "preview"
     push_to_hub(str(trained), f"tester/{family}-{VARIANT}", results=str(bench / "results.json"), dry_run=preview)

@@ -365,3 +365,37 @@ def test_shared_heads_default_is_importance_with_batches():
     assert {int(k): v for k, v in saved["shared_heads"].items()} == expected
     plain = hf_relattn.convert(tiny_llama(heads=6, kv_heads=3), "moh")
     assert plain.config.relattn["variants"][0]["options"]["shared_heads"] == 0.5
+
+
+def test_learned_router_with_only_shared_heads_active_runs():
+    """A layer whose shared heads fill the active count (2 heads, active_heads=0.5, one shared)
+    has no router and no input hook: it runs (it raised 'called without its input'), the shared
+    head at weight 1 and the other off."""
+    model = tiny_llama(heads=2)
+    ids = torch.randint(3, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    hf_relattn.convert(model, "moh", router="learned", active_heads=0.5, shared_heads=1)
+    attn = model.model.layers[0].self_attn
+    assert not any(name.startswith("relattn_moh") for name in attn._modules)
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    weights, used = moh_module.MoH(router="learned", active_heads=0.5, shared_heads=1).head_weights(
+        attn, torch.randn(1, 2, 6, 16), None)
+    assert used[..., 0].all() and not used[..., 1].any() and (weights[..., 0] == 1).all()
+
+
+@pytest.mark.parametrize("router", ["learned", "query_norm"])
+def test_shared_heads_by_layer_on_modules_without_layer_idx(router):
+    """shared_heads={layer: [heads]} on ViT, whose attention modules have no layer_idx: each layer
+    shares the heads named for it (they were looked up under None: no shared heads, and the
+    learned router, sized for the named ones, failed)."""
+    model = tiny_vit(heads=4)
+    hf_relattn.convert(model, "moh", router=router, active_heads=0.75, shared_heads={0: [1, 2], 1: [3]})
+    pixels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=pixels).logits).all()
+    variant = next(v for v in model.vit.layers[0].attention.relattn_variants if v.name == "moh")
+    for layer, shared in ((0, [1, 2]), (1, [3])):
+        attn = model.vit.layers[layer].attention
+        _, used = variant.head_weights(attn, torch.randn(2, 4, 17, 8), None, {"relattn_layer_input": torch.randn(2, 17, 32)})
+        assert used[..., shared].all() and used.sum(-1).eq(3).all()

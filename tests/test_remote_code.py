@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_clip, tiny_llama
 from variant_cases import BUILDERS, PADDING_SIDE
 
 import hf_relattn
@@ -54,7 +54,15 @@ CASES = {
     "phi3-sliding-window": ("phi3", "AutoModelForCausalLM", [("sliding_window", {"window": 4, "block_size": 4, "sinks": 1})]),
     # ModernBERT: sinks and a sink logit on its local layers (inside the native window)
     "modernbert-sinks-sink-logit": ("modernbert", "AutoModelForSequenceClassification", [("sliding_window", {"window": 3, "block_size": 2, "sinks": 2, "sink_logit": True})]),
+    # CLIP: the causal, right-padded text tower; the vision tower; CLIPForImageClassification; the
+    # two-tower CLIPModel (its towers' sub-configs must ask for the engine when reloaded)
+    "clip-text-sliding-window-gqa": ("clip_text_model", "AutoModel", [("sliding_window", {"window": 3, "block_size": 2, "sinks": 1}), ("gqa", {"num_key_value_heads": 2})]),
+    "clip-vision-shaw": ("clip_vision_model", "AutoModel", [("shaw", {"max_distance": 2})]),
+    "clip-classifier-sliding-window": ("clip", "AutoModelForImageClassification", [("sliding_window", {"window": 2, "block_size": 3, "sinks": 1})]),
+    "clip-model-shaw-gqa": ("clip_model", "AutoModel", [("shaw", {"max_distance": 2}), ("gqa", {"num_key_value_heads": 1, "layers": [1, 3]})]),
 }
+# families outside the conformance table (CLIPModel takes input_ids and pixel_values)
+EXTRA_BUILDERS = {"clip_model": tiny_clip}
 
 LOADER = """
 import importlib.util, json, sys
@@ -69,14 +77,20 @@ for name, (folder, auto, inputs) in cases.items():
     batch = torch.load(inputs)
     with torch.no_grad():
         out = model(**batch)
-    torch.save(out.logits, folder + "/remote_logits.pt")
+    # a head's logits, CLIPModel's image-text logits, a bare tower's pooled output
+    torch.save(next(out[k] for k in ("logits", "logits_per_image", "pooler_output") if k in out), folder + "/remote_logits.pt")
     print(name, type(model).__module__, type(model).__name__)
 assert "hf_relattn" not in sys.modules
 """.replace("REPO", repr(str(REPO)))
 
 
+def main_output(out):
+    """What the remote load must reproduce: logits, CLIPModel's logits_per_image, or a bare tower's pooled output."""
+    return next(out[k] for k in ("logits", "logits_per_image", "pooler_output") if k in out)
+
+
 def build(family, conversions):
-    model = tiny_llama(heads=4, kv_heads=4) if family == "llama" else BUILDERS[family]()
+    model = tiny_llama(heads=4, kv_heads=4) if family == "llama" else {**BUILDERS, **EXTRA_BUILDERS}[family]()
     for name, options in conversions:
         options = dict(options)
         layers = options.pop("layers", None)
@@ -91,6 +105,11 @@ def build(family, conversions):
 
 def inputs(family):
     torch.manual_seed(2)
+    if family == "clip_model":  # both towers: right-padded text, images
+        ids = torch.randint(3, 90, (2, 13))
+        mask = torch.ones_like(ids)
+        mask[1, -3:] = 0
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 1, 16, 16)}
     if PADDING_SIDE[family] is None:  # vision
         return {"pixel_values": torch.randn(2, 1, 16, 16)}
     ids = torch.randint(3, 90, (2, 13))
@@ -113,7 +132,7 @@ def saved(tmp_path_factory):
         batch = inputs(family)
         torch.save(batch, folder / "inputs.pt")
         with torch.no_grad():
-            out[name] = (folder, auto, model(**batch).logits)
+            out[name] = (folder, auto, main_output(model(**batch)))
     return out
 
 

@@ -10,7 +10,7 @@ windows and strides.
 Adding a variant: give it a case in each family's table, or say in `NOT_APPLICABLE` why the
 family cannot take it; `test_conformance.test_every_variant_has_an_entry_per_family` fails
 until then. Adding a family: an entry in `CASES`, `NOT_APPLICABLE`, `BUILDERS`, `AUTO_CLASSES`, `TOKENS`
-and `PADDING_SIDE`.
+and `PADDING_SIDE` (and `HEADLESS` for a backbone without a task head).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from conftest import tiny_bert, tiny_encoder, tiny_gemma3, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_modernbert, tiny_phi3, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
-from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
+from conftest import tiny_bert, tiny_clip_classifier, tiny_clip_text, tiny_clip_vision, tiny_encoder, tiny_gemma3, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_modernbert, tiny_phi3, tiny_mistral, tiny_olmo2, tiny_qwen2, tiny_qwen3, tiny_smollm3, tiny_vision, tiny_vit
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForSequenceClassification
 
 import hf_relattn
 
@@ -99,6 +99,24 @@ ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
 VISION = ("vit", "deit", "dinov2")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
+# CLIP (patches/clip.py): the text tower is causal (is_causal passed with each call) and
+# right-padded, without a KV cache: the decoder cases on the encoders' padding checks; the vision
+# tower and CLIPForImageClassification (model_type clip, vision tower only) take the ViT cases.
+# The two-tower CLIPModel (input_ids and pixel_values): tests/test_clip.py.
+CLIP_TOWERS = ("clip_text_model", "clip_vision_model")
+CASES["clip_text_model"] = DECODER_CASES
+CASES["clip_vision_model"] = VISION_CASES
+# CLIPForImageClassification runs the vision tower's attention modules, whose every case
+# clip_vision_model checks: here one case per variant (a flag's options reaching the tower's
+# sub-config, sink logits), for the model type's own paths (adapter, top config, reload)
+CASES["clip"] = {case: VISION_CASES[case] for case in ("alibi", "t5_bias", "shaw", "sliding_window_flag", "sink_logit", "strided",
+                                                        "fixed", "power", "moh_learned", "gqa", "mqa", "prune")}
+# family -> the family whose table checks the same attention modules case by case: the
+# per-case gradient and bad-option checks run there only (the suite stays under 10 minutes)
+SAME_ATTENTION_AS = {"clip": "clip_vision_model"}
+# backbones without a task head (CLIP's towers): the tests compare their pooled output
+# (text: the highest token id, CLIP's pooling; vision: [CLS]) and train on it
+HEADLESS = CLIP_TOWERS
 CASES["olmo2"] = {case: entry for case, entry in DECODER_CASES.items() if entry[0] != "prune"}
 CASES["phi3"] = CASES["olmo2"]
 for _family in ("gpt_neox", "gpt2"):  # multi-head: prune removes each head's q, k and v rows of the fused matrix
@@ -114,6 +132,20 @@ NOT_APPLICABLE = {
     "olmo2": {"prune": "q_norm normalises all query heads together, so removing one changes the others (convert refuses it)"},
     "phi3": {"prune": PHI3_PRUNE},
     **{family: {"gqa": EQUAL_PARTS, "mqa": EQUAL_PARTS} for family in ("gpt_neox", "gpt2")},
+    "clip_text_model": {},
+    "clip_vision_model": {
+        "moba": CAUSAL_ONLY.format(what="its gate chooses among earlier key blocks"),
+        "mosa": CAUSAL_ONLY.format(what="its expert choice routes tokens under the causal mask"),
+    },
+    "clip": {
+        "moba": "needs a causal decoder: CLIPForImageClassification holds only the bidirectional vision tower (on "
+                "CLIPModel, moba converts the text layers: tests/test_clip.py)",
+        "mosa": "needs a causal decoder: CLIPForImageClassification holds only the bidirectional vision tower (on "
+                "CLIPModel, mosa converts the text layers: tests/test_clip.py)",
+        "relation": "a tower's attention sees its sub-config, not the model's variant spec, and CLIPModel passes "
+                    "relation_ids to both towers, whose sequences differ (convert refuses it; clip_text_model and "
+                    "clip_vision_model take it)",
+    },
 }
 NOT_APPLICABLE["modernbert"] = {**NOT_APPLICABLE["modernbert"], "gqa": EQUAL_PARTS, "mqa": EQUAL_PARTS}
 # what the generic tests need to know of a family
@@ -136,12 +168,18 @@ BUILDERS = {
     "bert": tiny_bert,
     "modernbert": tiny_modernbert,
     "vit": tiny_vit,
+    "clip_text_model": tiny_clip_text,
+    "clip_vision_model": tiny_clip_vision,
+    "clip": tiny_clip_classifier,
 }
 AUTO_CLASSES = {**dict.fromkeys(DECODERS, AutoModelForCausalLM), **dict.fromkeys(ENCODERS, AutoModelForSequenceClassification),
-                **dict.fromkeys(VISION, AutoModelForImageClassification)}
+                **dict.fromkeys(VISION, AutoModelForImageClassification), **dict.fromkeys(CLIP_TOWERS, AutoModel),
+                "clip": AutoModelForImageClassification}
 # sequence length of the test inputs (vision: the prefix tokens + 4 x 4 patches; DeiT has two)
-TOKENS = {**dict.fromkeys(DECODERS, 13), **dict.fromkeys(ENCODERS, 11), "vit": 17, "deit": 18, "dinov2": 17}
-PADDING_SIDE = {**dict.fromkeys(DECODERS, "left"), **dict.fromkeys(ENCODERS, "right"), **dict.fromkeys(VISION, None)}  # vision: no mask
+TOKENS = {**dict.fromkeys(DECODERS, 13), **dict.fromkeys(ENCODERS, 11), "vit": 17, "deit": 18, "dinov2": 17,
+          "clip_text_model": 13, "clip_vision_model": 17, "clip": 17}
+PADDING_SIDE = {**dict.fromkeys(DECODERS, "left"), **dict.fromkeys(ENCODERS, "right"), **dict.fromkeys(VISION, None),
+                "clip_text_model": "right", "clip_vision_model": None, "clip": None}  # vision: no mask
 FAMILIES = tuple(CASES)
 
 

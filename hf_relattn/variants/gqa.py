@@ -283,13 +283,15 @@ class GQA(Variant):
             valid = ", ".join(sorted(name for name, a in ADAPTERS.items() if not a.gqa_refused))
             raise ValueError(f"{self.name}: not for {adapter.model_type}: {adapter.gqa_refused}; valid families: {valid}")
         groups = self.num_key_value_heads
-        heads = adapter.num_heads(model.config)
-        if heads % groups:
-            divisors = [g for g in range(1, heads + 1) if heads % g == 0]
-            raise ValueError(
-                f"{self.name}: num_key_value_heads={groups} does not divide the {heads} attention heads; "
-                f"valid values: {divisors}"
-            )
+        modules = adapter.attention_modules(model)
+        # each layer's own config: CLIPModel's towers have their own head counts
+        for heads in sorted({adapter.num_heads(modules[idx].config) for idx in layers if idx < len(modules)}):
+            if heads % groups:
+                divisors = [g for g in range(1, heads + 1) if heads % g == 0]
+                raise ValueError(
+                    f"{self.name}: num_key_value_heads={groups} does not divide the {heads} attention heads; "
+                    f"valid values: {divisors}"
+                )
 
     def validate(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         self.check_model(model, adapter, layers)
@@ -305,13 +307,14 @@ class GQA(Variant):
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         groups = self.num_key_value_heads
-        heads = adapter.num_heads(model.config)
-        std = getattr(model.config, "initializer_range", 0.02)
         modules = adapter.attention_modules(model)
         grams = getattr(self, "_grams", None) if initialize else None
         self._grams = None
         for idx in layers:
             attn = modules[idx]
+            config = attn.config  # the layer's own config (CLIPModel: its tower's sizes)
+            heads, head_dim = adapter.num_heads(config), adapter.head_dim(config)
+            std = getattr(config, "initializer_range", 0.02)
             kv_heads = adapter.num_kv_heads(attn)
             projections = adapter.projections(attn)  # copies where the family fuses them
             aligned = None
@@ -320,15 +323,15 @@ class GQA(Variant):
                     raise RuntimeError(f"{self.name}: init={self.init!r} is fitted in validate(); convert() runs it")
                 out = adapter.output_projections(model)[idx]
                 out_linear = adapter.as_linear(out)
-                aligned = align_and_merge(projections, out_linear, grams[idx], heads, kv_heads, groups,
-                                          adapter.head_dim(model.config), adapter.rope_planes(model.config), self.init)
+                aligned = align_and_merge(projections, out_linear, grams[idx], heads, kv_heads, groups, head_dim,
+                                          adapter.rope_planes(config), self.init)
                 if out_linear is not out:
                     adapter.set_output_projection(model, idx, out_linear)
             merged = []
             for role, old in zip(("key", "value"), projections[1:]):
                 new = nn.Linear(
                     old.in_features,
-                    groups * adapter.head_dim(model.config),
+                    groups * head_dim,
                     bias=old.bias is not None,
                     device=old.weight.device,
                     dtype=old.weight.dtype,

@@ -63,10 +63,17 @@ class MoBA(PatternVariant):
 
     def check_model(self, model, adapter, layers) -> None:
         modules = adapter.attention_modules(model)
-        if not getattr(modules[layers[0]], "is_causal", False):
-            raise ValueError("moba gates over earlier key blocks and needs a causal decoder (LLaMA); valid families: llama")
+        # every layer: a model may hold causal and bidirectional stacks (CLIPModel's two towers)
+        bidirectional = [idx for idx in layers if not adapter.is_causal(modules[idx])]
+        if bidirectional:
+            raise ValueError(f"moba gates over earlier key blocks and needs a causal decoder (LLaMA); layers {bidirectional} "
+                             f"of this {adapter.model_type} model are bidirectional; valid families: llama")
         if self.dense_layers > len(modules):
             raise ValueError(f"moba: dense_layers ({self.dense_layers}) exceeds the model's {len(modules)} layers")
+        if self.dense_layers and not all(hasattr(modules[idx], "layer_idx") for idx in layers):
+            # which layers are last is read off each module's layer_idx at run time
+            raise ValueError(f"moba: dense_layers needs attention modules that know their layer index, which "
+                             f"{adapter.model_type}'s do not; leave the last layers out of `layers=` instead")
         super().check_model(model, adapter, layers)
 
     absolute_positions = True  # key blocks start at each sample's first token

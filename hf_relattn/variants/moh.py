@@ -74,6 +74,8 @@ ROUTED, SHARED, MIX = "relattn_moh_routed", "relattn_moh_shared", "relattn_moh_m
 AUX = "relattn_moh_aux"  # keyword argument of a training call: the list of its layers' balance terms
 OUTPUT = "moh_aux_loss"  # the output key of the weighted term
 HOOKED = "_relattn_moh_hooked"
+# A converted module's layer index in the adapter's order (the keys of shared_heads={layer: [heads]})
+LAYER_INDEX = "_relattn_moh_layer"
 
 
 def module_heads(module: nn.Module, adapter: FamilyAdapter) -> int:
@@ -195,6 +197,8 @@ class MoH(Variant):
         std = getattr(model.config, "initializer_range", 0.02)
         for idx in layers:
             attn = adapter.attention_modules(model)[idx]
+            # what {layer: [heads]} names: ViT's modules have no layer_idx, CLIPModel's restart at 0 in each tower
+            setattr(attn, LAYER_INDEX, idx)
             heads = module_heads(attn, adapter)
             shared = len(self._shared_for(idx, heads))
             routed = heads - shared
@@ -247,7 +251,7 @@ class MoH(Variant):
         `token_valid` (B, Q): tokens that are not padding (for the loss); `inputs`: the call's
         keyword arguments (the layer input for the learned router, the collector)."""
         batch, heads, q_len, _ = query.shape
-        layer = getattr(module, "layer_idx", None)
+        layer = getattr(module, LAYER_INDEX, getattr(module, "layer_idx", None))
         shared_idx = self._shared_for(layer, heads) if isinstance(self.shared_heads, dict) else self._shared_for(-1, heads)
         # head indices as constants (no data-dependent shapes: torch.compile traces them)
         shared_t = torch.tensor(shared_idx, dtype=torch.long, device=query.device)
@@ -258,7 +262,9 @@ class MoH(Variant):
         used = torch.zeros(batch, q_len, heads, dtype=torch.bool, device=query.device)
         used[..., shared_t] = True
         inputs = inputs or {}
-        x = layer_input(module, inputs) if self.router == "learned" else None
+        # the layer input feeds the learned routers; a layer whose shared heads fill the active
+        # count (2 heads, active_heads=0.5, shared_heads=1) has none, nor the input hook
+        x = layer_input(module, inputs) if self.router == "learned" and (picks > 0 or n_shared > 1) else None
         collector = inputs.get(AUX) if module.training else None
         if picks > 0:
             if self.router == "learned":

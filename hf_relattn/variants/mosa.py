@@ -82,15 +82,17 @@ class MoSA(SparseVariant):
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         modules = adapter.attention_modules(model)
-        if not getattr(modules[layers[0]], "is_causal", False):
-            raise ValueError("mosa routes tokens of a causal decoder (LLaMA); valid families: llama")
+        bidirectional = [idx for idx in layers if not adapter.is_causal(modules[idx])]
+        if bidirectional:
+            raise ValueError(f"mosa routes tokens of a causal decoder (LLaMA); layers {bidirectional} of this "
+                             f"{adapter.model_type} model are bidirectional; valid families: llama")
         super().check_model(model, adapter, layers)
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         std = getattr(model.config, "initializer_range", 0.02) if initialize else None
         for idx in layers:
             attn = adapter.attention_modules(model)[idx]
-            add_router(attn, adapter, MODULE_NAME, adapter.num_heads(model.config), std)
+            add_router(attn, adapter, MODULE_NAME, adapter.num_heads(attn.config), std)
             attach(attn, self)
 
     absolute_positions = True  # token counts are those of each sample's own sequence

@@ -207,7 +207,6 @@ class Prune(Variant):
         steps = self.steps()
         modules = adapter.attention_modules(model)
         counts = {idx: adapter.module_num_heads(attn) for idx, attn in enumerate(modules)}
-        original = adapter.num_heads(model.config)
         for step in steps:
             for layer, removed in step.items():
                 if layer >= len(modules):
@@ -217,6 +216,7 @@ class Prune(Variant):
                 if layer not in layers:
                     continue  # a saved entry whose other layers a later prune took over; convert refuses it (validate)
                 count = counts[layer]
+                original = adapter.num_heads(modules[layer].config)  # the layer's own config (CLIP's towers differ)
                 now = "" if count == original else " (after earlier pruning; indices are of the current layer)"
                 out = [h for h in removed if not 0 <= h < count]
                 if out:

@@ -58,6 +58,14 @@ class Relation(RelationalVariant):
     def num_labels(self, adapter: FamilyAdapter) -> int:
         return self.num_relations
 
+    def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
+        if adapter.inputs_refused:
+            from ..patches import ADAPTERS
+
+            valid = ", ".join(sorted(name for name, a in ADAPTERS.items() if not a.inputs_refused))
+            raise ValueError(f"{self.name}: not for {adapter.model_type}: {adapter.inputs_refused}; valid families: {valid}")
+        super().check_model(model, adapter, layers)
+
     def __post_init__(self) -> None:
         self._checked: tuple[Any, ...] | None = None
         super().__post_init__()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..patches import get_adapter
 from .base import MAX_TABLE_ROWS, Variant, attach, check_flag
 
 if TYPE_CHECKING:
@@ -75,20 +76,25 @@ class RelationalVariant(Variant):
         check_flag(self, "per_head")
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
-        rows = self.num_labels(adapter)
+        modules = adapter.attention_modules(model)
+        # each layer's own adapter (CLIPModel: the vision layers' grid labels, the text layers' distances)
+        rows = max((self.num_labels(get_adapter(modules[idx].config)) for idx in layers if idx < len(modules)),
+                   default=self.num_labels(adapter))
         if rows > MAX_TABLE_ROWS:
             raise ValueError(f"{self.name}: the options give a table of {rows:,} rows on {adapter.model_type}, more than "
                              f"{MAX_TABLE_ROWS:,}; use a smaller max_distance / num_relations")
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         modules = adapter.attention_modules(model)
-        config = model.config
         adapter.positions_from_mask(model)  # q . a^K sees each query's own position
         for idx in layers:
             attn = modules[idx]
+            # sized as the run time reads them: by the adapter and config of the layer's own module
+            # (CLIPModel: the text tower's labels and heads, or the vision tower's grid and heads)
+            config, own = attn.config, get_adapter(attn.config)
             reference = getattr(attn, adapter.q_proj).weight
             tables = RelationTables(
-                self.num_labels(adapter), adapter.head_dim(config), adapter.num_heads(config) if self.per_head else None,
+                self.num_labels(own), adapter.head_dim(config), adapter.num_heads(config) if self.per_head else None,
                 self.values, self.fixed_zero_labels, device=reference.device, dtype=reference.dtype,
             )
             setattr(attn, self.module_name(), tables)

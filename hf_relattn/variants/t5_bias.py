@@ -72,9 +72,9 @@ class T5Bias(Variant):
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:
         modules = adapter.attention_modules(model)
-        heads = adapter.num_heads(model.config)
         for idx in layers:
             attn = modules[idx]
+            heads = adapter.num_heads(attn.config)  # the layer's own config: CLIP's towers differ
             reference = getattr(attn, adapter.q_proj).weight
             table = nn.Embedding(self.num_buckets, heads, device=reference.device, dtype=reference.dtype)
             if initialize:
