@@ -552,7 +552,8 @@ def build_workload(cfg: BenchConfig, task: str, model: nn.Module, processor: Any
         vision = getattr(config, "vision_config", None) or config  # CLIP: the vision tower's sizes
         size, channels = vision.image_size, vision.num_channels
         patch = vision.patch_size
-        tokens = (size // patch) ** 2 + getattr(get_adapter(config), "prefix", 1)  # patches + [CLS] (DeiT: + distillation)
+        adapter = get_adapter(config)  # patches + the tokens before them ([CLS]; DeiT's distillation token; registers)
+        tokens = (size // patch) ** 2 + (adapter.prefix_tokens(vision) if adapter.spatial else 1)
         generator = torch.Generator().manual_seed(cfg.seed)
         pixels = torch.randn(1, channels, size, size, generator=generator).to(device)
         contexts = (tokens,)

@@ -549,7 +549,7 @@ def _share_flag_options(config: Any, name: str) -> None:
         if isinstance(sub, PreTrainedConfig):
             if options:
                 setattr(sub, SPEC_KEY, dict(options))
-            else:
+            elif hasattr(sub, SPEC_KEY):
                 delattr(sub, SPEC_KEY)
             _share_flag_options(sub, name)
 

@@ -182,6 +182,7 @@ from . import (  # noqa: E402,F401  (each registers itself)
     clip,
     deit,
     dinov2,
+    dinov2_with_registers,
     distilbert,
     gemma3,
     gpt2,

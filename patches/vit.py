@@ -17,23 +17,28 @@ class ViTAdapter(FamilyAdapter):
     prefix: int = 1
     spatial = True
 
+    def prefix_tokens(self, config: Any) -> int:
+        """Tokens before the patch grid."""
+        return self.prefix
+
     def token_grid(self, config: Any, num_tokens: int) -> tuple[int, int, int]:
         # the prefix tokens, then the patches in row-major order (ViTEmbeddings); the configured
         # grid, or a square one for other image sizes (interpolate_pos_encoding).
-        patches = num_tokens - self.prefix
+        prefix = self.prefix_tokens(config)
+        patches = num_tokens - prefix
         image, patch = config.image_size, config.patch_size
         height, width = image if isinstance(image, (tuple, list)) else (image, image)
         patch_h, patch_w = patch if isinstance(patch, (tuple, list)) else (patch, patch)
         rows, cols = height // patch_h, width // patch_w
         if patches == rows * cols:
-            return self.prefix, rows, cols
+            return prefix, rows, cols
         side = math.isqrt(max(patches, 0))
         if side * side != patches:
             raise ValueError(
                 f"Cannot place {patches} {self.model_type} patch tokens on a grid: expected {rows}x{cols} "
                 "(the configured image size) or another square number."
             )
-        return self.prefix, side, side
+        return prefix, side, side
 
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
         # transformers 5.x: ViTModel.layers (no `encoder` wrapper any more)

@@ -168,7 +168,7 @@ def tiny_modernbert(layers: int = 2, head: str = "AutoModelForSequenceClassifica
     return getattr(transformers, head).from_config(cfg).eval()
 
 
-def tiny_vision(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module:
+def tiny_vision(family: str, heads: int = 4, layers: int = 2, **extra) -> torch.nn.Module:
     """A tiny random image classifier of a vision family with ViT's attention: 16 x 16 pixels,
     4 x 4 patches, one channel (no download)."""
     from transformers import AutoConfig, AutoModelForImageClassification
@@ -177,7 +177,7 @@ def tiny_vision(family: str, heads: int = 4, layers: int = 2) -> torch.nn.Module
     cfg = AutoConfig.for_model(
         family, image_size=16, patch_size=4, num_channels=1, hidden_size=8 * heads, intermediate_size=64,
         num_hidden_layers=layers, num_attention_heads=heads, num_labels=5, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, **extra,
     )
     cfg.architectures = []  # DeiT's Auto entry is a tuple, chosen by architectures (None fails in transformers)
     return AutoModelForImageClassification.from_config(cfg).eval()

@@ -232,6 +232,17 @@ def clipped_relative_labels(q_len, k_len, max_distance):
     return labels
 
 
+def prefix_of(config):
+    """Tokens before a vision family's patches, by the models' own embeddings: [CLS]; DeiT adds
+    its distillation token; DINOv2 with registers its `num_register_tokens` registers."""
+    family = config.model_type.removeprefix("relattn_")
+    if family == "deit":
+        return 2
+    if family == "dinov2_with_registers":
+        return 1 + config.num_register_tokens
+    return 1
+
+
 def vit_grid_labels(num_tokens, cols, max_distance, prefix=1):
     """ViT token pairs: tokens 0 .. prefix-1 are special ([CLS]; DeiT adds its distillation
     token), token t >= prefix is patch t-prefix at (row, col) = divmod(t-prefix, cols).

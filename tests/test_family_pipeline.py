@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA, bpe_tokenizer
+from reference import prefix_of
 from pydoc_data.topics import topics
 from transformers import AutoConfig
 from variant_cases import AUTO_CLASSES, BUILDERS, FAMILIES, PADDING_SIDE
@@ -115,7 +116,7 @@ def test_finetune_bench_and_push(family, data, tmp_path):
     assert len(results["results"]) == 1 and results["results"][0]["relattn_spec"] == saved["relattn"]
     assert all(v == v for v in results["results"][0]["quality"].values() if isinstance(v, float))
     if kind(family) == "vision":  # the prefill context: 4 x 4 patches of 7 pixels and the prefix tokens
-        assert [m["context"] for m in results["results"][0]["prefill"]] == [16 + getattr(ADAPTERS[family], "prefix", 1)]
+        assert [m["context"] for m in results["results"][0]["prefill"]] == [16 + prefix_of(reloaded.config)]
 
     preview = tmp_path / "preview"
     push_to_hub(str(trained), f"tester/{family}-{VARIANT}", results=str(bench / "results.json"), dry_run=preview)

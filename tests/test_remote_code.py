@@ -46,6 +46,7 @@ CASES = {
     "xlm-roberta-moh": ("xlm-roberta", "AutoModelForSequenceClassification", [("moh", {"router": "query_norm", "active_heads": 0.5})]),
     "deit-shaw": ("deit", "AutoModelForImageClassification", [("shaw", {"max_distance": 2})]),
     "dinov2-sliding-window": ("dinov2", "AutoModelForImageClassification", [("sliding_window", {"window": 2, "block_size": 3})]),
+    "dinov2-registers-shaw": ("dinov2_with_registers", "AutoModelForImageClassification", [("shaw", {"max_distance": 2})]),
     "gemma3-shaw-gqa": ("gemma3_text", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 1, "layers": [1]}), ("shaw", {"max_distance": 3})]),
     "distilbert-t5-bias": ("distilbert", "AutoModelForSequenceClassification", [("t5_bias", {})]),
     "olmo2-gqa-layer0": ("olmo2", "AutoModelForCausalLM", [("gqa", {"num_key_value_heads": 1, "layers": [0]})]),

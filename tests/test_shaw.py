@@ -9,6 +9,7 @@ import torch
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_vision, tiny_vit
 from reference import (
     clipped_relative_labels,
+    prefix_of,
     relation_aware_attention,
     run_with_attention,
     vit_grid_labels,
@@ -36,7 +37,7 @@ def relational_reference(module, query, key, value, attention_mask, dropout=0.0,
     if "shaw" in names:
         k = names["shaw"].max_distance
         if hasattr(module.config, "patch_size"):
-            prefix = 2 if module.config.model_type.endswith("deit") else 1  # DeiT: [CLS] and the distillation token
+            prefix = prefix_of(module.config)
             labels = vit_grid_labels(k_len, module.config.image_size // module.config.patch_size, k, prefix)[None]
         else:
             labels = clipped_relative_labels(q_len, k_len, k)[None]
@@ -127,10 +128,12 @@ def test_matches_paper_equations(family, values, per_head, ids, pixels, chunking
     torch.testing.assert_close(naive[0], model(**inputs).logits[0], atol=2e-5, rtol=1e-5)
 
 
-def test_deit_two_prefix_tokens_get_the_special_labels():
-    """DeiT's [CLS] and distillation token are both special tokens of the 2-D labels (the three
-    extra labels), its patches on the grid after them: eqs. 3-4 with labels written in tests/reference.py."""
-    model = randomize(hf_relattn.convert(tiny_vision("deit"), "shaw", max_distance=1, per_head=True))
+@pytest.mark.parametrize("family, extra", [("deit", {}), ("dinov2_with_registers", {"num_register_tokens": 3})])
+def test_prefix_tokens_get_the_special_labels(family, extra):
+    """DeiT's [CLS] and distillation token, DINOv2's [CLS] and registers are all special tokens of
+    the 2-D labels (the three extra labels), the patches on the grid after them: eqs. 3-4 with
+    labels written in tests/reference.py."""
+    model = randomize(hf_relattn.convert(tiny_vision(family, **extra), "shaw", max_distance=1, per_head=True))
     pixels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         got = model(pixels, output_hidden_states=True).hidden_states[-1]

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from conftest import assert_same_state, state_copy, tiny_bert, tiny_llama, tiny_mistral, tiny_modernbert, tiny_vision, tiny_vit
-from reference import materialized_attention, run_with_attention
+from reference import prefix_of, materialized_attention, run_with_attention
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -109,7 +109,7 @@ def allowed_pairs(module, query, key, attention_mask):
                                                      per_block=variant.gate == "block", sinks=variant.sinks)
     else:
         cols = module.config.image_size // module.config.patch_size if hasattr(module.config, "patch_size") else None
-        prefix = 2 if module.config.model_type.endswith("deit") else 1  # DeiT: [CLS] and the distillation token
+        prefix = prefix_of(module.config)
         allowed = torch.stack([pattern_mask(variant.name, variant.options(), q_positions, k_len, causal, cols,
                                             offset=int(valid[b].int().argmax()), prefix=prefix)
                                for b in range(query.shape[0])])[:, None]
@@ -228,14 +228,19 @@ def test_vit_two_d_neighbourhood_with_global_cls(pixels):
         assert (got - tiny_vit()(pixels, output_hidden_states=True).hidden_states[-1]).abs().max() > 1e-3
 
 
+PREFIXED = {"deit": {}, "dinov2_with_registers": {"num_register_tokens": 3}}
+
+
 @pytest.mark.parametrize("sinks", [0, 2])
-def test_deit_two_d_neighbourhood_with_two_global_prefix_tokens(sinks):
-    """DeiT: [CLS] and the distillation token both global, the window and sinks on the patch grid after them."""
-    model = hf_relattn.convert(tiny_vision("deit"), "sliding_window", window=2, block_size=3, sinks=sinks)
+@pytest.mark.parametrize("family", list(PREFIXED))
+def test_two_d_neighbourhood_with_several_global_prefix_tokens(family, sinks):
+    """DeiT's [CLS] and distillation token, DINOv2's [CLS] and registers: all global, the window
+    and sinks on the patch grid after them."""
+    model = hf_relattn.convert(tiny_vision(family, **PREFIXED[family]), "sliding_window", window=2, block_size=3, sinks=sinks)
     pixels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         got = model(pixels, output_hidden_states=True).hidden_states[-1]
-        plain = tiny_vision("deit")(pixels, output_hidden_states=True).hidden_states[-1]
+        plain = tiny_vision(family, **PREFIXED[family])(pixels, output_hidden_states=True).hidden_states[-1]
     expected = run_with_attention(model, REF, pixel_values=pixels)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-3

@@ -24,6 +24,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClass
 import hf_relattn
 
 NUM_RELATIONS = 3
+REGISTERS = 2  # DINOv2's register tokens (after [CLS], before the patches) in the tiny model
 
 # name -> (variant or "flag:<variant>", options); tables and routers get random values in `build`
 DECODER_CASES = {
@@ -96,7 +97,7 @@ PHI3_PRUNE = ("its forward takes the number of query rows from the model config,
               "(convert refuses it)")
 # modernbert: fused Wqkv, rotary positions, a native bidirectional window on its local layers
 ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")
-VISION = ("vit", "deit", "dinov2")
+VISION = ("vit", "deit", "dinov2", "dinov2_with_registers")
 CASES = {**dict.fromkeys(DECODERS, DECODER_CASES), **dict.fromkeys(ENCODERS, ENCODER_CASES),
          **dict.fromkeys(VISION, VISION_CASES)}
 # CLIP (patches/clip.py): the text tower is causal (is_causal passed with each call) and
@@ -165,6 +166,7 @@ BUILDERS = {
     "xlm-roberta": lambda: tiny_encoder("xlm-roberta"),
     "deit": lambda: tiny_vision("deit"),
     "dinov2": lambda: tiny_vision("dinov2"),
+    "dinov2_with_registers": lambda: tiny_vision("dinov2_with_registers", num_register_tokens=REGISTERS),
     "bert": tiny_bert,
     "modernbert": tiny_modernbert,
     "vit": tiny_vit,
@@ -177,6 +179,7 @@ AUTO_CLASSES = {**dict.fromkeys(DECODERS, AutoModelForCausalLM), **dict.fromkeys
                 "clip": AutoModelForImageClassification}
 # sequence length of the test inputs (vision: the prefix tokens + 4 x 4 patches; DeiT has two)
 TOKENS = {**dict.fromkeys(DECODERS, 13), **dict.fromkeys(ENCODERS, 11), "vit": 17, "deit": 18, "dinov2": 17,
+          "dinov2_with_registers": 17 + REGISTERS,
           "clip_text_model": 13, "clip_vision_model": 17, "clip": 17}
 PADDING_SIDE = {**dict.fromkeys(DECODERS, "left"), **dict.fromkeys(ENCODERS, "right"), **dict.fromkeys(VISION, None),
                 "clip_text_model": "right", "clip_vision_model": None, "clip": None}  # vision: no mask
