@@ -1,6 +1,6 @@
 """GPT-2 family adapter: `h[i].attn` with a fused Conv1D `c_attn` (Q, K, V columns) and output
-Conv1D `c_proj`, learned absolute positions (counted from each sample's first token under left
-padding, as generate does). Pruning splits `c_attn`, keeps the remaining heads' rows and
+Conv1D `c_proj`, learned absolute positions (numbered as the caller passes them: generate()
+counts them from each sample's first token, a plain forward by slot). Pruning splits `c_attn`, keeps the remaining heads' rows and
 re-fuses it (the module's `split_size` follows); gqa/mqa are refused (the forward splits the
 fused output into three equal parts)."""
 
@@ -27,6 +27,11 @@ class GPT2Adapter(FusedQKV, LlamaAdapter):
 
     def rope_planes(self, config: Any) -> list[tuple[int, int]] | None:
         return None  # learned absolute positions, no rotary planes
+
+    def positions_from_mask(self, model: nn.Module) -> None:
+        # learned absolute positions: renumbering a left-padded caller's tokens would change what
+        # the model computes (transformers numbers them by slot); with rotary positions it does not
+        return None
 
     def head_counts(self, attn: nn.Module) -> tuple[int, int]:
         heads = attn.split_size // self.head_dim(attn.config)

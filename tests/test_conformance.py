@@ -488,6 +488,32 @@ def test_attention_softcapping_is_refused_not_ignored():
         relattn_attention(module, q, k, v, None, softcap=50.0)
 
 
+# ------------------------------------------------------------- function-preserving starts
+IDENTITY = (("shaw", {}), ("t5_bias", {}), ("relation", {"num_relations": NUM_RELATIONS}), ("moh", {"active_heads": 1.0}),
+            ("sliding_window", {"window": 64, "sinks": 0, "sink_logit": True}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_function_preserving_conversions_leave_outputs_unchanged(family):
+    """Zero-initialised tables (Shaw, T5 buckets, relations), every head active (MoH), a window
+    covering the sequence with a neutral sink logit: the converted model computes what the
+    original did (1e-5), on a padded batch of the family's inputs."""
+    original = BUILDERS[family]()
+    for name, options in IDENTITY:
+        if name in NOT_APPLICABLE[family]:
+            continue
+        inputs = sample_inputs(family, "relation" if name == "relation" else "shaw")  # relation_ids for relation
+        batch, real = padded(family, inputs)
+        plain = {k: v for k, v in batch.items() if k != "relation_ids"}
+        before, before_hidden = outputs(original, plain)
+        model = hf_relattn.convert(copy.deepcopy(original), name, **options)
+        after, after_hidden = outputs(model, batch)
+        torch.testing.assert_close(after_hidden[real], before_hidden[real], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        if after.dim() == 3:
+            after, before = after[real], before[real]
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ----------------------------------------------------------------------- half precision
 HALF_CASES = ("shaw", "sliding_window")  # the score path (relative table) and the sparse path, on every family
 
