@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..ops.flash import band_call
 from ..patches import get_adapter
 from .base import check_int_options, register_variant
 from .sparse_base import PatternVariant, block_range
@@ -23,6 +24,7 @@ from .sparse_base import PatternVariant, block_range
 if TYPE_CHECKING:
     from torch import nn
 
+    from ..call import AttnCall
     from ..patches import FamilyAdapter
 
 
@@ -56,6 +58,13 @@ class SlidingWindow(PatternVariant):
             return (block_range(first, last, num_blocks, block) | (torch.arange(num_blocks, device=q_pos.device) < -(-prefix // block)))[None, None]
         last = q_pos if causal else q_pos + w - 1
         return block_range(q_pos - w + 1, last, num_blocks, block)[None, None]
+
+    def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
+        """A 1-D window is a band: FlashAttention over each query block's window of keys
+        (`hf_relattn.ops.flash`), forward and backward, for long calls without padding or cache."""
+        if self._grid(call.module, call.key.shape[2]) is not None:
+            return None
+        return band_call(call, self.window - 1, 0 if call.causal else self.window - 1, sinks, sink)
 
     def allowed(self, module, q_pos, k_pos, num_keys, *, causal):
         grid = self._grid(module, num_keys)

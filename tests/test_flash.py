@@ -1,0 +1,111 @@
+"""FlashAttention over key windows on the CPU kernels (`hf_relattn.ops.flash`), forward and backward.
+
+References written here: softmax over the band |i - j| (causal: 0 <= i - j < W) plus the first
+`sinks` keys and a sink logit in every denominator, materialised in float64 with autograd; and
+the model's own reference path. Memory: what a forward keeps for its backward is O(T) (the
+saved tensors' bytes against the inputs'), not the (rows x keys) probabilities.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import hf_relattn
+from hf_relattn.ops import flash
+
+
+def materialised(q, k, v, before, after, sinks, logit, scale):
+    """Dense softmax over the kept pairs, float64."""
+    length = q.shape[2]
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    keep = (j - i >= -before) & (j - i <= after)
+    if sinks:
+        keep = keep | (j < sinks) & ((j <= i) if after == 0 else True)
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(groups, 1) for t in (k, v))
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    if logit is not None:  # a zero key scoring the head's logit
+        scores = torch.cat([scores, logit.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+        v = torch.cat([v, torch.zeros_like(v[:, :, :1])], 2)
+    return torch.softmax(scores, -1) @ v
+
+
+CASES = {  # length, heads, K/V heads, before, after, sinks, sink logit, rows
+    "causal-gqa": (100, 4, 2, 20, 0, 0, False, 16),
+    "causal-sinks-logit": (130, 6, 3, 33, 0, 4, True, 32),
+    "bidirectional-sinks": (77, 2, 1, 9, 9, 2, False, 8),
+    "window-longer-than-sequence": (40, 2, 2, 70, 0, 0, False, 16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_band_outputs_and_gradients_equal_the_materialised_formula(case, dtype):
+    length, heads, kv_heads, before, after, sinks, with_logit, rows = CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, length, 16, generator=gen, dtype=dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
+    out = flash.band_attention(q, k, v, before, after, sinks, logit, 0.25, rows)
+    want = materialised(q, k, v, before, after, sinks, logit, 0.25)
+    grad = torch.randn(out.shape, generator=gen, dtype=dtype)
+    inputs = (q, k, v) + ((logit,) if with_logit else ())
+    got_grads = torch.autograd.grad(out, inputs, grad)
+    want_grads = torch.autograd.grad(want, inputs, grad.double())
+    tol = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, **tol)
+    for name, got, expected in zip("qkvl", got_grads, want_grads):
+        torch.testing.assert_close(got.double(), expected.double(), **tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("options", [{"window": 24, "sinks": 0}, {"window": 17, "sinks": 3, "sink_logit": True}])
+def test_model_path_runs_the_band_kernel_and_equals_the_reference(options, monkeypatch):
+    """A converted LLaMA (GQA 4/2) at 70 tokens: the default path takes the band kernel (counted)
+    and its logits and every gradient equal the materialised reference path's."""
+    monkeypatch.setattr(flash, "FLASH_MIN_TOKENS", 0)
+    calls = []
+    band = flash.band_attention
+    monkeypatch.setattr(flash, "band_attention", lambda *a: calls.append(1) or band(*a))
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), "sliding_window", block_size=8, **options).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relattn" in name:
+                param.normal_(0, 1.0)
+    ids = torch.randint(3, 97, (2, 70), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got, got_grads = run()
+    assert calls, "the band kernel did not run"
+    with hf_relattn.force_implementation("reference"):
+        want, want_grads = run()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_what_the_forward_keeps_for_the_backward_is_linear_in_length():
+    """At 4,096 tokens and a 512-token window the tensors saved for the backward are the blocked
+    inputs, the output and its log-sum-exp: under 3x the inputs' bytes (the probabilities of the
+    kept pairs alone would be 512 / 64 = 8x the queries' bytes with 64-dim heads)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 4096, 64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 4096, 64, generator=gen, requires_grad=True) for _ in range(2))
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = flash.band_attention(q, k, v, 511, 0, 4, None, 0.125, 64)
+    inputs = sum(t.numel() * t.element_size() for t in (q, k, v))
+    assert sum(saved.values()) < 3 * inputs, (sum(saved.values()), inputs)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
