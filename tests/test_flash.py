@@ -40,12 +40,19 @@ CASES = {  # length, heads, K/V heads, before, after, sinks, sink logit, rows
 }
 
 
+@pytest.mark.parametrize("chunk", [None, 1], ids=["whole", "block-by-block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_band_outputs_and_gradients_equal_the_materialised_formula(case, dtype):
+def test_band_outputs_and_gradients_equal_the_materialised_formula(case, dtype, chunk, monkeypatch):
+    """Every case in one kernel call per piece, and one query block per call (the chunking of
+    long sequences)."""
+    if chunk is not None:
+        monkeypatch.setattr(flash, "FLASH_CHUNK_ELEMENTS", chunk)
     length, heads, kv_heads, before, after, sinks, with_logit, rows = CASES[case]
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, length, 16, generator=gen, dtype=dtype).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    # transformers' layout: (B, T, H, D) memory seen as (B, H, T, D)
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
     logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
     out = flash.band_attention(q, k, v, before, after, sinks, logit, 0.25, rows)
     want = materialised(q, k, v, before, after, sinks, logit, 0.25)

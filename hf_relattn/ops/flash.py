@@ -30,8 +30,8 @@ from ..call import AttnCall
 
 FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-# Floats of windowed key gradients one backward kernel call may return (then they are added back).
-FLASH_CHUNK_ELEMENTS = 1 << 22
+# Floats of output (forward) or windowed key gradients (backward) one kernel call may return.
+FLASH_CHUNK_ELEMENTS = 1 << 20
 # Tokens from which a band pattern runs on these kernels (shorter calls: the block-sparse path).
 FLASH_MIN_TOKENS = 512
 # Query rows per block: a band's window is before + rows + after keys wide.
@@ -112,21 +112,25 @@ class PieceAttention(torch.autograd.Function):
         nb = length // rows
         out = q.new_empty(batch, nb, rows, heads, dim)  # the kernel's own output layout: (T, H, D) per sample
         lse = torch.empty(batch, nb, heads, rows, dtype=torch.float32, device=q.device)
+        step = max(1, FLASH_CHUNK_ELEMENTS // (rows * heads * dim))  # blocks per kernel call: bounded outputs
         for b in range(batch):
             seen = [False] * nb
             qb = blocked(q[b], rows)
             for piece in pieces:
-                at = slice(piece.first, piece.first + piece.count)
-                part, part_lse = FORWARD(qb[at], windows(source(k[b], piece), piece), windows(source(v[b], piece), piece),
-                                         0.0, piece.causal, attn_mask=piece.mask, scale=scale)
-                if piece.empty is not None:
-                    part_lse = part_lse.masked_fill(piece.empty, float("-inf"))
-                part = part.transpose(1, 2)  # (n, R, H, D)
-                if not any(seen[at]):  # a block's first piece is copied in, later ones merged
-                    out[b, at], lse[b, at] = part, part_lse
-                else:
-                    _merge(out[b, at], lse[b, at], part, part_lse)
-                seen[at] = [True] * piece.count
+                ksrc, vsrc = source(k[b], piece), source(v[b], piece)
+                for a in range(0, piece.count, step):
+                    part = piece.part(a, min(piece.count, a + step))
+                    at = slice(part.first, part.first + part.count)
+                    o, o_lse = FORWARD(qb[at], windows(ksrc, part), windows(vsrc, part), 0.0, part.causal,
+                                       attn_mask=part.mask, scale=scale)
+                    if part.empty is not None:
+                        o_lse = o_lse.masked_fill(part.empty, float("-inf"))
+                    o = o.transpose(1, 2)  # (n, R, H, D)
+                    if not any(seen[at]):  # a block's first piece is copied in, later ones merged
+                        out[b, at], lse[b, at] = o, o_lse
+                    else:
+                        _merge(out[b, at], lse[b, at], o, o_lse)
+                    seen[at] = [True] * part.count
             if not all(seen):
                 raise AssertionError("every query block needs a piece")
         if logit is not None:  # a logit with a zero value: only the denominator grows
