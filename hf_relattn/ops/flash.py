@@ -203,58 +203,73 @@ def band_call(call: AttnCall, before: int, after: int, sinks: int, logit: torch.
 
 
 
+def additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n, R, W) bool -> (n, 1, R, W) additive mask in `dtype` (the kernel's)."""
+    return torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), torch.finfo(dtype).min)[:, None]
+
+
+def whole_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v padded to whole blocks of `rows` tokens (copies only when they are not: the
+    padded queries' outputs are dropped)."""
+    length = query.shape[2]
+    padded = -(-length // rows) * rows
+    if padded == length:
+        return query, key, value
+    return tuple(F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+
+
+def sliding_pieces(nb: int, rows: int, length: int, offset: int, width: int, keep: Any, dtype: torch.dtype,
+                   device: torch.device) -> list[Piece]:
+    """Pieces giving block i the window of key positions [i * rows + offset, + width), under
+    `keep(qpos (n, R, 1), kpos (n, 1, W))` among real keys for real queries (padded query rows
+    see every window key from key 0 on: finite log-sum-exps, outputs dropped). Runs of blocks
+    whose windows lie inside the keys and whose queries are all real are views under one mask
+    (`keep` must then be the same for each: depend on kpos - qpos only); the others read a
+    zero-padded copy under masks of their own."""
+    r = torch.arange(rows, device=device)[:, None]
+    c = torch.arange(width, device=device)[None, :]
+
+    def mask(i: torch.Tensor) -> torch.Tensor:
+        qpos = i[:, None, None] * rows + r
+        kpos = i[:, None, None] * rows + offset + c
+        real = keep(qpos, kpos) & (kpos >= 0) & (kpos < length)
+        return additive(real & (qpos < length) | (qpos >= length) & (kpos >= 0), dtype)
+
+    inside = [i * rows + offset >= 0 and i * rows + offset + width <= length and (i + 1) * rows <= length for i in range(nb)]
+    pieces, i = [], 0
+    while i < nb:
+        j = i
+        while j < nb and inside[j] == inside[i]:
+            j += 1
+        if inside[i]:  # one mask for the run
+            pieces.append(Piece(i, j - i, i * rows + offset, rows, width, mask(torch.tensor([i], device=device))))
+        else:
+            p0 = i * rows + offset
+            pieces.append(Piece(i, j - i, 0, rows, width, mask(torch.arange(i, j, device=device)),
+                                copy=(p0, p0 + (j - i - 1) * rows + width)))
+        i = j
+    return pieces
+
+
 def band_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, before: int, after: int, sinks: int,
                    logit: torch.Tensor | None, scale: float, rows: int) -> torch.Tensor:
     """Attention of each query i over the keys i - before <= j <= i + after (a band: `after` 0
     is causal) and the first `sinks` keys, with `logit` (heads,) in every denominator; query
     (B, H, T, D), key/value (B, Hkv, T, D) of one sequence without padding; (B, H, T, D).
 
-    Blocks of `rows` queries each read one window of before + rows + after keys: away from the
-    ends a view of the keys under one mask for every block; blocks whose window reaches past
-    either end read a zero-padded copy under masks of their own. The sinks outside the band are
-    a piece of their own."""
+    Blocks of `rows` queries each read one window of before + rows + after keys (`sliding_pieces`);
+    the sinks outside the band are a piece of their own."""
     length = query.shape[2]
-    padded = -(-length // rows) * rows
-    if padded != length:  # whole blocks (copies; the padded queries' outputs are dropped)
-        query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
-    nb = padded // rows
+    query, key, value = whole_blocks(query, key, value, rows)
+    nb = query.shape[2] // rows
     dtype, device = query.dtype, query.device
-    width = before + rows + after
-    r = torch.arange(rows, device=device)[:, None]
-    c = torch.arange(width, device=device)[None, :]
-    lowest = torch.finfo(dtype).min
-
-    def additive(keep: torch.Tensor) -> torch.Tensor:  # (n, R, W) bool -> (n, 1, R, W)
-        return torch.where(keep, torch.zeros((), dtype=dtype, device=device), lowest)[:, None]
-
-    def keep(i: torch.Tensor) -> torch.Tensor:
-        """(n, R, W) for blocks i: the band among real keys for real queries; padded query rows
-        see every window key from key 0 on (finite log-sum-exps; their outputs are dropped)."""
-        qpos = i[:, None, None] * rows + r
-        kpos = i[:, None, None] * rows - before + c
-        band = (c >= r) & (c <= r + before + after) & (kpos >= 0) & (kpos < length)
-        return band & (qpos < length) | (qpos >= length) & (kpos >= 0)
-
-    # blocks whose window lies inside the real keys and whose queries are all real
-    inside = [i * rows >= before and i * rows + rows + after <= length for i in range(nb)]
-    pieces, i = [], 0
-    while i < nb:
-        j = i
-        while j < nb and inside[j] == inside[i]:
-            j += 1
-        if inside[i]:
-            mask = keep(torch.tensor([i], device=device))  # the same for every inside block
-            pieces.append(Piece(i, j - i, i * rows - before, rows, width, additive(mask)))
-        else:
-            mask = keep(torch.arange(i, j, device=device))
-            p0 = i * rows - before
-            pieces.append(Piece(i, j - i, 0, rows, width, additive(mask), copy=(p0, p0 + (j - i - 1) * rows + width)))
-        i = j
+    pieces = sliding_pieces(nb, rows, length, -before, before + rows + after,
+                            lambda qpos, kpos: (kpos >= qpos - before) & (kpos <= qpos + after), dtype, device)
     if sinks:  # the first keys, for the queries whose band does not reach them
-        qpos = torch.arange(nb, device=device)[:, None, None] * rows + r
+        qpos = torch.arange(nb, device=device)[:, None, None] * rows + torch.arange(rows, device=device)[:, None]
         kpos = torch.arange(min(sinks, length), device=device)[None, None, :]
         far = ((kpos < qpos - before) | (kpos > qpos + after)) & (qpos < length)
         far = far & (kpos <= qpos) if after == 0 else far
-        pieces.append(Piece(0, nb, 0, 0, kpos.shape[-1], additive(far), empty=~far.any(-1)[:, None]))
+        pieces.append(Piece(0, nb, 0, 0, kpos.shape[-1], additive(far, dtype), empty=~far.any(-1)[:, None]))
     out = PieceAttention.apply(query, key, value, tuple(pieces), rows, scale, logit)
     return out[:, :, :length]
