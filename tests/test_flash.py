@@ -67,15 +67,54 @@ def test_band_outputs_and_gradients_equal_the_materialised_formula(case, dtype, 
         torch.testing.assert_close(got.double(), expected.double(), **tol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.parametrize("options", [{"window": 24, "sinks": 0}, {"window": 17, "sinks": 3, "sink_logit": True}])
-def test_model_path_runs_the_band_kernel_and_equals_the_reference(options, monkeypatch):
-    """A converted LLaMA (GQA 4/2) at 70 tokens: the default path takes the band kernel (counted)
-    and its logits and every gradient equal the materialised reference path's."""
+POWER_CASES = {  # length, block, window, heads, K/V heads, sink logit
+    "gqa": (200, 8, 20, 4, 2, False),
+    "logit": (256, 16, 40, 2, 1, True),
+    "window-one-block-odd-length": (131, 8, 8, 2, 2, False),
+}
+
+
+@pytest.mark.parametrize("case", list(POWER_CASES))
+def test_power_pieces_equal_the_materialised_pattern(case):
+    """PowerAttention on the flash kernels (local window piece + gathered far blocks) against the
+    softmax over the pairs `Power.reads` keeps, causal, float64: outputs and gradients."""
+    from hf_relattn.variants.power import Power, power_attention
+
+    length, block, window, heads, kv_heads, with_logit = POWER_CASES[case]
+    variant = Power(block_size=block, window=window, sinks=0)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
+    out = power_attention(variant, q, k, v, logit, 0.25)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    keep = variant.reads(i, j // block, True) & (j <= i)
+    groups = heads // kv_heads
+    kk, vv = (t.double().repeat_interleave(groups, 1) for t in (k, v))
+    scores = (q.double() @ kk.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf"))
+    if with_logit:
+        scores = torch.cat([scores, logit.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], 2)
+    want = torch.softmax(scores, -1) @ vv
+    grad = torch.randn(out.shape, generator=gen)
+    inputs = (q, k, v) + ((logit,) if with_logit else ())
+    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
+        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant, options", [
+    ("sliding_window", {"window": 24, "sinks": 0}),
+    ("sliding_window", {"window": 17, "sinks": 3, "sink_logit": True}),
+    ("power", {"window": 12, "sinks": 2, "sink_logit": True}),
+])
+def test_model_path_runs_the_flash_kernels_and_equals_the_reference(variant, options, monkeypatch):
+    """A converted LLaMA (GQA 4/2) at 70 tokens: the default path takes the flash kernels
+    (counted) and its logits and every gradient equal the materialised reference path's."""
     monkeypatch.setattr(flash, "FLASH_MIN_TOKENS", 0)
     calls = []
-    band = flash.band_attention
-    monkeypatch.setattr(flash, "band_attention", lambda *a: calls.append(1) or band(*a))
-    model = hf_relattn.convert(tiny_llama(kv_heads=2), "sliding_window", block_size=8, **options).train()
+    apply = flash.PieceAttention.apply
+    monkeypatch.setattr(flash.PieceAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, block_size=8, **options).train()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "relattn" in name:
@@ -89,7 +128,7 @@ def test_model_path_runs_the_band_kernel_and_equals_the_reference(options, monke
         return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     got, got_grads = run()
-    assert calls, "the band kernel did not run"
+    assert calls, "the flash kernels did not run"
     with hf_relattn.force_implementation("reference"):
         want, want_grads = run()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

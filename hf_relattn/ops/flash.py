@@ -55,13 +55,16 @@ class Piece:
     causal: bool = False
     empty: torch.Tensor | None = None
     copy: tuple[int, int] | None = None
+    # (count, P) key blocks of `step` keys each block reads (gathered: copies, chunk by chunk),
+    # instead of a window; length = P * step
+    index: torch.Tensor | None = None
 
     def part(self, a: int, b: int) -> Piece:
         """Blocks [first + a, first + b) of this piece."""
         def cut(t: torch.Tensor | None) -> torch.Tensor | None:
             return t[a:b] if t is not None and t.shape[0] > 1 else t
         return replace(self, first=self.first + a, count=b - a, start=self.start + a * self.step, mask=cut(self.mask),
-                       empty=cut(self.empty))
+                       empty=cut(self.empty), index=cut(self.index))
 
 
 def source(keys: torch.Tensor, piece: Piece) -> torch.Tensor:
@@ -74,8 +77,13 @@ def source(keys: torch.Tensor, piece: Piece) -> torch.Tensor:
 
 
 def windows(src: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """(count, Hk, length, D) view of the piece's windows in its key source (Hk, S, D)."""
+    """(count, Hk, length, D) view of the piece's windows in its key source (Hk, S, D) (gathered
+    key blocks: a copy)."""
     hk, _, dim = src.shape
+    if piece.index is not None:
+        blocks = src[:, : src.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
+        picked = blocks.index_select(1, piece.index.flatten())  # (Hk, count * P, step, D)
+        return picked.view(hk, piece.count, piece.length, dim).transpose(0, 1)
     s_h, s_t, s_d = src.stride()
     return src.as_strided((piece.count, hk, piece.length, dim), (piece.step * s_t, s_h, s_t, s_d),
                           src.storage_offset() + piece.start * s_t)
@@ -83,6 +91,11 @@ def windows(src: torch.Tensor, piece: Piece) -> torch.Tensor:
 
 def add_windows(target: torch.Tensor, grads: torch.Tensor, piece: Piece) -> None:
     """Add the windows' gradients (count, Hk, length, D) to the key source's (Hk, S, D)."""
+    if piece.index is not None:
+        hk, dim = target.shape[0], target.shape[-1]
+        blocks = target[:, : target.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
+        blocks.index_add_(1, piece.index.flatten(), grads.transpose(0, 1).reshape(hk, -1, piece.step, dim))
+        return
     if piece.step == 0:  # every block read the same keys
         target[:, piece.start : piece.start + piece.length] += grads.sum(0)
         return
@@ -189,15 +202,20 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_ls
     lse.copy_(total)
 
 
-def band_call(call: AttnCall, before: int, after: int, sinks: int, logit: torch.Tensor | None) -> torch.Tensor | None:
-    """`band_attention` for a call it serves exactly: CPU, no attention dropout, no cached keys, no
-    mask (transformers passes none without padding or a native window), at least
-    FLASH_MIN_TOKENS tokens; (B, H, Q, D), else None (the caller's other paths)."""
+def serves(call: AttnCall) -> bool:
+    """Whether these kernels compute the call exactly: CPU, no attention dropout, no cached keys,
+    no mask (transformers passes none without padding or a native window), at least
+    FLASH_MIN_TOKENS tokens (other calls: the caller's other paths)."""
     query, key = call.query, call.key
-    if (FORWARD is None or BACKWARD is None or query.device.type != "cpu" or call.dropout or call.mask is not None
-            or key.shape[2] != query.shape[2] or query.shape[2] < FLASH_MIN_TOKENS):
+    return not (FORWARD is None or BACKWARD is None or query.device.type != "cpu" or call.dropout
+                or call.mask is not None or key.shape[2] != query.shape[2] or query.shape[2] < FLASH_MIN_TOKENS)
+
+
+def band_call(call: AttnCall, before: int, after: int, sinks: int, logit: torch.Tensor | None) -> torch.Tensor | None:
+    """`band_attention` for a call it serves (`serves`), (B, H, Q, D); else None."""
+    if not serves(call):
         return None
-    return band_attention(query, key, call.value, before, after, sinks, logit, call.scale, FLASH_ROWS)
+    return band_attention(call.query, call.key, call.value, before, after, sinks, logit, call.scale, FLASH_ROWS)
 
 
 
@@ -219,13 +237,14 @@ def whole_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ro
 
 
 def sliding_pieces(nb: int, rows: int, length: int, offset: int, width: int, keep: Any, dtype: torch.dtype,
-                   device: torch.device) -> list[Piece]:
+                   device: torch.device, first_shared: int = 0) -> list[Piece]:
     """Pieces giving block i the window of key positions [i * rows + offset, + width), under
     `keep(qpos (n, R, 1), kpos (n, 1, W))` among real keys for real queries (padded query rows
     see every window key from key 0 on: finite log-sum-exps, outputs dropped). Runs of blocks
     whose windows lie inside the keys and whose queries are all real are views under one mask
     (`keep` must then be the same for each: depend on kpos - qpos only); the others read a
-    zero-padded copy under masks of their own."""
+    zero-padded copy under masks of their own, as do blocks before `first_shared` (where `keep`
+    still depends on where the block is)."""
     r = torch.arange(rows, device=device)[:, None]
     c = torch.arange(width, device=device)[None, :]
 
@@ -235,7 +254,8 @@ def sliding_pieces(nb: int, rows: int, length: int, offset: int, width: int, kee
         real = keep(qpos, kpos) & (kpos >= 0) & (kpos < length)
         return additive(real & (qpos < length) | (qpos >= length) & (kpos >= 0), dtype)
 
-    inside = [i * rows + offset >= 0 and i * rows + offset + width <= length and (i + 1) * rows <= length for i in range(nb)]
+    inside = [i >= first_shared and i * rows + offset >= 0 and i * rows + offset + width <= length and (i + 1) * rows <= length
+              for i in range(nb)]
     pieces, i = [], 0
     while i < nb:
         j = i
