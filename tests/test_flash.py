@@ -106,6 +106,8 @@ def test_power_pieces_equal_the_materialised_pattern(case):
     ("sliding_window", {"window": 24, "sinks": 0}),
     ("sliding_window", {"window": 17, "sinks": 3, "sink_logit": True}),
     ("power", {"window": 12, "sinks": 2, "sink_logit": True}),
+    ("moba", {"gate": "block", "top_k": 3, "sinks": 0}),
+    ("moba", {"gate": "block", "top_k": 4, "sinks": 3, "sink_logit": True}),
 ])
 def test_model_path_runs_the_flash_kernels_and_equals_the_reference(variant, options, monkeypatch):
     """A converted LLaMA (GQA 4/2) at 70 tokens: the default path takes the flash kernels

@@ -56,7 +56,7 @@ class Piece:
     empty: torch.Tensor | None = None
     copy: tuple[int, int] | None = None
     # (count, P) key blocks of `step` keys each block reads (gathered: copies, chunk by chunk),
-    # instead of a window; length = P * step
+    # instead of a window, or (count, H, P) per query head (K/V head h // (H / Hk)); length = P * step
     index: torch.Tensor | None = None
 
     def part(self, a: int, b: int) -> Piece:
@@ -82,6 +82,10 @@ def windows(src: torch.Tensor, piece: Piece) -> torch.Tensor:
     hk, _, dim = src.shape
     if piece.index is not None:
         blocks = src[:, : src.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
+        if piece.index.dim() == 3:  # per query head: (count, H, P, step, D)
+            heads = piece.index.shape[1]
+            kv = torch.arange(heads, device=src.device) // (heads // hk)
+            return blocks[kv[None, :, None], piece.index].reshape(piece.count, heads, piece.length, dim)
         picked = blocks.index_select(1, piece.index.flatten())  # (Hk, count * P, step, D)
         return picked.view(hk, piece.count, piece.length, dim).transpose(0, 1)
     s_h, s_t, s_d = src.stride()
@@ -94,6 +98,11 @@ def add_windows(target: torch.Tensor, grads: torch.Tensor, piece: Piece) -> None
     if piece.index is not None:
         hk, dim = target.shape[0], target.shape[-1]
         blocks = target[:, : target.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
+        if piece.index.dim() == 3:
+            heads = piece.index.shape[1]
+            kv = (torch.arange(heads, device=target.device) // (heads // hk))[None, :, None].expand_as(piece.index)
+            blocks.index_put_((kv, piece.index), grads.reshape(*piece.index.shape, piece.step, dim), accumulate=True)
+            return
         blocks.index_add_(1, piece.index.flatten(), grads.transpose(0, 1).reshape(hk, -1, piece.step, dim))
         return
     if piece.step == 0:  # every block read the same keys
@@ -116,10 +125,11 @@ def blocked(t: torch.Tensor, rows: int) -> torch.Tensor:
 class PieceAttention(torch.autograd.Function):
     """softmax(q k^T * scale) v over the union of the pieces' keys (see the module doc), with an
     optional sink logit per query head in every denominator; q (B, H, T, D), k/v (B, Hk, T, D),
-    T a multiple of `rows`; returns (B, H, T, D) (a view of (B, T, H, D) memory)."""
+    T a multiple of `rows`; returns (B, H, T, D) (a view of (B, T, H, D) memory). `pieces`: one
+    sequence for every sample, or one per sample (choices that depend on the data)."""
 
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pieces: Sequence[Piece], rows: int,
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sequence[Any], rows: int,
                 scale: float, logit: torch.Tensor | None) -> torch.Tensor:
         batch, heads, length, dim = q.shape
         nb = length // rows
@@ -129,7 +139,7 @@ class PieceAttention(torch.autograd.Function):
         for b in range(batch):
             seen = [False] * nb
             qb = blocked(q[b], rows)
-            for piece in pieces:
+            for piece in _pieces_of(plan, b):
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
                 for a in range(0, piece.count, step):
                     part = piece.part(a, min(piece.count, a + step))
@@ -151,7 +161,7 @@ class PieceAttention(torch.autograd.Function):
             out.mul_(torch.exp(lse - total).transpose(2, 3)[..., None].to(out.dtype))
             lse = total
         ctx.save_for_backward(q, k, v, out, lse, logit)
-        ctx.pieces, ctx.rows, ctx.scale = pieces, rows, scale
+        ctx.plan, ctx.rows, ctx.scale = plan, rows, scale
         return out.view(batch, length, heads, dim).transpose(1, 2)
 
     @staticmethod
@@ -165,7 +175,7 @@ class PieceAttention(torch.autograd.Function):
         out_t = out.view(batch, length, heads, dim).transpose(1, 2)
         for b in range(batch):
             qb, gb, ob = blocked(q[b], rows), blocked(grad[b], rows), blocked(out_t[b], rows)
-            for piece in ctx.pieces:
+            for piece in _pieces_of(ctx.plan, b):
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
                 gk_src = dk[b] if piece.copy is None else torch.zeros_like(ksrc)
                 gv_src = dv[b] if piece.copy is None else torch.zeros_like(vsrc)
@@ -190,6 +200,13 @@ class PieceAttention(torch.autograd.Function):
             rowsum = (grad.float() * out_t.float()).sum(-1).transpose(1, 2).reshape(p_sink.shape)
             dlogit = -(p_sink * rowsum).sum((0, 1, 2)).to(logit.dtype)
         return dq.view(batch, length, heads, dim).transpose(1, 2), dk, dv, None, None, None, dlogit
+
+
+def _pieces_of(plan: Sequence[Any], b: int) -> Sequence[Piece]:
+    """Sample b's pieces: `plan` is one sequence of pieces, or one per sample."""
+    if plan and isinstance(plan[0], Piece):
+        return plan
+    return plan[b]
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:

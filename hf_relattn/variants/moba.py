@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..call import AttnCall
+from ..ops import flash
 from ..ops.blocks import key_blocks, pattern_keep
 from ..ops.pieces import sink_piece
 from .base import MAX_TABLE_ROWS, check_choice, check_int_options, register_variant
@@ -171,6 +172,15 @@ class MoBA(PatternVariant):
         chosen = chosen & (torch.arange(chosen.shape[-1])[None, :] <= (torch.arange(length) // block)[:, None])
         return float(chosen.sum()) * block / (chosen.shape[0] * chosen.shape[1])
 
+    def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
+        """The block gate on the flash kernels (`hf_relattn.ops.flash`) for calls they serve: per
+        query block its own block (the kernel's causal mode) and its chosen earlier blocks
+        (gathered per head); the first top_k - 1 blocks read everything before them."""
+        if self.gate != "block" or not call.causal or self._dense(call.module) or sinks > self.block_size \
+                or not flash.serves(call):
+            return None
+        return block_gate_attention(self, call.query, call.key, call.value, sinks, sink, call.scale)
+
     def blocks_attention(self, call: AttnCall, chosen: torch.Tensor, sinks: int, sink: torch.Tensor | None) -> torch.Tensor:
         if self.choice == "token" and call.query.shape[2] > 1:  # one query (decoding): its union is its own choice
             return per_token_blocks(call, self, chosen, sinks, sink)
@@ -261,3 +271,43 @@ def per_token_blocks(
         partial, lse = torch.cat(parts, dim=-2), torch.cat(logs, dim=-1)
     weights = torch.softmax(lse, dim=-1).nan_to_num(0.0)
     return (weights[..., None] * partial).sum(-2)
+
+
+def block_gate_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int,
+                         logit: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """MoBA with the block gate on the flash kernels, one unpadded causal sequence (B, H, T, D):
+    query block q reads its own block causally and the top_k - 1 earlier blocks its mean query
+    chose (per head, gathered); blocks before top_k - 1 read every earlier key (all their earlier
+    blocks are chosen); the first `sinks` keys join where block 0 was not chosen."""
+    bs = variant.block_size
+    batch, heads, length, _ = query.shape
+    picks = variant.top_k - 1
+    nb = -(-length // bs)
+    positions = torch.arange(length, device=query.device)[None]
+    chosen = variant.choose(positions, positions, query, key, None, None, nb, contiguous=True)[:, :, ::bs]  # (B, H, nb, nb)
+    query, key, value = flash.whole_blocks(query, key, value, bs)
+    dtype, device = query.dtype, query.device
+    first = min(picks, nb)  # blocks that read every earlier key
+    r = torch.arange(bs, device=device)[:, None]
+    shared: list[flash.Piece] = []
+    if first:
+        qpos = torch.arange(first, device=device)[:, None, None] * bs + r
+        kpos = torch.arange(first * bs, device=device)[None, None, :]
+        keep = (kpos <= qpos) & ((kpos < length) | (qpos >= length))
+        shared.append(flash.Piece(0, first, 0, 0, first * bs, flash.additive(keep, dtype)))
+    if first < nb:
+        shared.append(flash.Piece(first, nb - first, first * bs, bs, bs, causal=True))  # own blocks
+    plan = []
+    for b in range(batch):
+        pieces = list(shared)
+        if first < nb and picks:
+            earlier = chosen[b, :, first:] & (torch.arange(nb, device=device) < torch.arange(first, nb, device=device)[:, None])
+            index = earlier.float().topk(picks, dim=-1).indices.sort(-1).values.transpose(0, 1)  # (n, H, picks)
+            pieces.append(flash.Piece(first, nb - first, 0, bs, picks * bs, index=index))
+            if sinks:  # the first keys where block 0 was not chosen
+                far = ~earlier[..., 0].transpose(0, 1)[:, :, None, None].expand(-1, -1, bs, min(sinks, length))
+                pieces.append(flash.Piece(first, nb - first, 0, 0, far.shape[-1], flash.additive(far.flatten(0, 1), dtype)
+                                          .view(*far.shape), empty=~far.any(-1)))
+        plan.append(tuple(pieces))
+    out = flash.PieceAttention.apply(query, key, value, tuple(plan), bs, scale, logit)
+    return out[:, :, :length]
