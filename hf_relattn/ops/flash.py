@@ -58,6 +58,9 @@ class Piece:
     # (count, P) key blocks of `step` keys each block reads (gathered: copies, chunk by chunk),
     # instead of a window, or (count, H, P) per query head (K/V head h // (H / Hk)); length = P * step
     index: torch.Tensor | None = None
+    # positions between consecutive rows of a query block and keys of a window: 1, or s for
+    # residue classes (block r = positions r, r + s, ...; windows step over keys s apart)
+    spread: int = 1
 
     def part(self, a: int, b: int) -> Piece:
         """Blocks [first + a, first + b) of this piece."""
@@ -89,7 +92,7 @@ def windows(src: torch.Tensor, piece: Piece) -> torch.Tensor:
         picked = blocks.index_select(1, piece.index.flatten())  # (Hk, count * P, step, D)
         return picked.view(hk, piece.count, piece.length, dim).transpose(0, 1)
     s_h, s_t, s_d = src.stride()
-    return src.as_strided((piece.count, hk, piece.length, dim), (piece.step * s_t, s_h, s_t, s_d),
+    return src.as_strided((piece.count, hk, piece.length, dim), (piece.step * s_t, s_h, piece.spread * s_t, s_d),
                           src.storage_offset() + piece.start * s_t)
 
 
@@ -110,6 +113,10 @@ def add_windows(target: torch.Tensor, grads: torch.Tensor, piece: Piece) -> None
         return
     hk, _, dim = target.shape
     s_h, s_t, s_d = target.stride()
+    if piece.spread > 1:  # residue classes: the windows do not overlap
+        target.as_strided((piece.count, hk, piece.length, dim), (piece.step * s_t, s_h, piece.spread * s_t, s_d),
+                          target.storage_offset() + piece.start * s_t).add_(grads)
+        return
     for s in range(0, piece.length, piece.step):  # within one sub-block the windows do not overlap
         width = min(piece.step, piece.length - s)
         view = target.as_strided((piece.count, hk, width, dim), (piece.step * s_t, s_h, s_t, s_d),
@@ -117,65 +124,57 @@ def add_windows(target: torch.Tensor, grads: torch.Tensor, piece: Piece) -> None
         view += grads[:, :, s : s + width]
 
 
-def blocked(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """One sample's (H, T, D) as (T / rows, H, rows, D) blocks, a view."""
-    return t.unflatten(1, (t.shape[1] // rows, rows)).transpose(0, 1)
-
-
 class PieceAttention(torch.autograd.Function):
     """softmax(q k^T * scale) v over the union of the pieces' keys (see the module doc), with an
     optional sink logit per query head in every denominator; q (B, H, T, D), k/v (B, Hk, T, D),
-    T a multiple of `rows`; returns (B, H, T, D) (a view of (B, T, H, D) memory). `pieces`: one
-    sequence for every sample, or one per sample (choices that depend on the data)."""
+    T a multiple of `rows` (and of a residue piece's spread); returns (B, H, T, D) (a view of
+    (B, T, H, D) memory). `plan`: one sequence of pieces for every sample, or one per sample
+    (choices that depend on the data)."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sequence[Any], rows: int,
                 scale: float, logit: torch.Tensor | None) -> torch.Tensor:
         batch, heads, length, dim = q.shape
-        nb = length // rows
-        out = q.new_empty(batch, nb, rows, heads, dim)  # the kernel's own output layout: (T, H, D) per sample
-        lse = torch.empty(batch, nb, heads, rows, dtype=torch.float32, device=q.device)
-        step = max(1, FLASH_CHUNK_ELEMENTS // (rows * heads * dim))  # blocks per kernel call: bounded outputs
+        out = q.new_empty(batch, length, heads, dim).transpose(1, 2)  # the kernel's own output layout
+        lse = torch.empty(batch, heads, length, dtype=torch.float32, device=q.device)
         for b in range(batch):
-            seen = [False] * nb
-            qb = blocked(q[b], rows)
+            seen = [False] * (length // rows)
             for piece in _pieces_of(plan, b):
+                qv, ov, lv = (by_rows(t[b], piece, rows) for t in (q, out, lse))
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
+                step = max(1, FLASH_CHUNK_ELEMENTS // (qv.shape[2] * heads * dim))  # bounded outputs per call
                 for a in range(0, piece.count, step):
                     part = piece.part(a, min(piece.count, a + step))
                     at = slice(part.first, part.first + part.count)
-                    o, o_lse = FORWARD(qb[at], windows(ksrc, part), windows(vsrc, part), 0.0, part.causal,
+                    o, o_lse = FORWARD(qv[at], windows(ksrc, part), windows(vsrc, part), 0.0, part.causal,
                                        attn_mask=part.mask, scale=scale)
                     if part.empty is not None:
                         o_lse = o_lse.masked_fill(part.empty, float("-inf"))
-                    o = o.transpose(1, 2)  # (n, R, H, D)
-                    if not any(seen[at]):  # a block's first piece is copied in, later ones merged
-                        out[b, at], lse[b, at] = o, o_lse
+                    if part.spread == 1 and not any(seen[at]):  # a block's first piece is copied in, later ones merged
+                        ov[at], lv[at] = o, o_lse
+                        seen[at] = [True] * part.count
                     else:
-                        _merge(out[b, at], lse[b, at], o, o_lse)
-                    seen[at] = [True] * part.count
+                        _merge(ov[at], lv[at], o, o_lse)
             if not all(seen):
-                raise AssertionError("every query block needs a piece")
+                raise AssertionError("every query block needs a piece of contiguous rows, before any other")
         if logit is not None:  # a logit with a zero value: only the denominator grows
-            total = torch.logaddexp(lse, logit.float().view(1, 1, heads, 1))
-            out.mul_(torch.exp(lse - total).transpose(2, 3)[..., None].to(out.dtype))
+            total = torch.logaddexp(lse, logit.float().view(1, heads, 1))
+            out.mul_(torch.exp(lse - total)[..., None].to(out.dtype))
             lse = total
         ctx.save_for_backward(q, k, v, out, lse, logit)
         ctx.plan, ctx.rows, ctx.scale = plan, rows, scale
-        return out.view(batch, length, heads, dim).transpose(1, 2)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse, logit = ctx.saved_tensors
         rows = ctx.rows
         batch, heads, length, dim = q.shape
-        dq = torch.zeros_like(out)  # (B, nb, R, H, D)
-        dk, dv = (torch.zeros(t.shape[0], t.shape[2], t.shape[1], dim, dtype=t.dtype, device=t.device).transpose(1, 2)
-                  for t in (k, v))
-        out_t = out.view(batch, length, heads, dim).transpose(1, 2)
+        dq = q.new_zeros(batch, length, heads, dim).transpose(1, 2)
+        dk, dv = (t.new_zeros(t.shape[0], t.shape[2], t.shape[1], dim).transpose(1, 2) for t in (k, v))
         for b in range(batch):
-            qb, gb, ob = blocked(q[b], rows), blocked(grad[b], rows), blocked(out_t[b], rows)
             for piece in _pieces_of(ctx.plan, b):
+                qv, gv_rows, ov, lv, dqv = (by_rows(t[b], piece, rows) for t in (q, grad, out, lse, dq))
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
                 gk_src = dk[b] if piece.copy is None else torch.zeros_like(ksrc)
                 gv_src = dv[b] if piece.copy is None else torch.zeros_like(vsrc)
@@ -183,9 +182,9 @@ class PieceAttention(torch.autograd.Function):
                 for a in range(0, piece.count, step):
                     part = piece.part(a, min(piece.count, a + step))
                     at = slice(part.first, part.first + part.count)
-                    gq, gk, gv = BACKWARD(gb[at], qb[at], windows(ksrc, part), windows(vsrc, part), ob[at], lse[b, at], 0.0,
+                    gq, gk, gv = BACKWARD(gv_rows[at], qv[at], windows(ksrc, part), windows(vsrc, part), ov[at], lv[at], 0.0,
                                           part.causal, attn_mask=part.mask, scale=ctx.scale)
-                    dq[b, at] += gq.transpose(1, 2)
+                    dqv[at] += gq
                     add_windows(gk_src, gk, part)
                     add_windows(gv_src, gv, part)
                 if piece.copy is not None:  # back from the padded copy to the keys it holds
@@ -196,10 +195,18 @@ class PieceAttention(torch.autograd.Function):
         dlogit = None
         if logit is not None and ctx.needs_input_grad[6]:
             # d lse / d logit = p_sink, so d loss / d logit = -sum over rows of p_sink * rowsum(dO * O)
-            p_sink = torch.exp(logit.float().view(1, 1, heads, 1) - lse).transpose(2, 3)  # (B, nb, R, H)
-            rowsum = (grad.float() * out_t.float()).sum(-1).transpose(1, 2).reshape(p_sink.shape)
-            dlogit = -(p_sink * rowsum).sum((0, 1, 2)).to(logit.dtype)
-        return dq.view(batch, length, heads, dim).transpose(1, 2), dk, dv, None, None, None, dlogit
+            p_sink = torch.exp(logit.float().view(1, heads, 1) - lse)  # (B, H, T)
+            dlogit = -(p_sink * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(logit.dtype)
+        return dq, dk, dv, None, None, None, dlogit
+
+
+def by_rows(t: torch.Tensor, piece: Piece, rows: int) -> torch.Tensor:
+    """One sample's (H, T, ...) as the piece's query blocks (nb, H, R, ...), a view: `rows`
+    consecutive positions per block, or (spread s) block r = the positions r, r + s, r + 2s, ..."""
+    if piece.spread == 1:
+        return t.unflatten(1, (t.shape[1] // rows, rows)).transpose(0, 1)
+    grouped = t.unflatten(1, (t.shape[1] // piece.spread, piece.spread))  # (H, T / s, s, ...)
+    return grouped.movedim(2, 0)
 
 
 def _pieces_of(plan: Sequence[Any], b: int) -> Sequence[Piece]:
@@ -210,11 +217,11 @@ def _pieces_of(plan: Sequence[Any], b: int) -> Sequence[Piece]:
 
 
 def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
-    """Merge a piece's (out (n, R, H, D), lse (n, H, R)) into the running ones, in place (float32 math)."""
+    """Merge a piece's (out (n, H, R, D), lse (n, H, R)) into the running ones, in place (float32 math)."""
     total = torch.logaddexp(lse, part_lse)
     seen = ~torch.isneginf(total)
-    old = torch.where(seen, torch.exp(lse - total), 0.0).transpose(1, 2)[..., None]
-    new = torch.where(seen, torch.exp(part_lse - total), 0.0).transpose(1, 2)[..., None]
+    old = torch.where(seen, torch.exp(lse - total), 0.0)[..., None]
+    new = torch.where(seen, torch.exp(part_lse - total), 0.0)[..., None]
     out.copy_((out.float() * old + part_out.float() * new).to(out.dtype))
     lse.copy_(total)
 
