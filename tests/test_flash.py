@@ -102,10 +102,50 @@ def test_power_pieces_equal_the_materialised_pattern(case):
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 
 
+STRIDED_CASES = {  # length, stride, heads, K/V heads, causal, sinks, sink logit
+    "causal-gqa": (300, 16, 4, 2, True, 0, False),
+    "causal-sinks-logit": (300, 16, 4, 2, True, 3, True),
+    "bidirectional-sinks": (200, 24, 2, 1, False, 2, False),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 1], ids=["whole", "block-by-block"])
+@pytest.mark.parametrize("case", list(STRIDED_CASES))
+def test_strided_pieces_equal_the_materialised_pattern(case, chunk, monkeypatch):
+    """Child et al.'s strided pattern on the flash kernels (band windows + residue classes) against
+    the softmax over the pairs `Strided.allowed` keeps (and the sinks), float64."""
+    from hf_relattn.variants.strided import Strided, strided_flash
+
+    monkeypatch.setattr(flash, "FLASH_ROWS", 8)
+    if chunk is not None:
+        monkeypatch.setattr(flash, "FLASH_CHUNK_ELEMENTS", chunk)
+    length, stride, heads, kv_heads, causal, sinks, with_logit = STRIDED_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
+    out = strided_flash(q, k, v, stride, causal, sinks, logit, 0.25)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    keep = Strided(stride=stride).allowed(None, i, j, length, causal=causal) | (j < sinks)
+    keep = keep & (j <= i) if causal else keep
+    groups = heads // kv_heads
+    kk, vv = (t.double().repeat_interleave(groups, 1) for t in (k, v))
+    scores = (q.double() @ kk.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf"))
+    if with_logit:
+        scores = torch.cat([scores, logit.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], 2)
+    want = torch.softmax(scores, -1) @ vv
+    grad = torch.randn(out.shape, generator=gen)
+    inputs = (q, k, v) + ((logit,) if with_logit else ())
+    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
+        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant, options", [
     ("sliding_window", {"window": 24, "sinks": 0}),
     ("sliding_window", {"window": 17, "sinks": 3, "sink_logit": True}),
     ("power", {"window": 12, "sinks": 2, "sink_logit": True}),
+    ("strided", {"stride": 8, "sinks": 2, "sink_logit": True}),
     ("moba", {"gate": "block", "top_k": 3, "sinks": 0}),
     ("moba", {"gate": "block", "top_k": 4, "sinks": 3, "sink_logit": True}),
 ])

@@ -5,21 +5,24 @@ Query i attends the previous `stride` tokens (i - stride < j <= i) and every str
 before it ((i - j) mod stride == 0). Encoders get the symmetric version (|i - j| < stride, or
 i - j a multiple of stride). Parameter-free (flag or convert).
 
-Self-attention (prefill, training, encoders) runs as two dense pieces merged by log-sum-exp
-(`strided_attention`): the band by blocks of `stride` queries, and the same-residue keys,
-which are contiguous sequences of T/stride tokens once positions are laid out residue-major.
+Long self-attention without padding (prefill, training) runs on the CPU flash kernels forward
+and backward (`strided_flash`): the band as a sliding window of keys per query block, and the
+same-residue keys as residue classes (queries and keys `stride` apart), merged by log-sum-exp.
+Other self-attention (key padding) runs as two dense pieces the same way (`strided_attention`).
 Cached decoding, and masks that are more than key padding, take the block-sparse path on key
 blocks of `block_size` tokens (there the strided part costs a whole block per strided key).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..call import AttnCall
+from ..ops import flash
 from ..ops.masks import plain_key_padding
 from ..ops.pieces import LayoutSinks, layout_setup, merge, piece, sink_pieces
 from .base import check_int_options, register_variant
@@ -66,6 +69,8 @@ class Strided(PatternVariant):
         return [cls(stride=256, block_size=64, sinks=s) for s in (0, 4)] if suite == "sparse" else []
 
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
+        if flash.serves(call):  # long self-attention without padding: FlashAttention pieces, forward and backward
+            return strided_flash(call.query, call.key, call.value, self.stride, call.causal, sinks, sink, call.scale)
         # self-attention whose mask is only key padding: the strided layout (the block path reads
         # whole key blocks for single strided keys)
         valid = plain_key_padding(call.mask, call.causal) if call.query.shape[2] == call.key.shape[2] else False
@@ -113,3 +118,39 @@ def strided_attention(
     extra = sink_pieces(q, k, v, valid, sinks, causal, scale)
     out = merge([band, (out_r.transpose(-3, -2), lse_r.transpose(-2, -1)), *extra])
     return out.reshape(batch, heads, n * s, -1)[:, :, :length]
+
+
+def strided_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, stride: int, causal: bool, sinks: int,
+                  logit: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The strided pattern of one unpadded sequence (B, H, T, D) on the flash kernels: the band
+    |i - j| < stride (j <= i when causal) by blocks of FLASH_ROWS queries, and for each residue r
+    the keys j = i (mod stride) outside the band, the sequence r, r + stride, ... read by the same
+    residue's queries (a view: queries and keys `stride` apart); the first `sinks` keys where
+    neither reaches them."""
+    length = query.shape[2]
+    rows = flash.FLASH_ROWS
+    unit = rows * stride // math.gcd(rows, stride)  # whole query blocks and whole residue sequences
+    padded = -(-length // unit) * unit
+    if padded != length:
+        query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+    dtype, device = query.dtype, query.device
+    after = 0 if causal else stride - 1
+    pieces = flash.sliding_pieces(padded // rows, rows, length, -(stride - 1), stride - 1 + rows + after,
+                                  lambda qpos, kpos: (kpos > qpos - stride) & (kpos < qpos + stride) & ((kpos <= qpos) | (not causal)),
+                                  dtype, device)
+    n = padded // stride
+    a = torch.arange(n, device=device)
+    pos = a[None, :] * stride + torch.arange(stride, device=device)[:, None]  # (stride, n): residue r, index a
+    qpos, kpos = pos[:, :, None], pos[:, None, :]
+    other = (a[None, :] < a[:, None]) if causal else (a[None, :] != a[:, None])
+    keep = other[None] & (kpos < length) & (qpos < length) | (qpos >= length) & (kpos < qpos)
+    pieces.append(flash.Piece(0, stride, 0, 1, n, flash.additive(keep, dtype), empty=~keep.any(-1)[:, None], spread=stride))
+    if sinks:  # the first keys that neither the band nor the residue reaches
+        nb = padded // rows
+        qpos = torch.arange(nb, device=device)[:, None, None] * rows + torch.arange(rows, device=device)[:, None]
+        kpos = torch.arange(min(sinks, length), device=device)[None, None, :]
+        far = ((qpos - kpos).abs() >= stride) & (torch.remainder(qpos - kpos, stride) != 0) & (qpos < length)
+        far = far & (kpos <= qpos) if causal else far
+        pieces.append(flash.Piece(0, nb, 0, 0, kpos.shape[-1], flash.additive(far, dtype), empty=~far.any(-1)[:, None]))
+    out = flash.PieceAttention.apply(query, key, value, tuple(pieces), rows, scale, logit)
+    return out[:, :, :length]
