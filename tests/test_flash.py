@@ -141,11 +141,45 @@ def test_strided_pieces_equal_the_materialised_pattern(case, chunk, monkeypatch)
     torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
 
 
+FIXED_CASES = {  # length, block, summary, heads, K/V heads, sinks, sink logit
+    "gqa": (300, 32, 8, 4, 2, 0, False),
+    "sinks-logit-ragged": (250, 24, 9, 2, 1, 3, True),
+}
+
+
+@pytest.mark.parametrize("case", list(FIXED_CASES))
+def test_fixed_pieces_equal_the_materialised_pattern(case):
+    """Child et al.'s fixed pattern on the flash kernels (own blocks causal + gathered summaries)
+    against the softmax over the pairs `Fixed.allowed` keeps (and the sinks), causal, float64."""
+    from hf_relattn.variants.fixed import Fixed, fixed_flash
+
+    length, block, summary, heads, kv_heads, sinks, with_logit = FIXED_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
+    out = fixed_flash(q, k, v, block, summary, sinks, logit, 0.25)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    keep = (Fixed(block=block, summary=summary).allowed(None, i, j, length, causal=True) | (j < sinks)) & (j <= i)
+    groups = heads // kv_heads
+    kk, vv = (t.double().repeat_interleave(groups, 1) for t in (k, v))
+    scores = (q.double() @ kk.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf"))
+    if with_logit:
+        scores = torch.cat([scores, logit.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
+        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], 2)
+    want = torch.softmax(scores, -1) @ vv
+    grad = torch.randn(out.shape, generator=gen)
+    inputs = (q, k, v) + ((logit,) if with_logit else ())
+    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
+        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant, options", [
     ("sliding_window", {"window": 24, "sinks": 0}),
     ("sliding_window", {"window": 17, "sinks": 3, "sink_logit": True}),
     ("power", {"window": 12, "sinks": 2, "sink_logit": True}),
     ("strided", {"stride": 8, "sinks": 2, "sink_logit": True}),
+    ("fixed", {"block": 16, "summary": 4, "sinks": 2, "sink_logit": True}),
     ("moba", {"gate": "block", "top_k": 3, "sinks": 0}),
     ("moba", {"gate": "block", "top_k": 4, "sinks": 3, "sink_logit": True}),
 ])
@@ -156,7 +190,8 @@ def test_model_path_runs_the_flash_kernels_and_equals_the_reference(variant, opt
     calls = []
     apply = flash.PieceAttention.apply
     monkeypatch.setattr(flash.PieceAttention, "apply", lambda *a: calls.append(1) or apply(*a))
-    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, block_size=8, **options).train()
+    options = {"block_size": 8, **options} if variant != "fixed" else options
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, **options).train()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "relattn" in name:

@@ -4,7 +4,8 @@ with Sparse Transformers", section 4.2.
 Query i attends its own block of `block` tokens (floor(j / block) == floor(i / block)) and the
 last `summary` tokens of every block (j mod block >= block - summary): of the earlier blocks
 for decoders (causal), of all blocks for encoders. Parameter-free (flag or convert).
-Self-attention runs as two dense pieces merged by log-sum-exp (`fixed_attention`): the
+Long causal self-attention without padding runs on the CPU flash kernels forward and backward
+(`fixed_flash`). Other self-attention runs as two dense pieces merged by log-sum-exp (`fixed_attention`): the
 own blocks as a batch, and the summaries gathered once into T / block * summary keys. Cached
 decoding reads key blocks of gcd(block, summary) tokens: exactly the own block and the summaries.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..call import AttnCall
+from ..ops import flash
 from ..ops.masks import plain_key_padding
 from ..ops.pieces import LayoutSinks, layout_setup, merge, piece, sink_pieces
 from .base import check_int_options, register_variant
@@ -63,6 +65,8 @@ class Fixed(PatternVariant):
         return [cls(block=length // 8, summary=min(64, length // 8), sinks=s) for s in (0, 4)]
 
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
+        if call.causal and flash.serves(call):  # long causal self-attention without padding, forward and backward
+            return fixed_flash(call.query, call.key, call.value, self.block, self.summary, sinks, sink, call.scale)
         # self-attention whose mask is only key padding, at inference: the fixed layout. Its own
         # blocks are large, so training keeps the block path, whose SDPA calls have a fused
         # backward (the layout's plain matmuls were 0.77x dense)
@@ -102,3 +106,25 @@ def fixed_attention(
     extra = sink_pieces(q, k, v, valid, sinks, causal, scale)
     out = merge([own, (out_s.view(own[0].shape), lse_s.view(own[1].shape)), *extra])
     return out.reshape(batch, heads, n * block, -1)[:, :, :length]
+
+
+def fixed_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block: int, summary: int, sinks: int,
+                logit: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The causal fixed pattern of one unpadded sequence (B, H, T, D) on the flash kernels: each
+    block of `block` queries reads its own block (the kernel's causal mode) and the summaries of
+    the earlier blocks (gathered in units of gcd(block, summary) keys); the first `sinks` keys
+    where no summary holds them."""
+    length = query.shape[2]
+    query, key, value = flash.whole_blocks(query, key, value, block)
+    nb = query.shape[2] // block
+    unit = math.gcd(block, summary)
+    per = block // unit  # gather units per block; its summary: the last summary // unit of them
+    pieces = [flash.Piece(0, nb, 0, block, block, causal=True)]
+    for i in range(1, nb):  # block i reads the summaries of blocks 0 .. i - 1
+        ids = [m * per + u for m in range(i) for u in range(per - summary // unit, per)]
+        pieces.append(flash.Piece(i, 1, 0, unit, len(ids) * unit, index=torch.tensor([ids], device=query.device)))
+    uncovered = min(sinks, block - summary, length)  # sink keys outside block 0's summary
+    if uncovered > 0 and nb > 1:
+        pieces.append(flash.Piece(1, nb - 1, 0, 0, uncovered))
+    out = flash.PieceAttention.apply(query, key, value, tuple(pieces), block, scale, logit)
+    return out[:, :, :length]
