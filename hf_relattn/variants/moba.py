@@ -100,7 +100,7 @@ class MoBA(PatternVariant):
         weighted = key.float() if key_valid is None else key.float() * weights[:, None, :, None]
         if contiguous:
             pad = num_blocks * bs - k_len
-            sums = F.pad(weighted, (0, 0, 0, pad)).view(batch, kv_heads, num_blocks, bs, dim).sum(3)
+            sums = (F.pad(weighted, (0, 0, 0, pad)) if pad else weighted).unflatten(2, (num_blocks, bs)).sum(3)
             counts = F.pad(weights, (0, pad)).view(batch, num_blocks, bs).sum(-1)
         else:
             k_block = torch.div(k_pos, bs, rounding_mode="floor").clamp(0, last).expand(batch, k_len)
@@ -118,7 +118,8 @@ class MoBA(PatternVariant):
                 front = int(q_pos[0, 0]) % bs
                 count = -(-(front + q_len) // bs)
                 back = count * bs - front - q_len
-                q_sums = F.pad(weighted_q, (0, 0, front, back)).view(batch, heads, count, bs, dim).sum(3)
+                whole = F.pad(weighted_q, (0, 0, front, back)) if front or back else weighted_q  # no copy when whole
+                q_sums = whole.unflatten(2, (count, bs)).sum(3)
                 q_counts = F.pad(real, (front, back)).view(batch, count, bs).sum(-1)
                 q_means = q_sums / q_counts.clamp(min=1)[:, None, :, None]
                 # gate per query block, then per token (N scores per token, not D)
@@ -305,7 +306,7 @@ def block_gate_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, 
             index = earlier.float().topk(picks, dim=-1).indices.sort(-1).values.transpose(0, 1)  # (n, H, picks)
             pieces.append(flash.Piece(first, nb - first, 0, bs, picks * bs, index=index))
             if sinks:  # the first keys where block 0 was not chosen
-                far = ~earlier[..., 0].transpose(0, 1)[:, :, None, None].expand(-1, -1, bs, min(sinks, length))
+                far = ~earlier[..., 0].transpose(0, 1)[:, :, None, None].expand(-1, -1, 1, min(sinks, length))  # (n, H, 1, s)
                 pieces.append(flash.Piece(first, nb - first, 0, 0, far.shape[-1], flash.additive(far.flatten(0, 1), dtype)
                                           .view(*far.shape), empty=~far.any(-1)))
         plan.append(tuple(pieces))

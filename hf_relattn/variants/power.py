@@ -96,8 +96,8 @@ def power_attention(variant: Power, query: torch.Tensor, key: torch.Tensor, valu
     if any(far):
         index = torch.tensor([blocks + [0] * (width - len(blocks)) for blocks in far], device=device)
         valid = torch.tensor([[n < len(blocks) for n in range(width)] for blocks in far], device=device)
-        keep = valid.repeat_interleave(bs, dim=1)[:, None, :].expand(nb, bs, width * bs)  # whole earlier blocks
-        pieces.append(flash.Piece(0, nb, 0, bs, width * bs, flash.additive(keep, dtype), empty=~valid.any(-1)[:, None, None]
-                                  .expand(nb, 1, bs), index=index))
+        keep = valid.repeat_interleave(bs, dim=1)[:, None, :]  # whole earlier blocks: one mask row for all rows
+        pieces.append(flash.Piece(0, nb, 0, bs, width * bs, flash.additive(keep, dtype), empty=~valid.any(-1)[:, None, None],
+                                  index=index))
     out = flash.PieceAttention.apply(query, key, value, tuple(pieces), bs, scale, logit)
     return out[:, :, :length]
