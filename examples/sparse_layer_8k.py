@@ -1,0 +1,74 @@
+"""A 1-layer SmolLM2-shaped LLaMA backbone (hidden 576, 9 query / 3 K/V heads, MLP 1536; random
+weights; no LM head, whose 49k-word softmax would dwarf one layer) at 8k tokens: forward and
+forward+backward time of each sparse pattern against the same model with dense attention, side
+by side in one run (embeddings, projections, norms and MLP included).
+
+    python examples/sparse_layer_8k.py [--length 8192] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+import hf_relattn
+
+PATTERNS = {  # the `hf-relattn bench kernels --suite sparse` cases at 8k
+    "sliding_window T/8": ("sliding_window", lambda t: {"window": t // 8, "block_size": 64, "sinks": 0}),
+    "strided 256": ("strided", lambda t: {"stride": 256, "sinks": 0}),
+    "fixed T/8, 64": ("fixed", lambda t: {"block": t // 8, "summary": 64, "sinks": 0}),
+    "power (64, T/16)": ("power", lambda t: {"block_size": 64, "window": t // 16, "sinks": 0}),
+    "moba 512/3, gate=block": ("moba", lambda t: {"block_size": 512, "top_k": 3, "gate": "block", "sinks": 0}),
+    "moba 512/3, gate=token": ("moba", lambda t: {"block_size": 512, "top_k": 3, "gate": "token", "sinks": 0}),
+}
+
+
+def best(run, reps: int) -> float:
+    run()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                         num_key_value_heads=3, max_position_embeddings=args.length, tie_word_embeddings=True)
+    dense = LlamaModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (1, args.length))
+
+    def forward(model):
+        def run():
+            with torch.no_grad():
+                model(ids, use_cache=False)
+        return run
+
+    def train_step(model):
+        def run():
+            model.zero_grad(set_to_none=True)
+            model(ids, use_cache=False).last_hidden_state.square().mean().backward()
+        return run
+
+    base_f, base_b = best(forward(dense), args.reps), best(train_step(dense), args.reps)
+    print(f"{torch.__version__}, {torch.get_num_threads()} threads; T={args.length}; dense: forward {base_f * 1e3:.0f} ms, "
+          f"forward+backward {base_b * 1e3:.0f} ms")
+    print("| pattern | forward | forward+backward |\n| --- | ---: | ---: |")
+    for label, (name, options) in PATTERNS.items():
+        model = hf_relattn.convert(copy.deepcopy(dense), name, **options(args.length))
+        f, b = best(forward(model), args.reps), best(train_step(model), args.reps)
+        print(f"| {label} | {base_f / f:.2f}x ({f * 1e3:.0f} ms) | {base_b / b:.2f}x ({b * 1e3:.0f} ms) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
