@@ -142,7 +142,7 @@ class PieceAttention(torch.autograd.Function):
             for piece in _pieces_of(plan, b):
                 qv, ov, lv = (by_rows(t[b], piece, rows) for t in (q, out, lse))
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
-                step = max(1, FLASH_CHUNK_ELEMENTS // (qv.shape[2] * heads * dim))  # bounded outputs per call
+                step = _blocks_per_call(piece, qv.shape[2] * heads * dim, k.shape[1], heads, dim)
                 for a in range(0, piece.count, step):
                     part = piece.part(a, min(piece.count, a + step))
                     at = slice(part.first, part.first + part.count)
@@ -178,7 +178,7 @@ class PieceAttention(torch.autograd.Function):
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
                 gk_src = dk[b] if piece.copy is None else torch.zeros_like(ksrc)
                 gv_src = dv[b] if piece.copy is None else torch.zeros_like(vsrc)
-                step = max(1, FLASH_CHUNK_ELEMENTS // max(1, k.shape[1] * piece.length * dim))
+                step = _blocks_per_call(piece, qv.shape[2] * heads * dim, k.shape[1], heads, dim)
                 for a in range(0, piece.count, step):
                     part = piece.part(a, min(piece.count, a + step))
                     at = slice(part.first, part.first + part.count)
@@ -198,6 +198,14 @@ class PieceAttention(torch.autograd.Function):
             p_sink = torch.exp(logit.float().view(1, heads, 1) - lse)  # (B, H, T)
             dlogit = -(p_sink * (grad.float() * out.float()).sum(-1)).sum((0, 2)).to(logit.dtype)
         return dq, dk, dv, None, None, None, dlogit
+
+
+def _blocks_per_call(piece: Piece, block_rows: int, kv_heads: int, heads: int, dim: int) -> int:
+    """Query blocks per kernel call: their outputs and their windows (gathered copies, or key
+    gradients in the backward) under FLASH_CHUNK_ELEMENTS floats."""
+    per_head = piece.index is not None and piece.index.dim() == 3
+    window = (heads if per_head else kv_heads) * piece.length * dim
+    return max(1, FLASH_CHUNK_ELEMENTS // max(block_rows, window))
 
 
 def by_rows(t: torch.Tensor, piece: Piece, rows: int) -> torch.Tensor:
