@@ -17,12 +17,18 @@ from hf_relattn.ops import flash
 
 
 def materialised(q, k, v, before, after, sinks, logit, scale):
-    """Dense softmax over the kept pairs, float64."""
+    """Dense softmax over the band's pairs (and the sinks), float64."""
     length = q.shape[2]
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     keep = (j - i >= -before) & (j - i <= after)
     if sinks:
         keep = keep | (j < sinks) & ((j <= i) if after == 0 else True)
+    return softmax_over(q, k, v, keep, logit, scale)
+
+
+def softmax_over(q, k, v, keep, logit, scale):
+    """softmax(q k^T * scale) v over the pairs `keep` (T, T) allows, with a zero key scoring each
+    head's `logit` when given; float64."""
     groups = q.shape[1] // k.shape[1]
     k, v = (t.double().repeat_interleave(groups, 1) for t in (k, v))
     scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
@@ -67,6 +73,14 @@ def test_band_outputs_and_gradients_equal_the_materialised_formula(case, dtype, 
         torch.testing.assert_close(got.double(), expected.double(), **tol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def assert_matches(out, want, inputs, gen):
+    """`out` and the gradients it gives `inputs` equal the float64 reference's."""
+    grad = torch.randn(out.shape, generator=gen)
+    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
+        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+
+
 POWER_CASES = {  # length, block, window, heads, K/V heads, sink logit
     "gqa": (200, 8, 20, 4, 2, False),
     "logit": (256, 16, 40, 2, 1, True),
@@ -88,18 +102,7 @@ def test_power_pieces_equal_the_materialised_pattern(case):
     out = power_attention(variant, q, k, v, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     keep = variant.reads(i, j // block, True) & (j <= i)
-    groups = heads // kv_heads
-    kk, vv = (t.double().repeat_interleave(groups, 1) for t in (k, v))
-    scores = (q.double() @ kk.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf"))
-    if with_logit:
-        scores = torch.cat([scores, logit.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
-        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], 2)
-    want = torch.softmax(scores, -1) @ vv
-    grad = torch.randn(out.shape, generator=gen)
-    inputs = (q, k, v) + ((logit,) if with_logit else ())
-    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
-        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    assert_matches(out, softmax_over(q, k, v, keep, logit, 0.25), (q, k, v) + ((logit,) if with_logit else ()), gen)
 
 
 STRIDED_CASES = {  # length, stride, heads, K/V heads, causal, sinks, sink logit
@@ -127,18 +130,7 @@ def test_strided_pieces_equal_the_materialised_pattern(case, chunk, monkeypatch)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     keep = Strided(stride=stride).allowed(None, i, j, length, causal=causal) | (j < sinks)
     keep = keep & (j <= i) if causal else keep
-    groups = heads // kv_heads
-    kk, vv = (t.double().repeat_interleave(groups, 1) for t in (k, v))
-    scores = (q.double() @ kk.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf"))
-    if with_logit:
-        scores = torch.cat([scores, logit.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
-        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], 2)
-    want = torch.softmax(scores, -1) @ vv
-    grad = torch.randn(out.shape, generator=gen)
-    inputs = (q, k, v) + ((logit,) if with_logit else ())
-    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
-        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    assert_matches(out, softmax_over(q, k, v, keep, logit, 0.25), (q, k, v) + ((logit,) if with_logit else ()), gen)
 
 
 FIXED_CASES = {  # length, block, summary, heads, K/V heads, sinks, sink logit
@@ -160,18 +152,7 @@ def test_fixed_pieces_equal_the_materialised_pattern(case):
     out = fixed_flash(q, k, v, block, summary, sinks, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     keep = (Fixed(block=block, summary=summary).allowed(None, i, j, length, causal=True) | (j < sinks)) & (j <= i)
-    groups = heads // kv_heads
-    kk, vv = (t.double().repeat_interleave(groups, 1) for t in (k, v))
-    scores = (q.double() @ kk.transpose(-1, -2) * 0.25).masked_fill(~keep, float("-inf"))
-    if with_logit:
-        scores = torch.cat([scores, logit.double().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)], -1)
-        vv = torch.cat([vv, torch.zeros_like(vv[:, :, :1])], 2)
-    want = torch.softmax(scores, -1) @ vv
-    grad = torch.randn(out.shape, generator=gen)
-    inputs = (q, k, v) + ((logit,) if with_logit else ())
-    for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
-        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    assert_matches(out, softmax_over(q, k, v, keep, logit, 0.25), (q, k, v) + ((logit,) if with_logit else ()), gen)
 
 
 @pytest.mark.parametrize("variant, options", [
