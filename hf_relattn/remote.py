@@ -74,9 +74,11 @@ def _flatten(module: str) -> tuple[str, set[str]]:
         names = []
         for alias in node.names:
             if _is_module(f"{target}.{alias.name}"):
-                # a submodule imported for its side effects (registration): import it by its flat name
+                # a submodule (for its side effects, or used as `module.name`): import it by its flat
+                # name (a relative import transformers' loader follows) and bind the module object
                 needed.add(f"{target}.{alias.name}")
                 new.append(f"{indent}from .{flat_name(f'{target}.{alias.name}')} import __name__ as _{alias.name}_module\n")
+                new.append(f"{indent}{alias.asname or alias.name} = __import__('sys').modules[_{alias.name}_module]\n")
             else:
                 names.append(f"{alias.name} as {alias.asname}" if alias.asname else alias.name)
         if names:
