@@ -172,9 +172,9 @@ def _count_from_position_ids(call: AttnCall) -> AttnCall:
     (as generate() passes them) and the materialised path (one query row per decoding step);
     variants that need the first keys themselves are refused (full forwards see every key)."""
     needs = [v for v in call.variants if v.sequence_start]
-    positions = call.inputs.get("position_ids")
     if not needs:
         return call
+    positions = call.inputs.get("position_ids")
     compiling = call.impl == "compiled"
     if not compiling and isinstance(positions, torch.Tensor) and positions.numel() and int(positions.max()) < call.native_window:
         return call  # no token is outside the window yet: the mask still shows every first token

@@ -79,49 +79,54 @@ def source(keys: torch.Tensor, piece: Piece) -> torch.Tensor:
     return F.pad(keys[:, lo:hi], (0, 0, lo - p0, p1 - hi))
 
 
+def _view(t: torch.Tensor, piece: Piece, offset: int = 0, width: int | None = None) -> torch.Tensor:
+    """(count, Hk, width, D) strided view of t (Hk, S, D): block n's keys start at row
+    start + offset + n * step and lie `spread` rows apart."""
+    hk, _, dim = t.shape
+    s_h, s_t, s_d = t.stride()
+    return t.as_strided((piece.count, hk, piece.length if width is None else width, dim),
+                        (piece.step * s_t, s_h, piece.spread * s_t, s_d), t.storage_offset() + (piece.start + offset) * s_t)
+
+
+def _gathered(t: torch.Tensor, piece: Piece) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """t (Hk, S, D) as key blocks of `step` rows (a view), and the index that picks the piece's
+    blocks from it: (count * P,) along the blocks, or per query head (K/V head, block) pairs."""
+    blocks = t[:, : t.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
+    if piece.index.dim() == 2:
+        return blocks, (piece.index.flatten(),)
+    heads = piece.index.shape[1]
+    kv = (torch.arange(heads, device=t.device) // (heads // t.shape[0]))[None, :, None].expand_as(piece.index)
+    return blocks, (kv, piece.index)
+
+
 def windows(src: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """(count, Hk, length, D) view of the piece's windows in its key source (Hk, S, D) (gathered
-    key blocks: a copy)."""
-    hk, _, dim = src.shape
-    if piece.index is not None:
-        blocks = src[:, : src.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
-        if piece.index.dim() == 3:  # per query head: (count, H, P, step, D)
-            heads = piece.index.shape[1]
-            kv = torch.arange(heads, device=src.device) // (heads // hk)
-            return blocks[kv[None, :, None], piece.index].reshape(piece.count, heads, piece.length, dim)
-        picked = blocks.index_select(1, piece.index.flatten())  # (Hk, count * P, step, D)
-        return picked.view(hk, piece.count, piece.length, dim).transpose(0, 1)
-    s_h, s_t, s_d = src.stride()
-    return src.as_strided((piece.count, hk, piece.length, dim), (piece.step * s_t, s_h, piece.spread * s_t, s_d),
-                          src.storage_offset() + piece.start * s_t)
+    """(count, Hk or H, length, D) windows of the piece in its key source (Hk, S, D): a view, or
+    for gathered key blocks a copy."""
+    if piece.index is None:
+        return _view(src, piece)
+    blocks, index = _gathered(src, piece)
+    if len(index) == 2:  # per query head
+        return blocks[index].reshape(piece.count, piece.index.shape[1], piece.length, src.shape[-1])
+    picked = blocks.index_select(1, index[0])  # (Hk, count * P, step, D)
+    return picked.view(src.shape[0], piece.count, piece.length, src.shape[-1]).transpose(0, 1)
 
 
 def add_windows(target: torch.Tensor, grads: torch.Tensor, piece: Piece) -> None:
-    """Add the windows' gradients (count, Hk, length, D) to the key source's (Hk, S, D)."""
+    """Add the windows' gradients (as `windows` gives them) to the key source's (Hk, S, D)."""
     if piece.index is not None:
-        hk, dim = target.shape[0], target.shape[-1]
-        blocks = target[:, : target.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
-        if piece.index.dim() == 3:
-            heads = piece.index.shape[1]
-            kv = (torch.arange(heads, device=target.device) // (heads // hk))[None, :, None].expand_as(piece.index)
-            blocks.index_put_((kv, piece.index), grads.reshape(*piece.index.shape, piece.step, dim), accumulate=True)
-            return
-        blocks.index_add_(1, piece.index.flatten(), grads.transpose(0, 1).reshape(hk, -1, piece.step, dim))
-        return
-    if piece.step == 0:  # every block read the same keys
+        blocks, index = _gathered(target, piece)
+        if len(index) == 2:
+            blocks.index_put_(index, grads.reshape(*piece.index.shape, piece.step, target.shape[-1]), accumulate=True)
+        else:
+            blocks.index_add_(1, index[0], grads.transpose(0, 1).reshape(target.shape[0], -1, piece.step, target.shape[-1]))
+    elif piece.step == 0:  # every block read the same keys
         target[:, piece.start : piece.start + piece.length] += grads.sum(0)
-        return
-    hk, _, dim = target.shape
-    s_h, s_t, s_d = target.stride()
-    if piece.spread > 1:  # residue classes: the windows do not overlap
-        target.as_strided((piece.count, hk, piece.length, dim), (piece.step * s_t, s_h, piece.spread * s_t, s_d),
-                          target.storage_offset() + piece.start * s_t).add_(grads)
-        return
-    for s in range(0, piece.length, piece.step):  # within one sub-block the windows do not overlap
-        width = min(piece.step, piece.length - s)
-        view = target.as_strided((piece.count, hk, width, dim), (piece.step * s_t, s_h, s_t, s_d),
-                                 target.storage_offset() + (piece.start + s) * s_t)
-        view += grads[:, :, s : s + width]
+    elif piece.spread > 1:  # residue classes: the windows do not overlap
+        _view(target, piece).add_(grads)
+    else:
+        for s in range(0, piece.length, piece.step):  # within one sub-block the windows do not overlap
+            width = min(piece.step, piece.length - s)
+            _view(target, piece, s, width).add_(grads[:, :, s : s + width])
 
 
 class PieceAttention(torch.autograd.Function):
@@ -241,16 +246,6 @@ def serves(call: AttnCall) -> bool:
     query, key = call.query, call.key
     return not (FORWARD is None or BACKWARD is None or query.device.type != "cpu" or call.dropout
                 or call.mask is not None or key.shape[2] != query.shape[2] or query.shape[2] < FLASH_MIN_TOKENS)
-
-
-def band_call(call: AttnCall, before: int, after: int, sinks: int, logit: torch.Tensor | None) -> torch.Tensor | None:
-    """`band_attention` for a call it serves (`serves`), (B, H, Q, D); else None."""
-    if not serves(call):
-        return None
-    return band_attention(call.query, call.key, call.value, before, after, sinks, logit, call.scale, FLASH_ROWS)
-
-
-
 
 
 def additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

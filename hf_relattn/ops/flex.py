@@ -39,18 +39,18 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
     chosen = variant.token_blocks(module, q_pos, num_blocks, query, key, None, causal=causal)
     if chosen is None or chosen.shape[:2] != (1, 1):
         return None
-    valid = call.key_valid()
     # the mask transformers built holds padding and a native sliding window (Mistral's causal
     # one, ModernBERT's bidirectional one on its local layers): the pattern must intersect all
     # of it, not only its padded keys
-    allowed = None if valid is None else mask[:, 0].expand(batch, q_len, k_len)
+    masked = mask is not None and mask.dtype == torch.bool
+    allowed = mask[:, 0].expand(batch, q_len, k_len) if masked else None
     # every layer of a forward shares the pattern: build its block mask once
     # the variant and the mask are held weakly and compared by identity: an id reused by a
     # new object never finds another's block mask
-    cache_key = (q_len, k_len, causal, sinks, query.device, None if valid is None else mask._version)
+    cache_key = (q_len, k_len, causal, sinks, query.device, mask._version if masked else None)
     cached = _block_masks.get(cache_key)
     block_mask = None
-    if cached is not None and cached[0]() is variant and (valid is None or cached[1]() is mask):
+    if cached is not None and cached[0]() is variant and (not masked or cached[1]() is mask):
         block_mask = cached[2]
     if block_mask is None:
         table, offset = chosen[0, 0], k_len - q_len
@@ -70,9 +70,9 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
             return keep
 
         _block_masks.clear()
-        block_mask = create_block_mask(mask_mod, batch if valid is not None else None, None, q_len, k_len,
+        block_mask = create_block_mask(mask_mod, batch if masked else None, None, q_len, k_len,
                                        device=query.device, BLOCK_SIZE=128)
-        _block_masks[cache_key] = (weakref.ref(variant), None if valid is None else weakref.ref(mask), block_mask)
+        _block_masks[cache_key] = (weakref.ref(variant), weakref.ref(mask) if masked else None, block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != heads)

@@ -30,7 +30,7 @@ from ..ops import flash
 from ..ops.blocks import key_blocks, pattern_keep
 from ..ops.pieces import sink_piece
 from .base import MAX_TABLE_ROWS, check_choice, check_int_options, register_variant
-from .sparse_base import PatternVariant
+from .sparse_base import PatternVariant, refuse_bidirectional
 
 GATES = ("token", "block")
 
@@ -64,11 +64,7 @@ class MoBA(PatternVariant):
 
     def check_model(self, model, adapter, layers) -> None:
         modules = adapter.attention_modules(model)
-        # every layer: a model may hold causal and bidirectional stacks (CLIPModel's two towers)
-        bidirectional = [idx for idx in layers if not adapter.is_causal(modules[idx])]
-        if bidirectional:
-            raise ValueError(f"moba gates over earlier key blocks and needs a causal decoder (LLaMA); layers {bidirectional} "
-                             f"of this {adapter.model_type} model are bidirectional; valid families: llama")
+        refuse_bidirectional(modules, adapter, layers, "moba gates over earlier key blocks and needs")
         if self.dense_layers > len(modules):
             raise ValueError(f"moba: dense_layers ({self.dense_layers}) exceeds the model's {len(modules)} layers")
         if self.dense_layers and not all(hasattr(modules[idx], "layer_idx") for idx in layers):

@@ -49,7 +49,7 @@ from .base import (
     register_variant,
 )
 from ..call import AttnCall, positions
-from .sparse_base import SparseVariant
+from .sparse_base import SparseVariant, refuse_bidirectional
 
 if TYPE_CHECKING:
     from ..patches import FamilyAdapter
@@ -82,10 +82,7 @@ class MoSA(SparseVariant):
 
     def check_model(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int]) -> None:
         modules = adapter.attention_modules(model)
-        bidirectional = [idx for idx in layers if not adapter.is_causal(modules[idx])]
-        if bidirectional:
-            raise ValueError(f"mosa routes tokens of a causal decoder (LLaMA); layers {bidirectional} of this "
-                             f"{adapter.model_type} model are bidirectional; valid families: llama")
+        refuse_bidirectional(modules, adapter, layers, "mosa routes tokens of")
         super().check_model(model, adapter, layers)
 
     def apply(self, model: nn.Module, adapter: FamilyAdapter, layers: list[int], initialize: bool) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..ops.flash import band_call
+from ..ops import flash
 from ..patches import get_adapter
 from .base import check_int_options, register_variant
 from .sparse_base import PatternVariant, block_range
@@ -62,9 +62,10 @@ class SlidingWindow(PatternVariant):
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
         """A 1-D window is a band: FlashAttention over each query block's window of keys
         (`hf_relattn.ops.flash`), forward and backward, for long calls without padding or cache."""
-        if self._grid(call.module, call.key.shape[2]) is not None:
+        if self._grid(call.module, call.key.shape[2]) is not None or not flash.serves(call):
             return None
-        return band_call(call, self.window - 1, 0 if call.causal else self.window - 1, sinks, sink)
+        return flash.band_attention(call.query, call.key, call.value, self.window - 1, 0 if call.causal else self.window - 1,
+                                    sinks, sink, call.scale, flash.FLASH_ROWS)
 
     def allowed(self, module, q_pos, k_pos, num_keys, *, causal):
         grid = self._grid(module, num_keys)

@@ -46,6 +46,15 @@ def block_range(first: torch.Tensor, last: torch.Tensor, num_blocks: int, block:
     return (blocks[None, :] >= first.clamp(min=0)[:, None] // block) & (blocks[None, :] <= last[:, None] // block)
 
 
+def refuse_bidirectional(modules: list[Any], adapter: FamilyAdapter, layers: list[int], what: str) -> None:
+    """Refuse a causal-only variant (`what` says why: "... a causal decoder") on any of `layers`
+    that is bidirectional; every layer is checked (CLIPModel holds a causal and a bidirectional tower)."""
+    bidirectional = [idx for idx in layers if not adapter.is_causal(modules[idx])]
+    if bidirectional:
+        raise ValueError(f"{what} a causal decoder (LLaMA); layers {bidirectional} of this {adapter.model_type} model are "
+                         "bidirectional; valid families: llama")
+
+
 @dataclass
 class SparseVariant(Variant):
     """Base of the block-sparse variants; subclasses define the pattern."""
