@@ -74,11 +74,14 @@ def test_band_outputs_and_gradients_equal_the_materialised_formula(case, dtype, 
 
 
 def assert_matches(out, want, inputs, gen):
-    """`out` and the gradients it gives `inputs` equal the float64 reference's."""
-    grad = torch.randn(out.shape, generator=gen)
+    """`out` and the gradients it gives `inputs` equal the float64 reference's (to bf16's
+    precision for bf16 inputs)."""
+    tol = {"atol": 2e-6, "rtol": 1e-5} if out.dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    assert out.dtype == inputs[0].dtype
+    grad = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     for got, expected in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(want, inputs, grad.double())):
-        torch.testing.assert_close(got.double(), expected.double(), atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(got.double(), expected.double(), **tol)
+    torch.testing.assert_close(out.double(), want, **tol)
 
 
 POWER_CASES = {  # length, block, window, heads, K/V heads, sink logit
@@ -88,8 +91,9 @@ POWER_CASES = {  # length, block, window, heads, K/V heads, sink logit
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(POWER_CASES))
-def test_power_pieces_equal_the_materialised_pattern(case):
+def test_power_pieces_equal_the_materialised_pattern(case, dtype):
     """PowerAttention on the flash kernels (local window piece + gathered far blocks) against the
     softmax over the pairs `Power.reads` keeps, causal, float64: outputs and gradients."""
     from hf_relattn.variants.power import Power, power_attention
@@ -97,7 +101,8 @@ def test_power_pieces_equal_the_materialised_pattern(case):
     length, block, window, heads, kv_heads, with_logit = POWER_CASES[case]
     variant = Power(block_size=block, window=window, sinks=0)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, length, h, 16, generator=gen).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
     logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
     out = power_attention(variant, q, k, v, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
@@ -112,9 +117,10 @@ STRIDED_CASES = {  # length, stride, heads, K/V heads, causal, sinks, sink logit
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [None, 1], ids=["whole", "block-by-block"])
 @pytest.mark.parametrize("case", list(STRIDED_CASES))
-def test_strided_pieces_equal_the_materialised_pattern(case, chunk, monkeypatch):
+def test_strided_pieces_equal_the_materialised_pattern(case, chunk, dtype, monkeypatch):
     """Child et al.'s strided pattern on the flash kernels (band windows + residue classes) against
     the softmax over the pairs `Strided.allowed` keeps (and the sinks), float64."""
     from hf_relattn.variants.strided import Strided, strided_flash
@@ -124,7 +130,8 @@ def test_strided_pieces_equal_the_materialised_pattern(case, chunk, monkeypatch)
         monkeypatch.setattr(flash, "FLASH_CHUNK_ELEMENTS", chunk)
     length, stride, heads, kv_heads, causal, sinks, with_logit = STRIDED_CASES[case]
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, length, h, 16, generator=gen).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
     logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
     out = strided_flash(q, k, v, stride, causal, sinks, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
@@ -139,15 +146,17 @@ FIXED_CASES = {  # length, block, summary, heads, K/V heads, sinks, sink logit
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(FIXED_CASES))
-def test_fixed_pieces_equal_the_materialised_pattern(case):
+def test_fixed_pieces_equal_the_materialised_pattern(case, dtype):
     """Child et al.'s fixed pattern on the flash kernels (own blocks causal + gathered summaries)
     against the softmax over the pairs `Fixed.allowed` keeps (and the sinks), causal, float64."""
     from hf_relattn.variants.fixed import Fixed, fixed_flash
 
     length, block, summary, heads, kv_heads, sinks, with_logit = FIXED_CASES[case]
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, length, h, 16, generator=gen).transpose(1, 2).requires_grad_() for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
     logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
     out = fixed_flash(q, k, v, block, summary, sinks, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
