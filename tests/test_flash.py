@@ -164,6 +164,56 @@ def test_fixed_pieces_equal_the_materialised_pattern(case, dtype):
     assert_matches(out, softmax_over(q, k, v, keep, logit, 0.25), (q, k, v) + ((logit,) if with_logit else ()), gen)
 
 
+def moba_keep(q, k, block, top_k, gate, sinks):
+    """(B, H, T, T) pairs MoBA keeps, written from the paper: token i (head h) reads its own key
+    block causally and the top_k - 1 earlier blocks whose mean key scores highest against its
+    query (`gate="block"`: against its query block's mean query), plus the first `sinks` keys."""
+    length = q.shape[2]
+    groups = q.shape[1] // k.shape[1]
+    nb = -(-length // block)
+    means = torch.stack([k[:, :, j * block : (j + 1) * block].float().mean(2) for j in range(nb)], 2)
+    gater = q.float()
+    if gate == "block":
+        gater = torch.cat([q[:, :, j * block : (j + 1) * block].float().mean(2, keepdim=True)
+                           .expand(-1, -1, min(block, length - j * block), -1) for j in range(nb)], 2)
+    scores = gater @ means.repeat_interleave(groups, 1).transpose(-1, -2)  # (B, H, T, nb)
+    own = torch.arange(length)[:, None] // block
+    scores = scores.masked_fill(torch.arange(nb)[None, :] >= own, float("-inf"))
+    chosen = torch.arange(nb)[None, :] == own
+    if top_k > 1:
+        top = scores.topk(min(top_k - 1, nb), dim=-1)
+        chosen = chosen | torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, ~top.values.isneginf())
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    return (chosen[..., j // block].squeeze(-2) | (j < sinks)) & (j <= i)
+
+
+MOBA_CASES = {  # length, block, top_k, gate, heads, K/V heads, sinks, sink logit
+    "token-gqa-ragged": (150, 16, 3, "token", 4, 2, 0, False),
+    "token-sinks-logit": (128, 16, 4, "token", 2, 1, 3, True),
+    "token-top1-sinks": (100, 16, 1, "token", 2, 2, 2, False),
+    "block-gqa-sinks": (150, 16, 3, "block", 4, 2, 2, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(MOBA_CASES))
+def test_moba_pieces_equal_the_materialised_pattern(case, dtype):
+    """MoBA on the flash kernels (own blocks causal, the chosen blocks key block by key block over
+    the rows that chose them, sinks) against the softmax over the pairs the paper's gate keeps,
+    written in `moba_keep`, float64: outputs and gradients."""
+    from hf_relattn.variants.moba import MoBA, moba_attention
+
+    length, block, top_k, gate, heads, kv_heads, sinks, with_logit = MOBA_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, length, h, 16, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    logit = torch.randn(heads, generator=gen).requires_grad_() if with_logit else None
+    out = moba_attention(MoBA(block_size=block, top_k=top_k, gate=gate, sinks=sinks), q, k, v, sinks, logit, 0.25)
+    keep = moba_keep(q.detach(), k.detach(), block, top_k, gate, sinks)
+    assert keep.sum() < 0.8 * q.shape[0] * heads * length * (length + 1) / 2  # sparser than causal
+    assert_matches(out, softmax_over(q, k, v, keep, logit, 0.25), (q, k, v) + ((logit,) if with_logit else ()), gen)
+
+
 @pytest.mark.parametrize("variant, options", [
     ("sliding_window", {"window": 24, "sinks": 0}),
     ("sliding_window", {"window": 17, "sinks": 3, "sink_logit": True}),
@@ -172,6 +222,10 @@ def test_fixed_pieces_equal_the_materialised_pattern(case, dtype):
     ("fixed", {"block": 16, "summary": 4, "sinks": 2, "sink_logit": True}),
     ("moba", {"gate": "block", "top_k": 3, "sinks": 0}),
     ("moba", {"gate": "block", "top_k": 4, "sinks": 3, "sink_logit": True}),
+    ("moba", {"gate": "token", "top_k": 3, "sinks": 0}),
+    ("moba", {"gate": "token", "top_k": 4, "sinks": 3, "sink_logit": True}),
+    ("moba", {"gate": "token", "top_k": 1, "sinks": 2}),
+    ("moba", {"gate": "block", "top_k": 1, "sinks": 2}),
 ])
 def test_model_path_runs_the_flash_kernels_and_equals_the_reference(variant, options, monkeypatch):
     """A converted LLaMA (GQA 4/2) at 70 tokens: the default path takes the flash kernels

@@ -19,7 +19,7 @@ in chunks of blocks so the windows' key gradients stay under FLASH_CHUNK_ELEMENT
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -68,6 +68,42 @@ class Piece:
             return t[a:b] if t is not None and t.shape[0] > 1 else t
         return replace(self, first=self.first + a, count=b - a, start=self.start + a * self.step, mask=cut(self.mask),
                        empty=cut(self.empty), index=cut(self.index))
+
+
+@dataclass(frozen=True)
+class Picks:
+    """The transpose of a Piece, for choices made per query row (MoBA's per-token gate): query
+    rows [first, first + n) each read whole key blocks of `size` keys (block j: keys
+    [j * size, + size)), without a mask. Computed key block by key block, as the paper's
+    variable-length kernels do: per query head, one kernel call per key block over the rows that
+    chose it (gathered, in position order) against a view of the block; each row then merges its
+    k partials at once. Build with `Picks.of`."""
+
+    first: int
+    size: int
+    rows: tuple[torch.Tensor, ...]  # per head: the (row, block) pairs' rows as positions, sorted by block
+    spans: tuple[tuple[tuple[int, int, int], ...], ...]  # per head: (block, start, end) of each block's pairs
+    slot: torch.Tensor  # (H, n, k): each row's pairs as indices into its head's pairs (n * k: no block)
+
+    @classmethod
+    def of(cls, first: int, blocks: torch.Tensor, size: int) -> Picks:
+        """`blocks` (H, n, k): the key blocks row first + r of query head h reads (-1: none)."""
+        heads, n, width = blocks.shape
+        flat = blocks.flatten(1)
+        taken = flat >= 0
+        # a stable sort by block keeps each block's rows in position order
+        order = torch.sort(torch.where(taken, flat, torch.iinfo(flat.dtype).max), dim=1, stable=True).indices
+        slot = torch.empty_like(flat).scatter_(1, order, torch.arange(n * width, device=flat.device).expand(heads, -1))
+        slot = slot.masked_fill(~taken, n * width)
+        last = int(blocks.max()) + 1
+        counts = torch.zeros(heads, max(last, 1), dtype=torch.long, device=flat.device)
+        counts.scatter_add_(1, flat.clamp(min=0), taken.long())
+        rows, spans = [], []
+        for h, per_block in enumerate(counts.tolist()):
+            ends = [sum(per_block[: j + 1]) for j in range(len(per_block))]
+            spans.append(tuple((j, e - c, e) for j, (c, e) in enumerate(zip(per_block, ends)) if c))
+            rows.append(order[h, : ends[-1]] // width + first)
+        return cls(first, size, tuple(rows), tuple(spans), slot.view(heads, n, width))
 
 
 def source(keys: torch.Tensor, piece: Piece) -> torch.Tensor:
@@ -145,6 +181,9 @@ class PieceAttention(torch.autograd.Function):
         for b in range(batch):
             seen = [False] * (length // rows)
             for piece in _pieces_of(plan, b):
+                if isinstance(piece, Picks):
+                    _picks_forward(piece, q[b], k[b], v[b], out[b], lse[b], scale)
+                    continue
                 qv, ov, lv = (by_rows(t[b], piece, rows) for t in (q, out, lse))
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
                 step = _blocks_per_call(piece, qv.shape[2] * heads * dim, k.shape[1], heads, dim)
@@ -159,7 +198,7 @@ class PieceAttention(torch.autograd.Function):
                         ov[at], lv[at] = o, o_lse
                         seen[at] = [True] * part.count
                     else:
-                        _merge(ov[at], lv[at], o, o_lse)
+                        _merge(ov[at], lv[at], [o], o_lse[..., None])
             if not all(seen):
                 raise AssertionError("every query block needs a piece of contiguous rows, before any other")
         if logit is not None:  # a logit with a zero value: only the denominator grows
@@ -179,6 +218,9 @@ class PieceAttention(torch.autograd.Function):
         dk, dv = (t.new_zeros(t.shape[0], t.shape[2], t.shape[1], dim).transpose(1, 2) for t in (k, v))
         for b in range(batch):
             for piece in _pieces_of(ctx.plan, b):
+                if isinstance(piece, Picks):
+                    _picks_backward(piece, grad[b], q[b], k[b], v[b], out[b], lse[b], dq[b], dk[b], dv[b], ctx.scale)
+                    continue
                 qv, gv_rows, ov, lv, dqv = (by_rows(t[b], piece, rows) for t in (q, grad, out, lse, dq))
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
                 gk_src = dk[b] if piece.copy is None else torch.zeros_like(ksrc)
@@ -205,6 +247,54 @@ class PieceAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, dlogit
 
 
+def _picks_forward(piece: Picks, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   scale: float) -> None:
+    """One sample's Picks (q (H, T, D), k/v (Hk, T, D)) merged into its out (H, T, D) and lse (H, T)."""
+    heads, dim = q.shape[0], q.shape[-1]
+    n, width = piece.slot.shape[1:]
+    at = slice(piece.first, piece.first + n)
+    for h in range(heads):
+        rows = piece.rows[h]
+        picked = q[h].index_select(0, rows)
+        parts = q.new_empty(n * width + 1, dim)  # the last row: the partial of a slot without a block
+        logs = lse.new_empty(n * width + 1)
+        parts[rows.shape[0]:].zero_()
+        logs[rows.shape[0]:] = float("-inf")
+        for j, s, e in piece.spans[h]:
+            o, o_lse = FORWARD(picked[None, None, s:e], *_key_block(k, v, h // (heads // k.shape[0]), j, piece.size), 0.0,
+                               False, scale=scale)
+            parts[s:e], logs[s:e] = o[0, 0], o_lse[0, 0]
+        slot = piece.slot[h]
+        _merge(out[h, at], lse[h, at], [parts[slot[:, i]] for i in range(width)], logs[slot])
+
+
+def _picks_backward(piece: Picks, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, scale: float) -> None:
+    """One sample's Picks' gradients added to its dq (H, T, D), dk and dv (Hk, T, D): the kernel's
+    backward per key block over the gathered rows, with their merged outputs and log-sum-exps."""
+    heads = q.shape[0]
+    for h in range(heads):
+        rows = piece.rows[h]
+        g, qh, o = (t[h].index_select(0, rows) for t in (grad, q, out))
+        logs = lse[h].index_select(0, rows)
+        kv = h // (heads // k.shape[0])
+        grads = torch.empty_like(qh)
+        for j, s, e in piece.spans[h]:
+            block = slice(j * piece.size, (j + 1) * piece.size)
+            gq, gk, gv = BACKWARD(g[None, None, s:e], qh[None, None, s:e], *_key_block(k, v, kv, j, piece.size),
+                                  o[None, None, s:e], logs[None, None, s:e], 0.0, False, scale=scale)
+            grads[s:e] = gq[0, 0]
+            dk[kv, block] += gk[0, 0]
+            dv[kv, block] += gv[0, 0]
+        dq[h].index_add_(0, rows, grads)
+
+
+def _key_block(k: torch.Tensor, v: torch.Tensor, head: int, j: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key block j of K/V head `head` of one sample's K and V (Hk, T, D), as (1, 1, size, D) views."""
+    block = slice(j * size, (j + 1) * size)
+    return k[None, None, head, block], v[None, None, head, block]
+
+
 def _blocks_per_call(piece: Piece, block_rows: int, kv_heads: int, heads: int, dim: int) -> int:
     """Query blocks per kernel call: their outputs and their windows (gathered copies, or key
     gradients in the backward) under FLASH_CHUNK_ELEMENTS floats."""
@@ -229,13 +319,18 @@ def _pieces_of(plan: Sequence[Any], b: int) -> Sequence[Piece]:
     return plan[b]
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
-    """Merge a piece's (out (n, H, R, D), lse (n, H, R)) into the running ones, in place (float32 math)."""
-    total = torch.logaddexp(lse, part_lse)
+def _merge(out: torch.Tensor, lse: torch.Tensor, part_outs: Sequence[torch.Tensor], part_lse: torch.Tensor) -> None:
+    """Merge k partials (outs, each (..., D), and lse (..., k)) into the running (out (..., D),
+    lse (...)), in place (float32 math)."""
+    total = torch.logaddexp(lse, torch.logsumexp(part_lse, -1))
     seen = ~torch.isneginf(total)
-    old = torch.where(seen, torch.exp(lse - total), 0.0)[..., None]
-    new = torch.where(seen, torch.exp(part_lse - total), 0.0)[..., None]
-    out.copy_((out.float() * old + part_out.float() * new).to(out.dtype))
+    merged = out if out.dtype == torch.float32 else out.float()
+    merged.mul_(torch.where(seen, torch.exp(lse - total), 0.0)[..., None])
+    weights = torch.where(seen[..., None], torch.exp(part_lse - total[..., None]), 0.0)
+    for i, part in enumerate(part_outs):
+        merged.addcmul_(part, weights[..., i, None])
+    if merged is not out:
+        out.copy_(merged)
     lse.copy_(total)
 
 

@@ -78,18 +78,22 @@ class MoBA(PatternVariant):
     def _dense(self, module) -> bool:
         return bool(self.dense_layers) and module.layer_idx >= module.config.num_hidden_layers - self.dense_layers
 
-    def choose(self, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-               key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, num_blocks: int,
-               contiguous: bool = False) -> torch.Tensor:
-        """(B, H, Q, num_blocks) bool: each query's own block and its top_k - 1 earlier blocks by
-        q . mean(key block). Positions q_pos (1|B, Q), k_pos (1|B, K) in each sample's own
-        sequence; padding keys (key_valid (1|B, K) False) are left out of the means and their
-        blocks, padding queries (query_valid (1|B, Q) False) out of a block gate's mean query.
-        `contiguous`: the keys are at positions 0..K-1 and the queries consecutive (the eager
-        paths), so blocks are reshapes rather than scatters."""
+    def picks(self, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+              key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, num_blocks: int,
+              contiguous: bool = False) -> torch.Tensor:
+        """(B, H, Q, min(top_k - 1, num_blocks)) long: the earlier key blocks each query chose by
+        q . mean(key block), best first, -1 where it has fewer earlier blocks with keys. Positions
+        q_pos (1|B, Q), k_pos (1|B, K) in each sample's own sequence; padding keys (key_valid
+        (1|B, K) False) are left out of the means and their blocks, padding queries (query_valid
+        (1|B, Q) False) out of a block gate's mean query. `contiguous`: the keys are at positions
+        0..K-1 and the queries consecutive (the eager paths), so blocks are reshapes rather than
+        scatters, and a block gate chooses once per query block."""
         batch, heads, q_len, dim = query.shape
         kv_heads, k_len = key.shape[1], key.shape[2]
         bs = self.block_size
+        width = max(0, min(self.top_k - 1, num_blocks))
+        if not width:
+            return torch.empty(batch, heads, q_len, 0, dtype=torch.long, device=query.device)
         valid = key_valid if key_valid is not None else torch.ones(1, k_len, dtype=torch.bool, device=key.device)
         last = num_blocks - 1
         weights = valid.float().expand(batch, k_len)
@@ -106,38 +110,46 @@ class MoBA(PatternVariant):
         means = (sums / counts.clamp(min=1)[:, None, :, None]).repeat_interleave(heads // kv_heads, dim=1)
         own = torch.div(q_pos, bs, rounding_mode="floor")  # (1|B, Q)
         query = query.float()
+        front = 0
         if self.gate == "block":
             # one gate per query block: the mean of its real queries among this call's
             real = (query_valid if query_valid is not None else own >= 0).float().expand(batch, q_len)
             weighted_q = query if query_valid is None else query * real[:, None, :, None]
-            if contiguous:
+            if contiguous:  # gate (and choose) per query block, then repeat the choice per token
                 front = int(q_pos[0, 0]) % bs
                 count = -(-(front + q_len) // bs)
                 back = count * bs - front - q_len
                 whole = F.pad(weighted_q, (0, 0, front, back)) if front or back else weighted_q  # no copy when whole
-                q_sums = whole.unflatten(2, (count, bs)).sum(3)
                 q_counts = F.pad(real, (front, back)).view(batch, count, bs).sum(-1)
-                q_means = q_sums / q_counts.clamp(min=1)[:, None, :, None]
-                # gate per query block, then per token (N scores per token, not D)
-                gate = torch.matmul(q_means, means.transpose(-1, -2)).repeat_interleave(bs, dim=2)[:, :, front : front + q_len]
+                query = whole.unflatten(2, (count, bs)).sum(3) / q_counts.clamp(min=1)[:, None, :, None]
+                own = int(q_pos[0, 0]) // bs + torch.arange(count, device=query.device)[None]
             else:
                 q_block = own.clamp(0, last).expand(batch, q_len)
                 index = q_block[:, None, :, None].expand(-1, heads, -1, dim)
                 q_sums = query.new_zeros(batch, heads, num_blocks, dim).scatter_add_(2, index, weighted_q)
                 q_counts = real.new_zeros(batch, num_blocks).scatter_add_(1, q_block, real)
                 query = (q_sums / q_counts.clamp(min=1)[:, None, :, None]).gather(2, index)
-        if not (contiguous and self.gate == "block"):
-            gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q, N)
-        blocks = torch.arange(num_blocks, device=query.device)
-        own = own[:, None, :, None]
-        earlier = (blocks < own) & (counts > 0)[:, None, None, :]
-        chosen = blocks == own
-        picks = min(self.top_k - 1, num_blocks)
-        if picks > 0:
-            gate = gate.masked_fill(~earlier, float("-inf"))
-            top = gate.topk(picks, dim=-1)
-            chosen = chosen | (torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, top.indices, True) & earlier)
-        return chosen.expand(batch, heads, -1, -1)
+        gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q or query blocks, N)
+        earlier = (torch.arange(num_blocks, device=query.device) < own[:, None, :, None]) & (counts > 0)[:, None, None, :]
+        top = gate.masked_fill(~earlier, float("-inf")).topk(width, dim=-1)
+        picks = top.indices.masked_fill(~earlier.expand_as(gate).gather(-1, top.indices), -1)
+        if picks.shape[2] != q_len:
+            picks = picks.repeat_interleave(bs, dim=2)[:, :, front : front + q_len]
+        return picks
+
+    def choose(self, q_pos: torch.Tensor, k_pos: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+               key_valid: torch.Tensor | None, query_valid: torch.Tensor | None, num_blocks: int,
+               contiguous: bool = False) -> torch.Tensor:
+        """(B, H, Q, num_blocks) bool: each query's own block and the earlier blocks it picked
+        (`picks`, same arguments)."""
+        picks = self.picks(q_pos, k_pos, query, key, key_valid, query_valid, num_blocks, contiguous)
+        batch, heads, q_len = picks.shape[:3]
+        own = torch.div(q_pos, self.block_size, rounding_mode="floor").expand(batch, q_len)
+        index = torch.cat([own[:, None, :, None].expand(-1, heads, -1, 1), picks], -1)
+        # one column past the blocks takes the -1s (no pick) and positions outside the blocks
+        index = index.masked_fill((index < 0) | (index >= num_blocks), num_blocks)
+        hits = torch.zeros(batch, heads, q_len, num_blocks + 1, dtype=torch.bool, device=picks.device)
+        return hits.scatter_(-1, index, True)[..., :num_blocks]
 
     def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
         if self._dense(module):
@@ -170,13 +182,11 @@ class MoBA(PatternVariant):
         return float(chosen.sum()) * block / (chosen.shape[0] * chosen.shape[1])
 
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
-        """The block gate on the flash kernels (`hf_relattn.ops.flash`) for calls they serve: per
-        query block its own block (the kernel's causal mode) and its chosen earlier blocks
-        (gathered per head); the first top_k - 1 blocks read everything before them."""
-        if self.gate != "block" or not call.causal or self._dense(call.module) or sinks > self.block_size \
-                or not flash.serves(call):
+        """Either gate on the flash kernels (`hf_relattn.ops.flash`) for calls they serve
+        (`moba_attention`)."""
+        if not call.causal or self._dense(call.module) or sinks > self.block_size or not flash.serves(call):
             return None
-        return block_gate_attention(self, call.query, call.key, call.value, sinks, sink, call.scale)
+        return moba_attention(self, call.query, call.key, call.value, sinks, sink, call.scale)
 
     def blocks_attention(self, call: AttnCall, chosen: torch.Tensor, sinks: int, sink: torch.Tensor | None) -> torch.Tensor:
         if self.choice == "token" and call.query.shape[2] > 1:  # one query (decoding): its union is its own choice
@@ -270,21 +280,22 @@ def per_token_blocks(
     return (weights[..., None] * partial).sum(-2)
 
 
-def block_gate_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int,
-                         logit: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """MoBA with the block gate on the flash kernels, one unpadded causal sequence (B, H, T, D):
-    query block q reads its own block causally and the top_k - 1 earlier blocks its mean query
-    chose (per head, gathered); blocks before top_k - 1 read every earlier key (all their earlier
-    blocks are chosen); the first `sinks` keys join where block 0 was not chosen."""
+def moba_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int,
+                   logit: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """MoBA on the flash kernels, one unpadded causal sequence (B, H, T, D), either gate: each
+    query block reads its own key block causally (one piece); blocks before top_k - 1 read every
+    earlier key (all their earlier blocks are chosen); later tokens read the top_k - 1 earlier
+    blocks their gate chose, key block by key block (`flash.Picks`: the rows that chose a block,
+    gathered, against a view of it); the first `sinks` keys join where block 0 was not chosen."""
     bs = variant.block_size
     batch, heads, length, _ = query.shape
     picks = variant.top_k - 1
     nb = -(-length // bs)
     positions = torch.arange(length, device=query.device)[None]
-    chosen = variant.choose(positions, positions, query, key, None, None, nb, contiguous=True)[:, :, ::bs]  # (B, H, nb, nb)
+    picks = variant.picks(positions, positions, query, key, None, None, nb, contiguous=True)  # (B, H, T, top_k - 1)
     query, key, value = flash.whole_blocks(query, key, value, bs)
     dtype, device = query.dtype, query.device
-    first = min(picks, nb)  # blocks that read every earlier key
+    first = picks.shape[-1]  # blocks that read every earlier key
     r = torch.arange(bs, device=device)[:, None]
     shared: list[flash.Piece] = []
     if first:
@@ -294,17 +305,17 @@ def block_gate_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, 
         shared.append(flash.Piece(0, first, 0, 0, first * bs, flash.additive(keep, dtype)))
     if first < nb:
         shared.append(flash.Piece(first, nb - first, first * bs, bs, bs, causal=True))  # own blocks
+    later = max(first, 1)  # sinks: block 0's keys for the blocks that may not have chosen it
     plan = []
     for b in range(batch):
         pieces = list(shared)
-        if first < nb and picks:
-            earlier = chosen[b, :, first:] & (torch.arange(nb, device=device) < torch.arange(first, nb, device=device)[:, None])
-            index = earlier.float().topk(picks, dim=-1).indices.sort(-1).values.transpose(0, 1)  # (n, H, picks)
-            pieces.append(flash.Piece(first, nb - first, 0, bs, picks * bs, index=index))
-            if sinks:  # the first keys where block 0 was not chosen
-                far = ~earlier[..., 0].transpose(0, 1)[:, :, None, None].expand(-1, -1, 1, min(sinks, length))  # (n, H, 1, s)
-                pieces.append(flash.Piece(first, nb - first, 0, 0, far.shape[-1], flash.additive(far.flatten(0, 1), dtype)
-                                          .view(*far.shape), empty=~far.any(-1)))
+        if first < nb and first:  # rows past the sequence (whole-block padding) choose nothing
+            pieces.append(flash.Picks.of(first * bs, F.pad(picks[b, :, first * bs :], (0, 0, 0, nb * bs - length), value=-1), bs))
+        if sinks and later < nb:
+            far = F.pad(~(picks[b, :, later * bs :] == 0).any(-1), (0, nb * bs - length))  # (H, n): block 0 not chosen
+            far = far.unflatten(1, (nb - later, bs)).transpose(0, 1)[..., None].expand(-1, -1, -1, min(sinks, length))
+            pieces.append(flash.Piece(later, nb - later, 0, 0, far.shape[-1], flash.additive(far.flatten(0, 1), dtype)
+                                      .view(*far.shape), empty=~far.any(-1)))
         plan.append(tuple(pieces))
     out = flash.PieceAttention.apply(query, key, value, tuple(plan), bs, scale, logit)
     return out[:, :, :length]
