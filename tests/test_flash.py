@@ -195,13 +195,17 @@ MOBA_CASES = {  # length, block, top_k, gate, heads, K/V heads, sinks, sink logi
 }
 
 
+@pytest.mark.parametrize("fill", [0.0, 2.0], ids=["backward-all-heads", "backward-per-head"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(MOBA_CASES))
-def test_moba_pieces_equal_the_materialised_pattern(case, dtype):
+def test_moba_pieces_equal_the_materialised_pattern(case, dtype, fill, monkeypatch):
     """MoBA on the flash kernels (own blocks causal, the chosen blocks key block by key block over
     the rows that chose them, sinks) against the softmax over the pairs the paper's gate keeps,
-    written in `moba_keep`, float64: outputs and gradients."""
+    written in `moba_keep`, float64: outputs and gradients, the backward's calls taking every
+    head's rows of a block at once (padded) or one head at a time."""
     from hf_relattn.variants.moba import MoBA, moba_attention
+
+    monkeypatch.setattr(flash, "PICKS_SHARED_FILL", fill)
 
     length, block, top_k, gate, heads, kv_heads, sinks, with_logit = MOBA_CASES[case]
     gen = torch.Generator().manual_seed(0)

@@ -56,6 +56,15 @@ def key_blocks(t: torch.Tensor, num_blocks: int, block: int) -> torch.Tensor:
     return (F.pad(t, (0, 0, 0, pad)) if pad else t).reshape(*t.shape[:2], num_blocks, block, t.shape[-1])
 
 
+def rows_at(t: torch.Tensor, b_idx: torch.Tensor, h_idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """t[b_idx, h_idx, pos] for t (B, H, K, D) (indices broadcast): whole rows copied by one
+    index_select when t is contiguous (a KV cache), advanced indexing otherwise."""
+    if not t.is_contiguous():
+        return t[b_idx, h_idx, pos]
+    flat = ((b_idx * t.shape[1] + h_idx) * t.shape[2] + pos)
+    return t.view(-1, t.shape[-1]).index_select(0, flat.flatten()).view(*flat.shape, t.shape[-1])
+
+
 def pattern_keep(
     base: torch.Tensor | None, choice: torch.Tensor | None, variant: Any, module: nn.Module, rows: torch.Tensor,
     kpos: torch.Tensor, k_len: int, causal: bool, sinks: int = 0, mask_future: bool | None = None,
@@ -229,7 +238,6 @@ def block_sparse_attention(
     h_idx = (torch.arange(hx, device=query.device) // (groups if per_head else 1))[None, :, None, None]
     step = max(1, SPARSE_CHUNK_ELEMENTS // max(1, batch * hx * width * block * max(qb * gx, dim)))
     outs, lses = [], []
-    kb, vb = (key_blocks(t, num_blocks, block) for t in (key, value))
     # query blocks gated whole (aligned, no rule, no padding) that read `width` blocks, their own
     # last, share one mask: earlier blocks whole, the own block causal
     tail_causal = None
@@ -244,8 +252,10 @@ def block_sparse_attention(
         sidx = sel[..., c, :]  # (Bs, Hs, n, S): Bs, Hs are 1 unless the choice depends on them
         n = sidx.shape[2]
         idx = sidx.expand(batch, hx, -1, -1)
-        k_sel = kb[b_idx, h_idx, idx].reshape(batch * hx, n, width * block, -1)
-        v_sel = vb[b_idx, h_idx, idx].reshape(batch * hx, n, width * block, -1)
+        # the blocks' keys gathered by position (no padded copy of a KV cache): past the last key,
+        # the last key stands in, masked out below (kpos < k_len)
+        pos = (idx[..., None] * block + offsets).clamp(max=k_len - 1).flatten(-2)  # (B, hx, n, S * bs)
+        k_sel, v_sel = (rows_at(t, b_idx, h_idx, pos).reshape(batch * hx, n, width * block, -1) for t in (key, value))
         qc = q[:, :, :, c].permute(0, 1, 3, 2, 4, 5).reshape(batch * hx, n, gx * qb, dim)
         if shared_mask:
             bias = tail_causal

@@ -36,6 +36,9 @@ FLASH_CHUNK_ELEMENTS = 1 << 20
 FLASH_MIN_TOKENS = 512
 # Query rows per block: a band's window is before + rows + after keys wide.
 FLASH_ROWS = 64
+# A Picks backward takes every head's rows of a key block in one call when real rows fill at
+# least this share of the padded (heads x most rows) call.
+PICKS_SHARED_FILL = 0.75
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Picks:
     rows: tuple[torch.Tensor, ...]  # per head: the (row, block) pairs' rows as positions, sorted by block
     spans: tuple[tuple[tuple[int, int, int], ...], ...]  # per head: (block, start, end) of each block's pairs
     slot: torch.Tensor  # (H, n, k): each row's pairs as indices into its head's pairs (n * k: no block)
+    # per key block, every head's rows that chose it: (block, rows (H, L) padded with row `first`, valid (H, L))
+    by_block: tuple[tuple[int, torch.Tensor, torch.Tensor], ...]
 
     @classmethod
     def of(cls, first: int, blocks: torch.Tensor, size: int) -> Picks:
@@ -103,7 +108,18 @@ class Picks:
             ends = [sum(per_block[: j + 1]) for j in range(len(per_block))]
             spans.append(tuple((j, e - c, e) for j, (c, e) in enumerate(zip(per_block, ends)) if c))
             rows.append(order[h, : ends[-1]] // width + first)
-        return cls(first, size, tuple(rows), tuple(spans), slot.view(heads, n, width))
+        by_block = []
+        for j, per_head in enumerate(counts.t().tolist()):
+            if not any(per_head):
+                continue
+            index = torch.full((heads, max(per_head)), first, dtype=torch.long, device=flat.device)
+            for h, (span, head_rows) in enumerate(zip(spans, rows)):
+                for jj, s, e in span:
+                    if jj == j:
+                        index[h, : e - s] = head_rows[s:e]
+            valid = torch.arange(index.shape[1], device=flat.device) < torch.tensor(per_head, device=flat.device)[:, None]
+            by_block.append((j, index, valid))
+        return cls(first, size, tuple(rows), tuple(spans), slot.view(heads, n, width), tuple(by_block))
 
 
 def source(keys: torch.Tensor, piece: Piece) -> torch.Tensor:
@@ -198,7 +214,7 @@ class PieceAttention(torch.autograd.Function):
                         ov[at], lv[at] = o, o_lse
                         seen[at] = [True] * part.count
                     else:
-                        _merge(ov[at], lv[at], [o], o_lse[..., None])
+                        _merge(ov[at], lv[at], o, o_lse)
             if not all(seen):
                 raise AssertionError("every query block needs a piece of contiguous rows, before any other")
         if logit is not None:  # a logit with a zero value: only the denominator grows
@@ -249,44 +265,63 @@ class PieceAttention(torch.autograd.Function):
 
 def _picks_forward(piece: Picks, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    scale: float) -> None:
-    """One sample's Picks (q (H, T, D), k/v (Hk, T, D)) merged into its out (H, T, D) and lse (H, T)."""
+    """One sample's Picks (q (H, T, D), k/v (Hk, T, D)) merged into its out (H, T, D) and lse (H, T):
+    per head, each block's partials kept in pair order (float32, one buffer for every head), then
+    every row's k partials merged at once."""
     heads, dim = q.shape[0], q.shape[-1]
     n, width = piece.slot.shape[1:]
     at = slice(piece.first, piece.first + n)
+    buffer = q.new_empty(max(r.shape[0] for r in piece.rows), dim, dtype=torch.float32)  # one for every head
     for h in range(heads):
         rows = piece.rows[h]
-        picked = q[h].index_select(0, rows)
-        parts = q.new_empty(n * width + 1, dim)  # the last row: the partial of a slot without a block
-        logs = lse.new_empty(n * width + 1)
-        parts[rows.shape[0]:].zero_()
-        logs[rows.shape[0]:] = float("-inf")
+        pairs = rows.shape[0]
+        if not pairs:
+            continue
+        parts = buffer[:pairs]
+        logs = lse.new_full((n * width + 1,), float("-inf"))  # past the pairs: slots without a block
         for j, s, e in piece.spans[h]:
-            o, o_lse = FORWARD(picked[None, None, s:e], *_key_block(k, v, h // (heads // k.shape[0]), j, piece.size), 0.0,
-                               False, scale=scale)
+            o, o_lse = FORWARD(q[h].index_select(0, rows[s:e])[None, None],
+                               *_key_block(k, v, h // (heads // k.shape[0]), j, piece.size), 0.0, False, scale=scale)
             parts[s:e], logs[s:e] = o[0, 0], o_lse[0, 0]
+        running, running_lse = out[h, at], lse[h, at]
         slot = piece.slot[h]
-        _merge(out[h, at], lse[h, at], [parts[slot[:, i]] for i in range(width)], logs[slot])
+        total = torch.logaddexp(running_lse, torch.logsumexp(logs[slot], -1))
+        seen = ~torch.isneginf(total)
+        merged = running if running.dtype == torch.float32 else running.float()
+        merged.mul_(torch.where(seen, torch.exp(running_lse - total), 0.0)[:, None])
+        weights = torch.where(seen[:, None], torch.exp(logs[slot] - total[:, None]), 0.0)
+        for i in range(width):  # a slot without a block has weight 0 (and reads any pair)
+            merged.addcmul_(parts[slot[:, i].clamp(max=pairs - 1)], weights[:, i, None])
+        if merged is not running:
+            running.copy_(merged)
+        running_lse.copy_(total)
 
 
 def _picks_backward(piece: Picks, grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, scale: float) -> None:
-    """One sample's Picks' gradients added to its dq (H, T, D), dk and dv (Hk, T, D): the kernel's
-    backward per key block over the gathered rows, with their merged outputs and log-sum-exps."""
-    heads = q.shape[0]
-    for h in range(heads):
-        rows = piece.rows[h]
-        g, qh, o = (t[h].index_select(0, rows) for t in (grad, q, out))
-        logs = lse[h].index_select(0, rows)
-        kv = h // (heads // k.shape[0])
-        grads = torch.empty_like(qh)
-        for j, s, e in piece.spans[h]:
-            block = slice(j * piece.size, (j + 1) * piece.size)
-            gq, gk, gv = BACKWARD(g[None, None, s:e], qh[None, None, s:e], *_key_block(k, v, kv, j, piece.size),
-                                  o[None, None, s:e], logs[None, None, s:e], 0.0, False, scale=scale)
-            grads[s:e] = gq[0, 0]
-            dk[kv, block] += gk[0, 0]
-            dv[kv, block] += gv[0, 0]
-        dq[h].index_add_(0, rows, grads)
+    """One sample's Picks' gradients added to its dq (H, T, D), dk and dv (Hk, T, D): per key block,
+    the kernel's backward over the rows that chose it (gathered), with their merged outputs and
+    log-sum-exps. The kernel's backward runs heads in parallel, not rows: where the heads chose a
+    block about equally often (PICKS_SHARED_FILL), one call takes every head's rows, padded to the
+    most (padding rows have a zero output gradient: nothing reaches the keys from them); otherwise
+    one call per head."""
+    heads, groups = q.shape[0], q.shape[0] // k.shape[0]
+    for j, rows, valid in piece.by_block:
+        block = slice(j * piece.size, (j + 1) * piece.size)
+        counts = valid.sum(1).tolist()
+        if sum(counts) >= PICKS_SHARED_FILL * valid.numel():
+            calls = [(torch.arange(heads, device=q.device)[:, None], slice(None), rows, valid)]
+        else:
+            calls = [(torch.tensor([[h]], device=q.device), slice(h // groups, h // groups + 1), rows[h : h + 1, :c],
+                      valid[h : h + 1, :c]) for h, c in enumerate(counts) if c]
+        for hq, hk, r, ok in calls:
+            g = grad[hq, r] * ok[..., None]
+            logs = lse[hq, r].masked_fill(~ok, 0.0)  # finite: zero gradient rows stay zero
+            gq, gk, gv = BACKWARD(g[None], q[hq, r][None], k[None, hk, block], v[None, hk, block], out[hq, r][None], logs[None],
+                                  0.0, False, scale=scale)
+            dq.index_put_((hq.expand_as(r)[ok], r[ok]), gq[0][ok], accumulate=True)
+            dk[hk, block] += gk[0]
+            dv[hk, block] += gv[0]
 
 
 def _key_block(k: torch.Tensor, v: torch.Tensor, head: int, j: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,18 +354,13 @@ def _pieces_of(plan: Sequence[Any], b: int) -> Sequence[Piece]:
     return plan[b]
 
 
-def _merge(out: torch.Tensor, lse: torch.Tensor, part_outs: Sequence[torch.Tensor], part_lse: torch.Tensor) -> None:
-    """Merge k partials (outs, each (..., D), and lse (..., k)) into the running (out (..., D),
-    lse (...)), in place (float32 math)."""
-    total = torch.logaddexp(lse, torch.logsumexp(part_lse, -1))
+def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor) -> None:
+    """Merge a piece's (out (n, H, R, D), lse (n, H, R)) into the running ones, in place (float32 math)."""
+    total = torch.logaddexp(lse, part_lse)
     seen = ~torch.isneginf(total)
-    merged = out if out.dtype == torch.float32 else out.float()
-    merged.mul_(torch.where(seen, torch.exp(lse - total), 0.0)[..., None])
-    weights = torch.where(seen[..., None], torch.exp(part_lse - total[..., None]), 0.0)
-    for i, part in enumerate(part_outs):
-        merged.addcmul_(part, weights[..., i, None])
-    if merged is not out:
-        out.copy_(merged)
+    old = torch.where(seen, torch.exp(lse - total), 0.0)[..., None]
+    new = torch.where(seen, torch.exp(part_lse - total), 0.0)[..., None]
+    out.copy_((out.float() * old + part_out.float() * new).to(out.dtype))
     lse.copy_(total)
 
 

@@ -21,6 +21,7 @@ Parameter-free: the gate has no weights (flag or convert). Decoder-only (causal)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +99,13 @@ class MoBA(PatternVariant):
         last = num_blocks - 1
         weights = valid.float().expand(batch, k_len)
         weighted = key.float() if key_valid is None else key.float() * weights[:, None, :, None]
-        if contiguous:
-            pad = num_blocks * bs - k_len
-            sums = (F.pad(weighted, (0, 0, 0, pad)) if pad else weighted).unflatten(2, (num_blocks, bs)).sum(3)
-            counts = F.pad(weights, (0, pad)).view(batch, num_blocks, bs).sum(-1)
+        if contiguous:  # whole blocks as a view (a decoding step's keys are rarely whole blocks: no padded copy)
+            whole = min(k_len // bs, num_blocks)
+            sums = weighted[:, :, : whole * bs].unflatten(2, (whole, bs)).sum(3)
+            if whole < num_blocks:
+                rest = weighted[:, :, whole * bs :].sum(2, keepdim=True)
+                sums = torch.cat([sums, F.pad(rest, (0, 0, 0, num_blocks - whole - 1))], 2)
+            counts = F.pad(weights, (0, num_blocks * bs - k_len)).view(batch, num_blocks, bs).sum(-1)
         else:
             k_block = torch.div(k_pos, bs, rounding_mode="floor").clamp(0, last).expand(batch, k_len)
             index = k_block[:, None, :, None].expand(-1, kv_heads, -1, dim)
@@ -283,10 +287,10 @@ def per_token_blocks(
 def moba_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int,
                    logit: torch.Tensor | None, scale: float) -> torch.Tensor:
     """MoBA on the flash kernels, one unpadded causal sequence (B, H, T, D), either gate: each
-    query block reads its own key block causally (one piece); blocks before top_k - 1 read every
-    earlier key (all their earlier blocks are chosen); later tokens read the top_k - 1 earlier
-    blocks their gate chose, key block by key block (`flash.Picks`: the rows that chose a block,
-    gathered, against a view of it); the first `sinks` keys join where block 0 was not chosen."""
+    query block reads its own key block causally (one piece of views); every token reads the
+    top_k - 1 earlier blocks its gate chose (all of them in the first blocks), key block by key
+    block (`flash.Picks`: the rows that chose a block, gathered, against a view of it); the first
+    `sinks` keys join where block 0 was not chosen."""
     bs = variant.block_size
     batch, heads, length, _ = query.shape
     picks = variant.top_k - 1
@@ -294,27 +298,17 @@ def moba_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value:
     positions = torch.arange(length, device=query.device)[None]
     picks = variant.picks(positions, positions, query, key, None, None, nb, contiguous=True)  # (B, H, T, top_k - 1)
     query, key, value = flash.whole_blocks(query, key, value, bs)
-    dtype, device = query.dtype, query.device
-    first = picks.shape[-1]  # blocks that read every earlier key
-    r = torch.arange(bs, device=device)[:, None]
-    shared: list[flash.Piece] = []
-    if first:
-        qpos = torch.arange(first, device=device)[:, None, None] * bs + r
-        kpos = torch.arange(first * bs, device=device)[None, None, :]
-        keep = (kpos <= qpos) & ((kpos < length) | (qpos >= length))
-        shared.append(flash.Piece(0, first, 0, 0, first * bs, flash.additive(keep, dtype)))
-    if first < nb:
-        shared.append(flash.Piece(first, nb - first, first * bs, bs, bs, causal=True))  # own blocks
-    later = max(first, 1)  # sinks: block 0's keys for the blocks that may not have chosen it
+    dtype = query.dtype
+    own = flash.Piece(0, nb, 0, bs, bs, causal=True)  # each query block's own key block
     plan = []
     for b in range(batch):
-        pieces = list(shared)
-        if first < nb and first:  # rows past the sequence (whole-block padding) choose nothing
-            pieces.append(flash.Picks.of(first * bs, F.pad(picks[b, :, first * bs :], (0, 0, 0, nb * bs - length), value=-1), bs))
-        if sinks and later < nb:
-            far = F.pad(~(picks[b, :, later * bs :] == 0).any(-1), (0, nb * bs - length))  # (H, n): block 0 not chosen
-            far = far.unflatten(1, (nb - later, bs)).transpose(0, 1)[..., None].expand(-1, -1, -1, min(sinks, length))
-            pieces.append(flash.Piece(later, nb - later, 0, 0, far.shape[-1], flash.additive(far.flatten(0, 1), dtype)
+        pieces: list[Any] = [own]
+        if nb > 1 and picks.shape[-1]:  # rows past the sequence (whole-block padding) choose nothing
+            pieces.append(flash.Picks.of(bs, F.pad(picks[b, :, bs:], (0, 0, 0, nb * bs - length), value=-1), bs))
+        if sinks and nb > 1:  # block 0's first keys where a row did not choose block 0
+            far = F.pad(~(picks[b, :, bs:] == 0).any(-1), (0, nb * bs - length))  # (H, n)
+            far = far.unflatten(1, (nb - 1, bs)).transpose(0, 1)[..., None].expand(-1, -1, -1, min(sinks, length))
+            pieces.append(flash.Piece(1, nb - 1, 0, 0, far.shape[-1], flash.additive(far.flatten(0, 1), dtype)
                                       .view(*far.shape), empty=~far.any(-1)))
         plan.append(tuple(pieces))
     out = flash.PieceAttention.apply(query, key, value, tuple(plan), bs, scale, logit)
