@@ -280,3 +280,44 @@ def test_what_the_forward_keeps_for_the_backward_is_linear_in_length():
     assert sum(saved.values()) < 3 * inputs, (sum(saved.values()), inputs)
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate, chunk", [("token", 1), ("token", 3), ("block", 1)])
+def test_moba_decoding_steps_equal_the_reference(gate, chunk, dtype, monkeypatch):
+    """MoBA decoding from a KV cache (`moba.decode_attention`: one pass over K and V, the gate from
+    the scores' block means), with sinks, a sink logit and GQA 4/2: the logits of steps of `chunk`
+    tokens equal the same steps on the materialised reference path, and (per-token gate, where a
+    step chooses as the full forward does) the full forward's."""
+    from hf_relattn.variants import moba
+
+    calls = []
+    decode = moba.decode_attention
+    monkeypatch.setattr(moba, "decode_attention", lambda *a: calls.append(a[1].shape[2]) or decode(*a))
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), "moba", block_size=4, top_k=3, gate=gate, sinks=2, sink_logit=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relattn" in name:
+                param.normal_(0, 1.0)
+    model = model.to(dtype)
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+
+    def decoded():
+        with torch.no_grad():
+            out = model(ids[:, :9], use_cache=True)
+            steps = [out.logits[:, -1:]]
+            for t in range(9, ids.shape[1] - chunk + 1, chunk):
+                out = model(ids[:, t : t + chunk], cache=out.cache, use_cache=True)
+                steps.append(out.logits)
+        return torch.cat(steps, 1).float()
+
+    got = decoded()
+    assert calls and set(calls) == {chunk}, calls
+    with hf_relattn.force_implementation("reference"):
+        want = decoded()
+        with torch.no_grad():
+            full = model(ids).logits.float()
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
+    torch.testing.assert_close(got, want, **tol)
+    if gate == "token":
+        torch.testing.assert_close(got, full[:, 8 : 8 + got.shape[1]], **tol)

@@ -34,6 +34,9 @@ from .base import MAX_TABLE_ROWS, check_choice, check_int_options, register_vari
 from .sparse_base import PatternVariant, refuse_bidirectional
 
 GATES = ("token", "block")
+# Queries per call (the last of the keys, no padding) that `decode_attention` takes: decoding
+# steps and short drafts; its scores are (queries x keys) per head.
+DECODE_MAX_QUERIES = 16
 
 
 @register_variant
@@ -187,10 +190,19 @@ class MoBA(PatternVariant):
 
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
         """Either gate on the flash kernels (`hf_relattn.ops.flash`) for calls they serve
-        (`moba_attention`)."""
-        if not call.causal or self._dense(call.module) or sinks > self.block_size or not flash.serves(call):
+        (`moba_attention`), and decoding steps without padding (`decode_attention`)."""
+        if not call.causal or self._dense(call.module):
             return None
-        return moba_attention(self, call.query, call.key, call.value, sinks, sink, call.scale)
+        query, key = call.query, call.key
+        # the queries are the last of the keys, which are every sample's whole sequence (no padding,
+        # no empty static-cache slots, no dropped keys)
+        if (not call.dropout and call.key_origin is None and isinstance(call.lead, int)
+                and 0 < call.lead == key.shape[2] - query.shape[2]
+                and query.shape[2] <= (DECODE_MAX_QUERIES if self.gate == "token" else 1) and only_causal(call.mask, key.shape[2])):
+            return decode_attention(self, query, key, call.value, sinks, sink, call.scale)
+        if sinks > self.block_size or not flash.serves(call):
+            return None
+        return moba_attention(self, query, key, call.value, sinks, sink, call.scale)
 
     def blocks_attention(self, call: AttnCall, chosen: torch.Tensor, sinks: int, sink: torch.Tensor | None) -> torch.Tensor:
         if self.choice == "token" and call.query.shape[2] > 1:  # one query (decoding): its union is its own choice
@@ -313,3 +325,61 @@ def moba_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value:
         plan.append(tuple(pieces))
     out = flash.PieceAttention.apply(query, key, value, tuple(plan), bs, scale, logit)
     return out[:, :, :length]
+
+
+def only_causal(mask: torch.Tensor | None, k_len: int) -> bool:
+    """Whether a call's mask (None, boolean or additive, (B|1, 1, Q, K)) lets the last Q of K keys'
+    queries see exactly the keys up to their own: no padding (a few queries: cheap to check)."""
+    if mask is None:
+        return True
+    if mask.dim() != 4 or mask.shape[-1] != k_len:
+        return False
+    q_len = mask.shape[-2]
+    causal = torch.arange(k_len, device=mask.device) <= (k_len - q_len + torch.arange(q_len, device=mask.device))[:, None]
+    keep = mask if mask.dtype == torch.bool else mask == 0
+    return bool((keep == causal).all())
+
+
+def decode_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int,
+                     logit: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """MoBA for a few queries at the end of the keys (decoding from a KV cache, no padding), in one
+    pass over K and one over V, as dense decoding does: the scores q . k of every key (float32),
+    whose block means are the gate (q . mean(k) over a block, by linearity), then the softmax over
+    the chosen blocks' keys (own block causal, sinks, the sink logit) and one product with V.
+    Reading every key once is what the gate costs anyway (the block means of the current keys);
+    gathering the chosen blocks' K/V would cost more than reading them. (B, H, Q, D)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    bs = variant.block_size
+    nb = -(-k_len // bs)
+    # (B, Hk, groups * Q, D): the query heads of a K/V head as rows, K read once per K/V head
+    rows = query.reshape(batch, kv_heads, groups * q_len, dim).float()
+    scores = torch.matmul(rows, key.float().transpose(-1, -2))  # (B, Hk, G * Q, K), unscaled
+    whole = k_len // bs
+    sums = scores[..., : whole * bs].unflatten(-1, (whole, bs)).sum(-1)
+    counts = torch.full((nb,), float(bs), device=query.device)
+    if whole < nb:  # the last, partial block
+        sums = torch.cat([sums, scores[..., whole * bs :].sum(-1, keepdim=True)], -1)
+        counts[-1] = k_len - whole * bs
+    gate = sums / counts
+    q_pos = (k_len - q_len + torch.arange(q_len, device=query.device)).repeat(groups)  # (G * Q,)
+    own = torch.div(q_pos, bs, rounding_mode="floor")[:, None]
+    blocks = torch.arange(nb, device=query.device)
+    chosen = blocks == own  # (G * Q, nb)
+    picks = min(variant.top_k - 1, nb)
+    if picks > 0:
+        earlier = blocks < own
+        top = gate.masked_fill(~earlier, float("-inf")).topk(picks, dim=-1)
+        taken = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, top.indices, earlier.expand_as(gate).gather(-1, top.indices))
+        chosen = chosen | taken
+    k_pos = torch.arange(k_len, device=query.device)
+    keep = chosen.repeat_interleave(bs, -1)[..., :k_len] | (k_pos < sinks)
+    keep = keep & (k_pos <= q_pos[:, None])
+    logits = (scores * scale).masked_fill(~keep, float("-inf"))
+    if logit is not None:  # one more zero-valued key scoring each head's sink logit
+        per_row = logit.float().view(kv_heads, groups, 1).expand(-1, -1, q_len).reshape(1, kv_heads, groups * q_len, 1)
+        logits = torch.cat([logits, per_row.expand(batch, -1, -1, -1)], -1)
+    probs = torch.softmax(logits, -1)[..., :k_len]
+    out = torch.matmul(probs.to(value.dtype), value)  # (B, Hk, G * Q, D)
+    return out.reshape(batch, heads, q_len, -1).to(query.dtype)
