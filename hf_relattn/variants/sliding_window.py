@@ -65,7 +65,7 @@ class SlidingWindow(PatternVariant):
         if self._grid(call.module, call.key.shape[2]) is not None or not flash.serves(call):
             return None
         return flash.band_attention(call.query, call.key, call.value, self.window - 1, 0 if call.causal else self.window - 1,
-                                    sinks, sink, call.scale, flash.FLASH_ROWS)
+                                    sinks, sink, call.scale, flash.band_rows(self.window))
 
     def allowed(self, module, q_pos, k_pos, num_keys, *, causal):
         grid = self._grid(module, num_keys)
