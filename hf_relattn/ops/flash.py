@@ -15,11 +15,15 @@ what each piece's probabilities are under the whole softmax (FlashAttention's ba
 split keys), and adds the key gradients back through the same windows. Memory: the output, its
 log-sum-exp, the gradients (O(T)), and per kernel call what the kernel holds; the backward runs
 in chunks of blocks so the windows' key gradients stay under FLASH_CHUNK_ELEMENTS.
+
+Choices made per query row (MoBA's per-token gate: Lu et al. 2025) are a `Picks`, the transpose:
+key-block-major, as MoBA's variable-length kernels, each key block (a view of K/V) attended by
+the rows that chose it (gathered), the rows' partials merged by log-sum-exp.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,7 +63,7 @@ class Piece:
     empty: torch.Tensor | None = None
     copy: tuple[int, int] | None = None
     # (count, P) key blocks of `step` keys each block reads (gathered: copies, chunk by chunk),
-    # instead of a window, or (count, H, P) per query head (K/V head h // (H / Hk)); length = P * step
+    # instead of a window; length = P * step
     index: torch.Tensor | None = None
     # positions between consecutive rows of a query block and keys of a window: 1, or s for
     # residue classes (block r = positions r, r + s, ...; windows step over keys s apart)
@@ -110,15 +114,13 @@ class Picks:
             rows.append(order[h, : ends[-1]] // width + first)
         by_block = []
         for j, per_head in enumerate(counts.t().tolist()):
-            if not any(per_head):
-                continue
-            index = torch.full((heads, max(per_head)), first, dtype=torch.long, device=flat.device)
-            for h, (span, head_rows) in enumerate(zip(spans, rows)):
-                for jj, s, e in span:
-                    if jj == j:
-                        index[h, : e - s] = head_rows[s:e]
-            valid = torch.arange(index.shape[1], device=flat.device) < torch.tensor(per_head, device=flat.device)[:, None]
-            by_block.append((j, index, valid))
+            if any(per_head):
+                index = torch.full((heads, max(per_head)), first, dtype=torch.long, device=flat.device)
+                for h, span in enumerate(spans):
+                    for s, e in ((s, e) for jj, s, e in span if jj == j):
+                        index[h, : e - s] = rows[h][s:e]
+                valid = torch.arange(index.shape[1], device=flat.device) < torch.tensor(per_head, device=flat.device)[:, None]
+                by_block.append((j, index, valid))
         return cls(first, size, tuple(rows), tuple(spans), slot.view(heads, n, width), tuple(by_block))
 
 
@@ -140,26 +142,19 @@ def _view(t: torch.Tensor, piece: Piece, offset: int = 0, width: int | None = No
                         (piece.step * s_t, s_h, piece.spread * s_t, s_d), t.storage_offset() + (piece.start + offset) * s_t)
 
 
-def _gathered(t: torch.Tensor, piece: Piece) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """t (Hk, S, D) as key blocks of `step` rows (a view), and the index that picks the piece's
-    blocks from it: (count * P,) along the blocks, or per query head (K/V head, block) pairs."""
-    blocks = t[:, : t.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step))
-    if piece.index.dim() == 2:
-        return blocks, (piece.index.flatten(),)
-    heads = piece.index.shape[1]
-    kv = (torch.arange(heads, device=t.device) // (heads // t.shape[0]))[None, :, None].expand_as(piece.index)
-    return blocks, (kv, piece.index)
+def _gathered(t: torch.Tensor, piece: Piece) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (Hk, S, D) as key blocks of `step` rows (a view), and the index (count * P,) that picks
+    the piece's blocks from it."""
+    return t[:, : t.shape[1] // piece.step * piece.step].unflatten(1, (-1, piece.step)), piece.index.flatten()
 
 
 def windows(src: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """(count, Hk or H, length, D) windows of the piece in its key source (Hk, S, D): a view, or
-    for gathered key blocks a copy."""
+    """(count, Hk, length, D) windows of the piece in its key source (Hk, S, D): a view, or for
+    gathered key blocks a copy."""
     if piece.index is None:
         return _view(src, piece)
     blocks, index = _gathered(src, piece)
-    if len(index) == 2:  # per query head
-        return blocks[index].reshape(piece.count, piece.index.shape[1], piece.length, src.shape[-1])
-    picked = blocks.index_select(1, index[0])  # (Hk, count * P, step, D)
+    picked = blocks.index_select(1, index)  # (Hk, count * P, step, D)
     return picked.view(src.shape[0], piece.count, piece.length, src.shape[-1]).transpose(0, 1)
 
 
@@ -167,10 +162,7 @@ def add_windows(target: torch.Tensor, grads: torch.Tensor, piece: Piece) -> None
     """Add the windows' gradients (as `windows` gives them) to the key source's (Hk, S, D)."""
     if piece.index is not None:
         blocks, index = _gathered(target, piece)
-        if len(index) == 2:
-            blocks.index_put_(index, grads.reshape(*piece.index.shape, piece.step, target.shape[-1]), accumulate=True)
-        else:
-            blocks.index_add_(1, index[0], grads.transpose(0, 1).reshape(target.shape[0], -1, piece.step, target.shape[-1]))
+        blocks.index_add_(1, index, grads.transpose(0, 1).reshape(target.shape[0], -1, piece.step, target.shape[-1]))
     elif piece.step == 0:  # every block read the same keys
         target[:, piece.start : piece.start + piece.length] += grads.sum(0)
     elif piece.spread > 1:  # residue classes: the windows do not overlap
@@ -202,7 +194,7 @@ class PieceAttention(torch.autograd.Function):
                     continue
                 qv, ov, lv = (by_rows(t[b], piece, rows) for t in (q, out, lse))
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
-                step = _blocks_per_call(piece, qv.shape[2] * heads * dim, k.shape[1], heads, dim)
+                step = _blocks_per_call(piece, qv.shape[2] * heads * dim, k.shape[1], dim)
                 for a in range(0, piece.count, step):
                     part = piece.part(a, min(piece.count, a + step))
                     at = slice(part.first, part.first + part.count)
@@ -241,7 +233,7 @@ class PieceAttention(torch.autograd.Function):
                 ksrc, vsrc = source(k[b], piece), source(v[b], piece)
                 gk_src = dk[b] if piece.copy is None else torch.zeros_like(ksrc)
                 gv_src = dv[b] if piece.copy is None else torch.zeros_like(vsrc)
-                step = _blocks_per_call(piece, qv.shape[2] * heads * dim, k.shape[1], heads, dim)
+                step = _blocks_per_call(piece, qv.shape[2] * heads * dim, k.shape[1], dim)
                 for a in range(0, piece.count, step):
                     part = piece.part(a, min(piece.count, a + step))
                     at = slice(part.first, part.first + part.count)
@@ -330,12 +322,10 @@ def _key_block(k: torch.Tensor, v: torch.Tensor, head: int, j: int, size: int) -
     return k[None, None, head, block], v[None, None, head, block]
 
 
-def _blocks_per_call(piece: Piece, block_rows: int, kv_heads: int, heads: int, dim: int) -> int:
+def _blocks_per_call(piece: Piece, block_rows: int, kv_heads: int, dim: int) -> int:
     """Query blocks per kernel call: their outputs and their windows (gathered copies, or key
     gradients in the backward) under FLASH_CHUNK_ELEMENTS floats."""
-    per_head = piece.index is not None and piece.index.dim() == 3
-    window = (heads if per_head else kv_heads) * piece.length * dim
-    return max(1, FLASH_CHUNK_ELEMENTS // max(block_rows, window))
+    return max(1, FLASH_CHUNK_ELEMENTS // max(block_rows, kv_heads * piece.length * dim))
 
 
 def by_rows(t: torch.Tensor, piece: Piece, rows: int) -> torch.Tensor:
