@@ -38,7 +38,7 @@ def softmax_over(q, k, v, keep, logit, scale):
     return torch.softmax(scores, -1) @ v
 
 
-def inputs(gen, length, heads, kv_heads, dtype, with_logit):
+def qkv_logit(gen, length, heads, kv_heads, dtype, with_logit):
     """q, k, v of 2 samples in transformers' layout ((B, T, H, D) memory seen as (B, H, T, D)),
     16-dim heads, and a sink logit per head (or None), all requiring gradients."""
     q, k, v = (torch.randn(2, length, h, 16, generator=gen, dtype=dtype).transpose(1, 2).requires_grad_()
@@ -64,7 +64,7 @@ def test_band_outputs_and_gradients_equal_the_materialised_formula(case, dtype, 
         monkeypatch.setattr(flash, "FLASH_CHUNK_ELEMENTS", chunk)
     length, heads, kv_heads, before, after, sinks, with_logit, rows = CASES[case]
     gen = torch.Generator().manual_seed(0)
-    q, k, v, logit = inputs(gen, length, heads, kv_heads, dtype, with_logit)
+    q, k, v, logit = qkv_logit(gen, length, heads, kv_heads, dtype, with_logit)
     out = flash.band_attention(q, k, v, before, after, sinks, logit, 0.25, rows)
     want = materialised(q, k, v, before, after, sinks, logit, 0.25)
     grad = torch.randn(out.shape, generator=gen, dtype=dtype)
@@ -106,7 +106,7 @@ def test_power_pieces_equal_the_materialised_pattern(case, dtype):
     length, block, window, heads, kv_heads, with_logit = POWER_CASES[case]
     variant = Power(block_size=block, window=window, sinks=0)
     gen = torch.Generator().manual_seed(0)
-    q, k, v, logit = inputs(gen, length, heads, kv_heads, dtype, with_logit)
+    q, k, v, logit = qkv_logit(gen, length, heads, kv_heads, dtype, with_logit)
     out = power_attention(variant, q, k, v, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     keep = variant.reads(i, j // block, True) & (j <= i)
@@ -133,7 +133,7 @@ def test_strided_pieces_equal_the_materialised_pattern(case, chunk, dtype, monke
         monkeypatch.setattr(flash, "FLASH_CHUNK_ELEMENTS", chunk)
     length, stride, heads, kv_heads, causal, sinks, with_logit = STRIDED_CASES[case]
     gen = torch.Generator().manual_seed(0)
-    q, k, v, logit = inputs(gen, length, heads, kv_heads, dtype, with_logit)
+    q, k, v, logit = qkv_logit(gen, length, heads, kv_heads, dtype, with_logit)
     out = strided_flash(q, k, v, stride, causal, sinks, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     keep = Strided(stride=stride).allowed(None, i, j, length, causal=causal) | (j < sinks)
@@ -156,7 +156,7 @@ def test_fixed_pieces_equal_the_materialised_pattern(case, dtype):
 
     length, block, summary, heads, kv_heads, sinks, with_logit = FIXED_CASES[case]
     gen = torch.Generator().manual_seed(0)
-    q, k, v, logit = inputs(gen, length, heads, kv_heads, dtype, with_logit)
+    q, k, v, logit = qkv_logit(gen, length, heads, kv_heads, dtype, with_logit)
     out = fixed_flash(q, k, v, block, summary, sinks, logit, 0.25)
     i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
     keep = (Fixed(block=block, summary=summary).allowed(None, i, j, length, causal=True) | (j < sinks)) & (j <= i)
@@ -208,7 +208,7 @@ def test_moba_pieces_equal_the_materialised_pattern(case, dtype, fill, monkeypat
 
     length, block, top_k, gate, heads, kv_heads, sinks, with_logit = MOBA_CASES[case]
     gen = torch.Generator().manual_seed(0)
-    q, k, v, logit = inputs(gen, length, heads, kv_heads, dtype, with_logit)
+    q, k, v, logit = qkv_logit(gen, length, heads, kv_heads, dtype, with_logit)
     out = moba_attention(MoBA(block_size=block, top_k=top_k, gate=gate, sinks=sinks), q, k, v, sinks, logit, 0.25)
     keep = moba_keep(q.detach(), k.detach(), block, top_k, gate, sinks)
     assert keep.sum() < 0.8 * q.shape[0] * heads * length * (length + 1) / 2  # sparser than causal
