@@ -350,7 +350,10 @@ def _merge(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_ls
     seen = ~torch.isneginf(total)
     old = torch.where(seen, torch.exp(lse - total), 0.0)[..., None]
     new = torch.where(seen, torch.exp(part_lse - total), 0.0)[..., None]
-    out.copy_((out.float() * old + part_out.float() * new).to(out.dtype))
+    merged = out if out.dtype == torch.float32 else out.float()  # in place: no temporaries of the output's size
+    merged.mul_(old).addcmul_(part_out, new)
+    if merged is not out:
+        out.copy_(merged)
     lse.copy_(total)
 
 

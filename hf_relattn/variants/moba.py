@@ -6,8 +6,14 @@ and the `top_k - 1` earlier blocks whose mean key has the largest dot product wi
 `top_k` counts the own block, as in the paper). The gate is computed per token and per head
 from the current keys (padding keys excluded from the means), so a decoding step chooses its
 blocks from the KV cache exactly as the full forward does for that token: decoding is sparse
-too. Prefill and training compute exactly the chosen (token, block) pairs, key block by key
-block (`per_token_blocks`); a decoding step gathers its own choice (the block-sparse path). `dense_layers=N` keeps the last N layers full (the paper's hybrid).
+too. `dense_layers=N` keeps the last N layers full (the paper's hybrid).
+
+Where the work goes: long unpadded calls run on the FlashAttention kernels (`moba_attention`:
+own blocks causal, the chosen blocks key block by key block over the rows that chose them, as
+the paper's variable-length kernels); decoding steps without padding read K once (the scores,
+whose block means are the gate) and V once (`decode_attention`); other calls (padding, short)
+compute exactly the chosen (token, block) pairs key block by key block (`per_token_blocks`) or,
+for one query, gather its own choice (the block-sparse path).
 
 `gate="token"` (default) is the paper's per-token gate: exact, and decoding equals the full
 forward; the engine computes exactly the chosen (token, block) pairs, key block by key block.
@@ -56,8 +62,8 @@ class MoBA(PatternVariant):
     description = "Each token reads its own key block and the top_k-1 earlier blocks whose mean key matches its query best (MoBA)."
     paper = "Lu et al. 2025, MoBA: Mixture of Block Attention for Long-Context LLMs"
     limits = (
-        "A dense-pretrained model loses quality under block gating until trained; decoding is slower "
-        "than dense at 8k context on CPU (each step gathers every head's chosen K/V blocks)."
+        "A dense-pretrained model loses quality under block gating until trained; a decoding step "
+        "reads every key for its gate, so decoding is about as fast as dense (not faster)."
     )
 
     def check_options(self) -> None:
