@@ -91,8 +91,6 @@ class Picks:
     rows: tuple[torch.Tensor, ...]  # per head: the (row, block) pairs' rows as positions, sorted by block
     spans: tuple[tuple[tuple[int, int, int], ...], ...]  # per head: (block, start, end) of each block's pairs
     slot: torch.Tensor  # (H, n, k): each row's pairs as indices into its head's pairs (n * k: no block)
-    # per key block, every head's rows that chose it: (block, rows (H, L) padded with row `first`, valid (H, L))
-    by_block: tuple[tuple[int, torch.Tensor, torch.Tensor], ...]
 
     @classmethod
     def of(cls, first: int, blocks: torch.Tensor, size: int) -> Picks:
@@ -112,16 +110,25 @@ class Picks:
             ends = [sum(per_block[: j + 1]) for j in range(len(per_block))]
             spans.append(tuple((j, e - c, e) for j, (c, e) in enumerate(zip(per_block, ends)) if c))
             rows.append(order[h, : ends[-1]] // width + first)
-        by_block = []
-        for j, per_head in enumerate(counts.t().tolist()):
-            if any(per_head):
-                index = torch.full((heads, max(per_head)), first, dtype=torch.long, device=flat.device)
-                for h, span in enumerate(spans):
-                    for s, e in ((s, e) for jj, s, e in span if jj == j):
-                        index[h, : e - s] = rows[h][s:e]
-                valid = torch.arange(index.shape[1], device=flat.device) < torch.tensor(per_head, device=flat.device)[:, None]
-                by_block.append((j, index, valid))
-        return cls(first, size, tuple(rows), tuple(spans), slot.view(heads, n, width), tuple(by_block))
+        return cls(first, size, tuple(rows), tuple(spans), slot.view(heads, n, width))
+
+    def by_block(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per key block, every head's rows that chose it: (block, rows (H, L) padded with row
+        `first`, valid (H, L)) (the backward's calls)."""
+        where: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for h, (span, rows) in enumerate(zip(self.spans, self.rows)):
+            for j, s, e in span:
+                where.setdefault(j, []).append((h, rows[s:e]))
+        heads, device = len(self.rows), self.slot.device
+        calls = []
+        for j in sorted(where):
+            index = torch.full((heads, max(r.shape[0] for _, r in where[j])), self.first, dtype=torch.long, device=device)
+            valid = torch.zeros(index.shape, dtype=torch.bool, device=device)
+            for h, r in where[j]:
+                index[h, : r.shape[0]] = r
+                valid[h, : r.shape[0]] = True
+            calls.append((j, index, valid))
+        return calls
 
 
 def source(keys: torch.Tensor, piece: Piece) -> torch.Tensor:
@@ -298,7 +305,7 @@ def _picks_backward(piece: Picks, grad: torch.Tensor, q: torch.Tensor, k: torch.
     most (padding rows have a zero output gradient: nothing reaches the keys from them); otherwise
     one call per head."""
     heads, groups = q.shape[0], q.shape[0] // k.shape[0]
-    for j, rows, valid in piece.by_block:
+    for j, rows, valid in piece.by_block():
         block = slice(j * piece.size, (j + 1) * piece.size)
         counts = valid.sum(1).tolist()
         if sum(counts) >= PICKS_SHARED_FILL * valid.numel():

@@ -144,8 +144,8 @@ class MoBA(PatternVariant):
                 query = (q_sums / q_counts.clamp(min=1)[:, None, :, None]).gather(2, index)
         gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q or query blocks, N)
         earlier = (torch.arange(num_blocks, device=query.device) < own[:, None, :, None]) & (counts > 0)[:, None, None, :]
-        top = gate.masked_fill(~earlier, float("-inf")).topk(width, dim=-1)
-        picks = top.indices.masked_fill(~earlier.expand_as(gate).gather(-1, top.indices), -1)
+        top = gate.masked_fill_(~earlier, float("-inf")).topk(width, dim=-1)  # the gate is this call's own tensor
+        picks = top.indices.masked_fill(top.values.isneginf(), -1)  # fewer earlier blocks than picks
         if picks.shape[2] != q_len:
             picks = picks.repeat_interleave(bs, dim=2)[:, :, front : front + q_len]
         return picks
