@@ -146,7 +146,7 @@ class MoBA(PatternVariant):
         earlier = (torch.arange(num_blocks, device=query.device) < own[:, None, :, None]) & (counts > 0)[:, None, None, :]
         top = gate.masked_fill_(~earlier, float("-inf")).topk(width, dim=-1)  # the gate is this call's own tensor
         picks = top.indices.masked_fill(top.values.isneginf(), -1)  # fewer earlier blocks than picks
-        if picks.shape[2] != q_len:
+        if contiguous and self.gate == "block":  # per query block -> per token
             picks = picks.repeat_interleave(bs, dim=2)[:, :, front : front + q_len]
         return picks
 
