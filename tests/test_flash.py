@@ -258,10 +258,15 @@ def test_model_path_runs_the_flash_kernels_and_equals_the_reference(variant, opt
         torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_what_the_forward_keeps_for_the_backward_is_linear_in_length():
-    """At 4,096 tokens and a 512-token window the tensors saved for the backward are the blocked
-    inputs, the output and its log-sum-exp: under 3x the inputs' bytes (the probabilities of the
-    kept pairs alone would be 512 / 64 = 8x the queries' bytes with 64-dim heads)."""
+@pytest.mark.parametrize("pattern", ["window", "moba-token"])
+def test_what_the_forward_keeps_for_the_backward_is_linear_in_length(pattern):
+    """At 4,096 tokens the tensors kept for the backward (saved tensors, and the plan's index
+    tensors on the autograd node) are the inputs, the output, its log-sum-exp and O(T) indices:
+    under 3x the inputs' bytes. The probabilities of the kept pairs alone would be 8x the queries'
+    bytes for a 512-token window with 64-dim heads, and about 18x for MoBA 512/top-3 (each row
+    reads up to 1,536 keys)."""
+    from hf_relattn.variants.moba import MoBA, moba_attention
+
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 4096, 64, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, 4096, 64, generator=gen, requires_grad=True) for _ in range(2))
@@ -272,7 +277,18 @@ def test_what_the_forward_keeps_for_the_backward_is_linear_in_length():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        out = flash.band_attention(q, k, v, 511, 0, 4, None, 0.125, 64)
+        if pattern == "window":
+            out = flash.band_attention(q, k, v, 511, 0, 4, None, 0.125, 64)
+        else:
+            out = moba_attention(MoBA(block_size=512, top_k=3, gate="token"), q, k, v, 4, None, 0.125)
+    node = out.grad_fn
+    while not hasattr(node, "plan"):  # the PieceAttention node under the slice of whole blocks
+        node = node.next_functions[0][0]
+    plans = node.plan if isinstance(node.plan[0], tuple) else [node.plan]
+    for piece in (piece for plan in plans for piece in plan):
+        for t in [getattr(piece, f, None) for f in ("mask", "empty", "index", "slot")] + list(getattr(piece, "rows", ())):
+            if isinstance(t, torch.Tensor):
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     inputs = sum(t.numel() * t.element_size() for t in (q, k, v))
     assert sum(saved.values()) < 3 * inputs, (sum(saved.values()), inputs)
     out.sum().backward()
