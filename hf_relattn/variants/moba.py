@@ -144,8 +144,7 @@ class MoBA(PatternVariant):
                 query = (q_sums / q_counts.clamp(min=1)[:, None, :, None]).gather(2, index)
         gate = torch.matmul(query, means.transpose(-1, -2))  # (B, H, Q or query blocks, N)
         earlier = (torch.arange(num_blocks, device=query.device) < own[:, None, :, None]) & (counts > 0)[:, None, None, :]
-        top = gate.masked_fill_(~earlier, float("-inf")).topk(width, dim=-1)  # the gate is this call's own tensor
-        picks = top.indices.masked_fill(top.values.isneginf(), -1)  # fewer earlier blocks than picks
+        picks = best_earlier(gate, earlier, width)
         if contiguous and self.gate == "block":  # per query block -> per token
             picks = picks.repeat_interleave(bs, dim=2)[:, :, front : front + q_len]
         return picks
@@ -156,13 +155,8 @@ class MoBA(PatternVariant):
         """(B, H, Q, num_blocks) bool: each query's own block and the earlier blocks it picked
         (`picks`, same arguments)."""
         picks = self.picks(q_pos, k_pos, query, key, key_valid, query_valid, num_blocks, contiguous)
-        batch, heads, q_len = picks.shape[:3]
-        own = torch.div(q_pos, self.block_size, rounding_mode="floor").expand(batch, q_len)
-        index = torch.cat([own[:, None, :, None].expand(-1, heads, -1, 1), picks], -1)
-        # one column past the blocks takes the -1s (no pick) and positions outside the blocks
-        index = index.masked_fill((index < 0) | (index >= num_blocks), num_blocks)
-        hits = torch.zeros(batch, heads, q_len, num_blocks + 1, dtype=torch.bool, device=picks.device)
-        return hits.scatter_(-1, index, True)[..., :num_blocks]
+        own = torch.div(q_pos, self.block_size, rounding_mode="floor")[:, None, :]  # (1|B, 1, Q)
+        return chosen_of(own, picks, num_blocks)
 
     def token_blocks(self, module, q_pos, num_blocks, query, key, key_valid, *, causal):
         if self._dense(module):
@@ -302,6 +296,23 @@ def per_token_blocks(
     return (weights[..., None] * partial).sum(-2)
 
 
+def best_earlier(gate: torch.Tensor, earlier: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) long: the `width` blocks of highest `gate` (..., N) among the `earlier` ones
+    (broadcast), best first, -1 where there are fewer. `gate` is masked in place."""
+    top = gate.masked_fill_(~earlier, float("-inf")).topk(width, dim=-1)
+    return top.indices.masked_fill(top.values.isneginf(), -1)
+
+
+def chosen_of(own: torch.Tensor, picks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """(..., num_blocks) bool: each query's own block `own` (broadcast to picks' leading shape)
+    and its picks (..., k) (-1: none)."""
+    index = torch.cat([own.expand(picks.shape[:-1])[..., None], picks], -1)
+    # one column past the blocks takes the -1s (no pick) and positions outside the blocks
+    index = index.masked_fill((index < 0) | (index >= num_blocks), num_blocks)
+    hits = torch.zeros(*picks.shape[:-1], num_blocks + 1, dtype=torch.bool, device=picks.device)
+    return hits.scatter_(-1, index, True)[..., :num_blocks]
+
+
 def moba_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sinks: int,
                    logit: torch.Tensor | None, scale: float) -> torch.Tensor:
     """MoBA on the flash kernels, one unpadded causal sequence (B, H, T, D), either gate: each
@@ -311,7 +322,6 @@ def moba_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, value:
     `sinks` keys join where block 0 was not chosen."""
     bs = variant.block_size
     batch, heads, length, _ = query.shape
-    picks = variant.top_k - 1
     nb = -(-length // bs)
     positions = torch.arange(length, device=query.device)[None]
     picks = variant.picks(positions, positions, query, key, None, None, nb, contiguous=True)  # (B, H, T, top_k - 1)
@@ -370,15 +380,9 @@ def decode_attention(variant: MoBA, query: torch.Tensor, key: torch.Tensor, valu
         counts[-1] = k_len - whole * bs
     gate = sums / counts
     q_pos = (k_len - q_len + torch.arange(q_len, device=query.device)).repeat(groups)  # (G * Q,)
-    own = torch.div(q_pos, bs, rounding_mode="floor")[:, None]
-    blocks = torch.arange(nb, device=query.device)
-    chosen = blocks == own  # (G * Q, nb)
-    picks = min(variant.top_k - 1, nb)
-    if picks > 0:
-        earlier = blocks < own
-        top = gate.masked_fill(~earlier, float("-inf")).topk(picks, dim=-1)
-        taken = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, top.indices, earlier.expand_as(gate).gather(-1, top.indices))
-        chosen = chosen | taken
+    own = torch.div(q_pos, bs, rounding_mode="floor")
+    earlier = torch.arange(nb, device=query.device) < own[:, None]
+    chosen = chosen_of(own, best_earlier(gate, earlier, max(0, min(variant.top_k - 1, nb))), nb)  # (B, Hk, G * Q, nb)
     k_pos = torch.arange(k_len, device=query.device)
     keep = chosen.repeat_interleave(bs, -1)[..., :k_len] | (k_pos < sinks)
     keep = keep & (k_pos <= q_pos[:, None])
