@@ -65,7 +65,9 @@ class Fixed(PatternVariant):
         return [cls(block=length // 8, summary=min(64, length // 8), sinks=s) for s in (0, 4)]
 
     def own_kernel(self, call: AttnCall, sinks: int, sink: torch.Tensor | None) -> torch.Tensor | None:
-        if call.causal and flash.serves(call):  # long causal self-attention without padding, forward and backward
+        # long causal self-attention without padding, forward and backward; its pieces hold the
+        # sinks of block 0 (more sinks reach into later blocks' non-summary keys: the other paths)
+        if call.causal and sinks <= self.block and flash.serves(call):
             return fixed_flash(call.query, call.key, call.value, self.block, self.summary, sinks, sink, call.scale)
         # self-attention whose mask is only key padding, at inference: the fixed layout. Its own
         # blocks are large, so training keeps the block path, whose SDPA calls have a fused
