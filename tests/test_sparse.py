@@ -429,3 +429,24 @@ def test_layouts_fused_inference_and_autograd_match_the_pattern(causal, name, op
     expected = materialized_attention(q, k, v, 0.25, causal=causal, allowed=keep[None, None])
     torch.testing.assert_close(fused, expected.float(), atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(plain.detach(), expected.float(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile")
+def test_flex_attention_path_under_inference_mode(long_ids, monkeypatch):
+    """Under torch.inference_mode (transformers' pipelines) the mask is an inference tensor,
+    which has no version counter: the FlexAttention path builds its block mask in every layer
+    instead of caching it by version (it raised before), and equals the reference path."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from hf_relattn.ops import flex
+
+    monkeypatch.setattr(flex, "_compiled_flex", flex_attention)
+    model = hf_relattn.convert(tiny_llama(), "sliding_window", window=7, block_size=4, sinks=2)
+    mask, rows = padded("llama", long_ids)
+    with torch.inference_mode():
+        with hf_relattn.force_implementation("flex"):
+            got = model(input_ids=long_ids, attention_mask=mask).logits
+        with hf_relattn.force_implementation("reference"):
+            expected = model(input_ids=long_ids, attention_mask=mask).logits
+    for b, r in rows:
+        torch.testing.assert_close(got[b, r], expected[b, r], atol=2e-5, rtol=1e-5)

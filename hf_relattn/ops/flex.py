@@ -47,8 +47,10 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
     # every layer of a forward shares the pattern: build its block mask once
     # the variant and the mask are held weakly and compared by identity: an id reused by a
     # new object never finds another's block mask
-    cache_key = (q_len, k_len, causal, sinks, query.device, mask._version if masked else None)
-    cached = _block_masks.get(cache_key)
+    # an inference tensor has no version counter to tell an edit in place: built in every layer
+    reuse = not (masked and mask.is_inference())
+    cache_key = (q_len, k_len, causal, sinks, query.device, mask._version if masked and reuse else None)
+    cached = _block_masks.get(cache_key) if reuse else None
     block_mask = None
     if cached is not None and cached[0]() is variant and (not masked or cached[1]() is mask):
         block_mask = cached[2]
@@ -72,7 +74,8 @@ def flex_sparse_attention(call: AttnCall, variant: Any, sinks: int = 0) -> torch
         _block_masks.clear()
         block_mask = create_block_mask(mask_mod, batch if masked else None, None, q_len, k_len,
                                        device=query.device, BLOCK_SIZE=128)
-        _block_masks[cache_key] = (weakref.ref(variant), weakref.ref(mask) if masked else None, block_mask)
+        if reuse:
+            _block_masks[cache_key] = (weakref.ref(variant), weakref.ref(mask) if masked else None, block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != heads)
