@@ -8,12 +8,15 @@ does) and, outside torch.compile, crops the empty slots, so every path sees the 
 last Q of K (`lead` = key slots before the first query). Relative terms only use differences,
 which padding does not move. Patterns that place blocks, sinks or counts at positions of a
 sample's own sequence get those positions (`positions(absolute=True)`); the eager paths run
-each left-padding offset of a batch on its own keys (`offset_groups`, `by_offset`).
+each left-padding offset of a batch on its own keys (`offset_groups`, `by_offset`). A call whose
+mask is nothing but padding runs each sample's tokens alone, unmasked (`padding_runs`, `alone`),
+where the unmasked kernels serve it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -220,4 +223,73 @@ def by_offset(call: AttnCall, groups: list[tuple[int, list[int]]], run: Callable
             lead=call.lead + skip - offset, per_key={name: t[idx, :, offset:] for name, t in call.per_key.items()},
         )
         out[idx, skip:] = run(part)
+    return out
+
+
+# transformers hands the same mask to every layer of a forward: its check is done once
+# (weak reference: nothing is kept alive, and a freed mask's address cannot alias a new one)
+_RUNS_SEEN: list[Any] = [None]
+CHECK_ROWS = 1024  # mask rows `padding_runs` compares at once
+
+
+def padding_runs(call: AttnCall) -> list[tuple[int, int, list[int]]] | None:
+    """[(start, end, batch rows)] when the call's mask is nothing but padding, else None: no
+    cached keys, a boolean (B|1, 1, T, T) mask under which each sample's tokens are one run of
+    slots [start, end), each of the run's queries sees exactly the run's keys (up to itself when
+    causal), and no query sees a key outside the runs (the other slots are padding: their
+    queries may see the run's keys, as transformers' right-padding rows do, and nothing reads
+    their keys). Checked exactly, once per mask."""
+    mask, batch, length = call.mask, call.query.shape[0], call.query.shape[2]
+    if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or call.key_origin is not None
+            or not isinstance(call.lead, int) or call.lead or tuple(mask.shape[-2:]) != (length, call.key.shape[2])):
+        return None
+    root = mask if mask._base is None else mask._base
+    if root.is_inference():  # no version counter to tell an edit in place: checked in every layer
+        return _runs(mask.expand(batch, -1, -1, -1), call.causal)
+    key = (mask.storage_offset(), tuple(mask.shape), mask.stride(), root._version, call.causal, batch)
+    seen = _RUNS_SEEN[0]
+    if seen is not None and seen[0]() is root and seen[1] == key:
+        return seen[2]
+    runs = _runs(mask.expand(batch, -1, -1, -1), call.causal)
+    _RUNS_SEEN[0] = (weakref.ref(root), key, runs)
+    return runs
+
+
+def _runs(mask: torch.Tensor, causal: bool) -> list[tuple[int, int, list[int]]] | None:
+    """`padding_runs` on a (B, 1, T, T) boolean mask: the last query's keys as each sample's run
+    (it sees every real key under a padding mask), then every query's row checked against it,
+    CHECK_ROWS rows at a time (the expected causal rows are built per chunk, never T x T)."""
+    last = mask[:, 0, -1]
+    count = last.sum(-1).tolist()
+    first = last.int().argmax(-1).tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, (start, n) in enumerate(zip(first, count)):
+        end = start + n
+        rows = mask[b, 0]
+        if (n and not bool(last[b, start:end].all())) or bool(rows[:, :start].any()) or bool(rows[:, end:].any()):
+            return None
+        cols = torch.arange(n, device=mask.device)
+        for r in range(0, n, CHECK_ROWS):
+            part = rows[start + r : start + min(n, r + CHECK_ROWS), start:end]
+            if not (torch.equal(part, cols <= cols[r : r + CHECK_ROWS, None]) if causal else bool(part.all())):
+                return None
+        groups.setdefault((start, end), []).append(b)
+    return [(start, end, rows) for (start, end), rows in sorted(groups.items())]
+
+
+def alone(call: AttnCall, runs: list[tuple[int, int, list[int]]], run: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
+    """`run` on each run's samples as if unpadded: their tokens [start, end), without a mask;
+    the padding slots' outputs are zero (as `by_offset`'s). (B, Q, H, D)."""
+    batch, heads, q_len, _ = call.query.shape
+    out = call.query.new_zeros(batch, q_len, heads, call.value.shape[-1])
+    for start, end, rows in runs:
+        if start == end:
+            continue
+        # consecutive samples as a slice: views, not copies
+        pick: Any = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(
+            rows, device=call.query.device)
+        part = call.replace(query=call.query[pick, :, start:end], key=call.key[pick, :, start:end],
+                            value=call.value[pick, :, start:end], mask=None, lead=0,
+                            per_key={name: t[pick, :, start:end] for name, t in call.per_key.items()})
+        out[pick, start:end] = run(part)
     return out

@@ -334,3 +334,123 @@ def test_moba_decoding_steps_equal_the_reference(gate, chunk, dtype, monkeypatch
     torch.testing.assert_close(got, want, **tol)
     if gate == "token":
         torch.testing.assert_close(got, full[:, 8 : 8 + got.shape[1]], **tol)
+
+
+PADDED_CASES = [
+    ("sliding_window", {"window": 17, "sinks": 3, "sink_logit": True}),
+    ("power", {"window": 12, "sinks": 2}),
+    ("strided", {"stride": 8, "sinks": 2}),
+    ("fixed", {"block": 16, "summary": 4, "sinks": 2}),
+    ("moba", {"gate": "block", "top_k": 3, "sinks": 2, "sink_logit": True}),
+    ("moba", {"gate": "token", "top_k": 3, "sinks": 0}),
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("variant, options", PADDED_CASES)
+def test_padded_batches_run_each_sample_alone_on_the_flash_kernels(variant, options, side, monkeypatch):
+    """A padded batch of a converted LLaMA (70, 45 and 70 tokens): each sample's tokens run on
+    the flash kernels unmasked (one kernel call per layer and distinct run), and the real tokens'
+    logits and every parameter gradient (loss on real tokens) equal the reference path's, which
+    applies the padding mask to the materialised pattern."""
+    monkeypatch.setattr(flash, "FLASH_MIN_TOKENS", 0)
+    calls = []
+    apply = flash.PieceAttention.apply
+    monkeypatch.setattr(flash.PieceAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    options = {"block_size": 8, **options} if variant != "fixed" else options
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, **options).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relattn" in name:
+                param.normal_(0, 1.0)
+    width, lengths = 70, [70, 45, 70]
+    ids = torch.randint(3, 97, (3, width), generator=torch.Generator().manual_seed(1))
+    real = torch.zeros(3, width, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        real[b, :n] = True
+    if side == "left":
+        real = real.flip(-1)
+    ids = ids.masked_fill(~real, 0)
+    inputs = {"input_ids": ids, "attention_mask": real.long(), "labels": ids.masked_fill(~real, -100)}
+    if side == "left":  # as generate() numbers a left-padded batch
+        inputs["position_ids"] = (real.long().cumsum(-1) - 1).clamp(min=0)
+
+    def run():
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        return out.logits.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    got, got_grads = run()
+    assert len(calls) == 2 * 2, "each layer runs the two distinct runs of tokens on the flash kernels"
+    with torch.inference_mode():  # an inference mask (no version counter): checked in every layer
+        torch.testing.assert_close(model(**inputs).logits[real], got, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 4 * 2
+    with hf_relattn.force_implementation("reference"):
+        want, want_grads = run()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("check_rows", [1024, 5])
+def test_padding_runs_take_only_masks_that_are_nothing_but_padding(check_rows, monkeypatch):
+    """`padding_runs` reads each sample's run of tokens from a mask that is only padding (left,
+    right, bidirectional, a sample without tokens) and refuses any other mask: a hole inside a
+    run, a query seeing a padding key, packed documents, a native window; a mask changed in
+    place after a check is checked again. Rows checked all at once and 5 at a time."""
+    from hf_relattn import call as call_module
+    from hf_relattn.call import AttnCall, padding_runs
+
+    monkeypatch.setattr(call_module, "CHECK_ROWS", check_rows)
+
+    length = 12
+
+    def call_of(mask, causal=True):
+        q = torch.zeros(mask.shape[0], 1, length, 4)
+        return AttnCall.of(q, q, q, mask, causal=causal, scale=1.0)
+
+    def padded(lengths, side, causal=True):
+        real = torch.tensor([[i < n for i in range(length)] for n in lengths])
+        real = real.flip(-1) if side == "left" else real
+        tril = torch.ones(length, length, dtype=torch.bool).tril() if causal else torch.ones(length, length, dtype=torch.bool)
+        return (tril[None] & real[:, None, :])[:, None]  # transformers' padding: on keys only
+
+    assert padding_runs(call_of(padded([12, 5], "right"))) == [(0, 5, [1]), (0, 12, [0])]
+    assert padding_runs(call_of(padded([12, 5, 5], "left"))) == [(0, 12, [0]), (7, 12, [1, 2])]
+    assert padding_runs(call_of(padded([9, 0], "right", causal=False), causal=False)) == [(0, 0, [1]), (0, 9, [0])]
+    hole = padded([12, 12], "right")
+    hole[1, 0, 6:, 3] = False
+    assert padding_runs(call_of(hole)) is None
+    sees_pad = padded([12, 5], "right")
+    sees_pad[1, 0, 8, 7] = True
+    assert padding_runs(call_of(sees_pad)) is None
+    packed = padded([12], "right")
+    packed[0, 0, 6:, :6] = False  # two documents of 6 tokens
+    assert padding_runs(call_of(packed)) is None
+    window = padded([12], "right") & ~torch.ones(length, length, dtype=torch.bool).tril(-4)
+    assert padding_runs(call_of(window)) is None
+    mask = padded([12, 5], "left")
+    assert padding_runs(call_of(mask)) is not None
+    mask[0, 0, 3, 9] = True  # in place, after the check
+    assert padding_runs(call_of(mask)) is None
+
+
+@pytest.mark.parametrize("variant, options", [
+    ("fixed", {"block": 6, "summary": 4}), ("strided", {"stride": 5, "block_size": 4}),
+    ("sliding_window", {"window": 3, "block_size": 8}), ("power", {"block_size": 3, "window": 1}),
+    ("moba", {"block_size": 4, "top_k": 2, "gate": "token"}),
+])
+@pytest.mark.parametrize("sinks", [9, 17])
+def test_sinks_beyond_the_first_block_equal_the_reference(variant, options, sinks, monkeypatch):
+    """More sinks than a block holds (9 and 17 over blocks of 3-8 keys) at 37 tokens: the default
+    path (flash kernels where they hold every sink, else the other paths) equals the reference.
+    The fixed pattern's pieces held only block 0's sinks (0.05 off in the logits before)."""
+    monkeypatch.setattr(flash, "FLASH_MIN_TOKENS", 0)
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, sinks=sinks, **options)
+    ids = torch.randint(3, 97, (1, 37), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = model(ids).logits
+        with hf_relattn.force_implementation("reference"):
+            want = model(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

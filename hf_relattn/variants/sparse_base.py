@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..call import AttnCall, by_offset, offset_groups, positions
+from ..call import AttnCall, alone, by_offset, offset_groups, padding_runs, positions
+from ..ops import flash
 from ..ops.blocks import block_sparse_attention, chosen_blocks, query_rows, selected_blocks
 from ..ops.flex import FLEX_MIN_TOKENS, flex_sparse_attention
 from ..ops.pieces import LayoutSinks
@@ -134,7 +135,13 @@ class SparseVariant(Variant):
     def attend(self, call: AttnCall, rest: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
         """The sparsity axis, (B, Q, H, D). Patterns tied to positions in each sample's own
         sequence run once per left-padding offset of the batch, on that offset's keys: each
-        sample exactly as alone."""
+        sample exactly as alone. A padded batch the flash kernels would serve unpadded runs each
+        sample's tokens alone, unmasked (`alone`): training and prefill on padded batches take
+        the kernels too."""
+        if call.impl == "auto" and call.mask is not None and flash.serves(call.replace(mask=None)):
+            runs = padding_runs(call)
+            if runs is not None:
+                return alone(call, runs, self.sparse_attention)
         if call.impl != "reference" and self.absolute_positions:
             groups = offset_groups(call, self.name)
             if groups is not None:
