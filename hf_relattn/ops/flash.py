@@ -40,6 +40,8 @@ FLASH_CHUNK_ELEMENTS = 1 << 20
 FLASH_MIN_TOKENS = 512
 # Query rows per block: a band's window is before + rows + after keys wide.
 FLASH_ROWS = 64
+# Window widths in keys are made multiples of this (the kernel's vector loads over key tiles).
+ALIGN_KEYS = 16
 # A Picks backward takes every head's rows of a key block in one call when real rows fill at
 # least this share of the padded (heads x most rows) call.
 PICKS_SHARED_FILL = 0.75
@@ -423,6 +425,14 @@ def sliding_pieces(nb: int, rows: int, length: int, offset: int, width: int, kee
     return pieces
 
 
+def aligned(offset: int, width: int) -> tuple[int, int]:
+    """A window (offset, width) widened to the left to a multiple of ALIGN_KEYS keys, for a `keep`
+    that masks the added keys: the kernel runs ragged key tiles 5-20% slower (1,279 keys against
+    1,280, measured on this CPU)."""
+    widen = -width % ALIGN_KEYS
+    return offset - widen, width + widen
+
+
 def band_rows(window: int) -> int:
     """Query rows per block for a band `window` keys wide: a quarter of it as a power of two,
     between FLASH_ROWS and 4 * FLASH_ROWS. Longer blocks read a larger share of keys outside the
@@ -437,13 +447,13 @@ def band_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     is causal) and the first `sinks` keys, with `logit` (heads,) in every denominator; query
     (B, H, T, D), key/value (B, Hkv, T, D) of one sequence without padding; (B, H, T, D).
 
-    Blocks of `rows` queries each read one window of before + rows + after keys (`sliding_pieces`);
-    the sinks outside the band are a piece of their own."""
+    Blocks of `rows` queries each read one window of before + rows + after keys, widened to whole
+    vector tiles (`sliding_pieces`, `aligned`); the sinks outside the band are a piece of their own."""
     length = query.shape[2]
     query, key, value = whole_blocks(query, key, value, rows)
     nb = query.shape[2] // rows
     dtype, device = query.dtype, query.device
-    pieces = sliding_pieces(nb, rows, length, -before, before + rows + after,
+    pieces = sliding_pieces(nb, rows, length, *aligned(-before, before + rows + after),
                             lambda qpos, kpos: (kpos >= qpos - before) & (kpos <= qpos + after), dtype, device)
     if sinks:  # the first keys, for the queries whose band does not reach them
         qpos = torch.arange(nb, device=device)[:, None, None] * rows + torch.arange(rows, device=device)[:, None]

@@ -135,7 +135,7 @@ def strided_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, s
         query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
     dtype, device = query.dtype, query.device
     after = 0 if causal else stride - 1
-    pieces = flash.sliding_pieces(padded // rows, rows, length, -(stride - 1), stride - 1 + rows + after,
+    pieces = flash.sliding_pieces(padded // rows, rows, length, *flash.aligned(-(stride - 1), stride - 1 + rows + after),
                                   lambda qpos, kpos: (kpos > qpos - stride) & (kpos < qpos + stride) & ((kpos <= qpos) | (not causal)),
                                   dtype, device)
     n = padded // stride
