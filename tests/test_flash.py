@@ -215,6 +215,22 @@ def test_moba_pieces_equal_the_materialised_pattern(case, dtype, fill, monkeypat
     assert_matches(out, softmax_over(q, k, v, keep, logit, 0.25), (q, k, v) + ((logit,) if with_logit else ()), gen)
 
 
+def counted_flash_model(variant, options, monkeypatch):
+    """A converted tiny LLaMA (GQA 4/2, training mode, sink logits drawn away from their neutral
+    start) whose flash kernels serve any length, and the list its PieceAttention calls append to."""
+    monkeypatch.setattr(flash, "FLASH_MIN_TOKENS", 0)
+    calls = []
+    apply = flash.PieceAttention.apply
+    monkeypatch.setattr(flash.PieceAttention, "apply", lambda *a: calls.append(1) or apply(*a))
+    options = {"block_size": 8, **options} if variant != "fixed" else options
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, **options).train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relattn" in name:
+                param.normal_(0, 1.0)
+    return model, calls
+
+
 @pytest.mark.parametrize("variant, options", [
     ("sliding_window", {"window": 24, "sinks": 0}),
     ("sliding_window", {"window": 17, "sinks": 3, "sink_logit": True}),
@@ -231,16 +247,7 @@ def test_moba_pieces_equal_the_materialised_pattern(case, dtype, fill, monkeypat
 def test_model_path_runs_the_flash_kernels_and_equals_the_reference(variant, options, monkeypatch):
     """A converted LLaMA (GQA 4/2) at 70 tokens: the default path takes the flash kernels
     (counted) and its logits and every gradient equal the materialised reference path's."""
-    monkeypatch.setattr(flash, "FLASH_MIN_TOKENS", 0)
-    calls = []
-    apply = flash.PieceAttention.apply
-    monkeypatch.setattr(flash.PieceAttention, "apply", lambda *a: calls.append(1) or apply(*a))
-    options = {"block_size": 8, **options} if variant != "fixed" else options
-    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, **options).train()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "relattn" in name:
-                param.normal_(0, 1.0)
+    model, calls = counted_flash_model(variant, options, monkeypatch)
     ids = torch.randint(3, 97, (2, 70), generator=torch.Generator().manual_seed(1))
 
     def run():
@@ -353,16 +360,7 @@ def test_padded_batches_run_each_sample_alone_on_the_flash_kernels(variant, opti
     the flash kernels unmasked (one kernel call per layer and distinct run), and the real tokens'
     logits and every parameter gradient (loss on real tokens) equal the reference path's, which
     applies the padding mask to the materialised pattern."""
-    monkeypatch.setattr(flash, "FLASH_MIN_TOKENS", 0)
-    calls = []
-    apply = flash.PieceAttention.apply
-    monkeypatch.setattr(flash.PieceAttention, "apply", lambda *a: calls.append(1) or apply(*a))
-    options = {"block_size": 8, **options} if variant != "fixed" else options
-    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, **options).train()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "relattn" in name:
-                param.normal_(0, 1.0)
+    model, calls = counted_flash_model(variant, options, monkeypatch)
     width, lengths = 70, [70, 45, 70]
     ids = torch.randint(3, 97, (3, width), generator=torch.Generator().manual_seed(1))
     real = torch.zeros(3, width, dtype=torch.bool)
