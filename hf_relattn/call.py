@@ -233,15 +233,16 @@ CHECK_ROWS = 1024  # mask rows `padding_runs` compares at once
 
 
 def padding_runs(call: AttnCall) -> list[tuple[int, int, list[int]]] | None:
-    """[(start, end, batch rows)] when the call's mask is nothing but padding, else None: no
-    cached keys, a boolean (B|1, 1, T, T) mask under which each sample's tokens are one run of
-    slots [start, end), each of the run's queries sees exactly the run's keys (up to itself when
-    causal), and no query sees a key outside the runs (the other slots are padding: their
-    queries may see the run's keys, as transformers' right-padding rows do, and nothing reads
-    their keys). Checked exactly, once per mask."""
-    mask, batch, length = call.mask, call.query.shape[0], call.query.shape[2]
+    """[(start, end, batch rows)] when the call's mask is nothing but padding, else None: a
+    boolean (B|1, 1, Q, K) mask under which each sample's tokens are one run of key slots
+    [start, end) (with cached keys, left padding: end = K), each of the run's queries sees
+    exactly the run's keys (up to itself when causal), and no query sees a key outside the runs
+    (the other slots are padding: their queries may see the run's keys, as transformers'
+    right-padding rows do, and nothing reads their keys). Checked exactly, once per mask."""
+    mask, batch, k_len = call.mask, call.query.shape[0], call.key.shape[2]
     if (mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or call.key_origin is not None
-            or not isinstance(call.lead, int) or call.lead or tuple(mask.shape[-2:]) != (length, call.key.shape[2])):
+            or not isinstance(call.lead, int) or tuple(mask.shape[-2:]) != (call.query.shape[2], k_len)
+            or call.lead + call.query.shape[2] != k_len):
         return None
     root = mask if mask._base is None else mask._base
     if root.is_inference():  # no version counter to tell an edit in place: checked in every layer
@@ -256,9 +257,12 @@ def padding_runs(call: AttnCall) -> list[tuple[int, int, list[int]]] | None:
 
 
 def _runs(mask: torch.Tensor, causal: bool) -> list[tuple[int, int, list[int]]] | None:
-    """`padding_runs` on a (B, 1, T, T) boolean mask: the last query's keys as each sample's run
-    (it sees every real key under a padding mask), then every query's row checked against it,
-    CHECK_ROWS rows at a time (the expected causal rows are built per chunk, never T x T)."""
+    """`padding_runs` on a (B, 1, Q, K) boolean mask whose queries are the last Q key slots: the
+    last query's keys as each sample's run (it sees every real key under a padding mask), then
+    every query's row checked against it, CHECK_ROWS rows at a time (the expected causal rows
+    are built per chunk, never Q x K)."""
+    q_len, k_len = mask.shape[-2:]
+    lead = k_len - q_len
     last = mask[:, 0, -1]
     count = last.sum(-1).tolist()
     first = last.int().argmax(-1).tolist()
@@ -266,30 +270,34 @@ def _runs(mask: torch.Tensor, causal: bool) -> list[tuple[int, int, list[int]]] 
     for b, (start, n) in enumerate(zip(first, count)):
         end = start + n
         rows = mask[b, 0]
-        if (n and not bool(last[b, start:end].all())) or bool(rows[:, :start].any()) or bool(rows[:, end:].any()):
+        if ((n and not bool(last[b, start:end].all())) or (lead and n and end != k_len) or bool(rows[:, :start].any())
+                or bool(rows[:, end:].any())):
             return None
         cols = torch.arange(n, device=mask.device)
-        for r in range(0, n, CHECK_ROWS):
-            part = rows[start + r : start + min(n, r + CHECK_ROWS), start:end]
-            if not (torch.equal(part, cols <= cols[r : r + CHECK_ROWS, None]) if causal else bool(part.all())):
+        for r in range(max(0, start - lead), max(0, end - lead), CHECK_ROWS):  # the run's queries
+            r_end = min(end - lead, r + CHECK_ROWS)
+            part = rows[r:r_end, start:end]
+            seen = cols <= torch.arange(r + lead - start, r_end + lead - start, device=mask.device)[:, None]
+            if not (torch.equal(part, seen) if causal else bool(part.all())):
                 return None
         groups.setdefault((start, end), []).append(b)
     return [(start, end, rows) for (start, end), rows in sorted(groups.items())]
 
 
 def alone(call: AttnCall, runs: list[tuple[int, int, list[int]]], run: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
-    """`run` on each run's samples as if unpadded: their tokens [start, end), without a mask;
-    the padding slots' outputs are zero (as `by_offset`'s). (B, Q, H, D)."""
+    """`run` on each run's samples as if unpadded: their keys [start, end) and the queries among
+    them, without a mask; the padding slots' outputs are zero (as `by_offset`'s). (B, Q, H, D)."""
     batch, heads, q_len, _ = call.query.shape
     out = call.query.new_zeros(batch, q_len, heads, call.value.shape[-1])
     for start, end, rows in runs:
-        if start == end:
+        first, last = max(0, start - call.lead), max(0, end - call.lead)  # the run's queries
+        if first == last:
             continue
         # consecutive samples as a slice: views, not copies
         pick: Any = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(
             rows, device=call.query.device)
-        part = call.replace(query=call.query[pick, :, start:end], key=call.key[pick, :, start:end],
-                            value=call.value[pick, :, start:end], mask=None, lead=0,
+        part = call.replace(query=call.query[pick, :, first:last], key=call.key[pick, :, start:end],
+                            value=call.value[pick, :, start:end], mask=None, lead=call.lead + first - start,
                             per_key={name: t[pick, :, start:end] for name, t in call.per_key.items()})
-        out[pick, start:end] = run(part)
+        out[pick, first:last] = run(part)
     return out

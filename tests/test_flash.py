@@ -8,6 +8,8 @@ saved tensors' bytes against the inputs'), not the (rows x keys) probabilities.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -405,8 +407,8 @@ def test_padding_runs_take_only_masks_that_are_nothing_but_padding(check_rows, m
     length = 12
 
     def call_of(mask, causal=True):
-        q = torch.zeros(mask.shape[0], 1, length, 4)
-        return AttnCall.of(q, q, q, mask, causal=causal, scale=1.0)
+        k = torch.zeros(mask.shape[0], 1, length, 4)
+        return AttnCall.of(k[:, :, length - mask.shape[-2]:], k, k, mask, causal=causal, scale=1.0)
 
     def padded(lengths, side, causal=True):
         real = torch.tensor([[i < n for i in range(length)] for n in lengths])
@@ -428,6 +430,13 @@ def test_padding_runs_take_only_masks_that_are_nothing_but_padding(check_rows, m
     assert padding_runs(call_of(packed)) is None
     window = padded([12], "right") & ~torch.ones(length, length, dtype=torch.bool).tril(-4)
     assert padding_runs(call_of(window)) is None
+    # decoding steps (the last 1 or 3 queries of the keys): left padding only
+    assert padding_runs(call_of(padded([12, 5], "left")[:, :, -1:])) == [(0, 12, [0]), (7, 12, [1])]
+    assert padding_runs(call_of(padded([12, 11], "left")[:, :, -3:])) == [(0, 12, [0]), (1, 12, [1])]
+    assert padding_runs(call_of(padded([12, 5], "right")[:, :, -1:])) is None
+    step = padded([12, 5], "left")[:, :, -1:].clone()
+    step[1, 0, 0, 9] = False  # a cached key hidden from the step
+    assert padding_runs(call_of(step)) is None
     mask = padded([12, 5], "left")
     assert padding_runs(call_of(mask)) is not None
     mask[0, 0, 3, 9] = True  # in place, after the check
@@ -452,3 +461,41 @@ def test_sinks_beyond_the_first_block_equal_the_reference(variant, options, sink
         with hf_relattn.force_implementation("reference"):
             want = model(ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant, options", [
+    ("moba", {"block_size": 4, "top_k": 2, "gate": "token", "sinks": 2, "sink_logit": True}),
+    ("moba", {"block_size": 4, "top_k": 2, "gate": "block"}),
+    ("power", {"block_size": 4, "window": 6, "sinks": 2}),
+])
+def test_left_padded_decoding_runs_each_sample_alone(variant, options, monkeypatch):
+    """Greedy generation of a left-padded batch (21 and 13 prompt tokens, 6 new): every decoding
+    step of a pattern placed at the samples' own positions runs each sample's keys alone,
+    unmasked (MoBA then takes its one-pass decode path), and each sample's new tokens and their
+    scores equal the sample generated alone."""
+    from hf_relattn import call as call_module
+    from hf_relattn.variants import moba as moba_module
+
+    steps, decodes = [], []
+    alone, decode = call_module.alone, moba_module.decode_attention
+    monkeypatch.setattr(sys.modules["hf_relattn.variants.sparse_base"], "alone",
+                        lambda c, *a: steps.append(c.lead) or alone(c, *a))
+    monkeypatch.setattr(moba_module, "decode_attention", lambda *a: decodes.append(1) or decode(*a))
+    model = hf_relattn.convert(tiny_llama(kv_heads=2), variant, **options)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 97, (n,), generator=gen) for n in (21, 13)]
+    batch = torch.zeros(2, 21, dtype=torch.long)
+    mask = torch.zeros(2, 21, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, 21 - len(p):], mask[i, 21 - len(p):] = p, 1
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+                "return_dict_in_generate": True}
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=mask, **settings)
+        assert sum(lead > 0 for lead in steps) == 5 * 2, "each decoding step of each layer ran the samples alone"
+        assert bool(decodes) == (variant == "moba")
+        for i, p in enumerate(prompts):
+            single = model.generate(p[None], **settings)
+            assert torch.equal(together.sequences[i, 21:], single.sequences[0, len(p):])
+            for a, b in zip(together.scores, single.scores):
+                torch.testing.assert_close(a[i], b[0], atol=1e-5, rtol=1e-5)

@@ -135,10 +135,12 @@ class SparseVariant(Variant):
     def attend(self, call: AttnCall, rest: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
         """The sparsity axis, (B, Q, H, D). Patterns tied to positions in each sample's own
         sequence run once per left-padding offset of the batch, on that offset's keys: each
-        sample exactly as alone. A padded batch the flash kernels would serve unpadded runs each
-        sample's tokens alone, unmasked (`alone`): training and prefill on padded batches take
-        the kernels too."""
-        if call.impl == "auto" and call.mask is not None and flash.serves(call.replace(mask=None)):
+        sample exactly as alone. A padded batch runs each sample's tokens alone, unmasked
+        (`alone`), where that takes a faster path: training and prefill that the flash kernels
+        serve unpadded, and decoding steps of these patterns (which run per offset anyway; MoBA's
+        then read K and V once)."""
+        if call.impl == "auto" and call.mask is not None and (
+                flash.serves(call.replace(mask=None)) or (self.absolute_positions and call.lead)):
             runs = padding_runs(call)
             if runs is not None:
                 return alone(call, runs, self.sparse_attention)
