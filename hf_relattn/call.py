@@ -209,22 +209,31 @@ def offset_groups(call: AttnCall, who: str) -> list[tuple[int, list[int]]] | Non
 def by_offset(call: AttnCall, groups: list[tuple[int, list[int]]], run: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
     """`run` on each group's samples with the keys before its offset (and the queries there,
     which are padding) left out; their outputs are zero. (B, Q, H, D)."""
+    q_len, k_len = call.query.shape[2], call.key.shape[2]
+    return _by_samples(call, [(rows, max(0, offset - call.lead), q_len, offset, k_len) for offset, rows in groups], run,
+                       masked=True)
+
+
+def _by_samples(call: AttnCall, parts: list[tuple[list[int], int, int, int, int]], run: Callable[[AttnCall], torch.Tensor],
+                masked: bool) -> torch.Tensor:
+    """`run` on each part (batch rows, queries [first, last), keys [start, end)) of the call, its
+    mask cut alike (`masked`) or dropped; the other outputs are zero. (B, Q, H, D)."""
     batch, heads, q_len, _ = call.query.shape
     out = call.query.new_zeros(batch, q_len, heads, call.value.shape[-1])
-    for offset, rows in groups:
-        skip = max(0, offset - call.lead)
-        if skip >= q_len:
+    for rows, first, last, start, end in parts:
+        if first >= last:
             continue
-        idx = torch.tensor(rows, device=call.query.device)
-        mask = call.mask[idx]
-        part = call.replace(
-            query=call.query[idx, :, skip:], key=call.key[idx, :, offset:], value=call.value[idx, :, offset:],
-            mask=(mask[..., skip:, offset:] if mask.shape[-2] > 1 else mask[..., offset:]),
-            lead=call.lead + skip - offset, per_key={name: t[idx, :, offset:] for name, t in call.per_key.items()},
-        )
-        out[idx, skip:] = run(part)
+        # consecutive samples as a slice: views, not copies
+        pick: Any = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(
+            rows, device=call.query.device)
+        mask = call.mask[pick] if masked else None
+        if mask is not None:
+            mask = mask[..., first:last, start:end] if mask.shape[-2] > 1 else mask[..., start:end]
+        part = call.replace(query=call.query[pick, :, first:last], key=call.key[pick, :, start:end],
+                            value=call.value[pick, :, start:end], mask=mask, lead=call.lead + first - start,
+                            per_key={name: t[pick, :, start:end] for name, t in call.per_key.items()})
+        out[pick, first:last] = run(part)
     return out
-
 
 # transformers hands the same mask to every layer of a forward: its check is done once
 # (weak reference: nothing is kept alive, and a freed mask's address cannot alias a new one)
@@ -245,14 +254,15 @@ def padding_runs(call: AttnCall) -> list[tuple[int, int, list[int]]] | None:
             or call.lead + call.query.shape[2] != k_len):
         return None
     root = mask if mask._base is None else mask._base
-    if root.is_inference():  # no version counter to tell an edit in place: checked in every layer
-        return _runs(mask.expand(batch, -1, -1, -1), call.causal)
-    key = (mask.storage_offset(), tuple(mask.shape), mask.stride(), root._version, call.causal, batch)
+    # an inference tensor has no version counter to tell an edit in place: checked in every layer
+    key = None if root.is_inference() else (mask.storage_offset(), tuple(mask.shape), mask.stride(), root._version,
+                                            call.causal, batch)
     seen = _RUNS_SEEN[0]
-    if seen is not None and seen[0]() is root and seen[1] == key:
+    if key is not None and seen is not None and seen[0]() is root and seen[1] == key:
         return seen[2]
     runs = _runs(mask.expand(batch, -1, -1, -1), call.causal)
-    _RUNS_SEEN[0] = (weakref.ref(root), key, runs)
+    if key is not None:
+        _RUNS_SEEN[0] = (weakref.ref(root), key, runs)
     return runs
 
 
@@ -287,17 +297,5 @@ def _runs(mask: torch.Tensor, causal: bool) -> list[tuple[int, int, list[int]]] 
 def alone(call: AttnCall, runs: list[tuple[int, int, list[int]]], run: Callable[[AttnCall], torch.Tensor]) -> torch.Tensor:
     """`run` on each run's samples as if unpadded: their keys [start, end) and the queries among
     them, without a mask; the padding slots' outputs are zero (as `by_offset`'s). (B, Q, H, D)."""
-    batch, heads, q_len, _ = call.query.shape
-    out = call.query.new_zeros(batch, q_len, heads, call.value.shape[-1])
-    for start, end, rows in runs:
-        first, last = max(0, start - call.lead), max(0, end - call.lead)  # the run's queries
-        if first == last:
-            continue
-        # consecutive samples as a slice: views, not copies
-        pick: Any = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(
-            rows, device=call.query.device)
-        part = call.replace(query=call.query[pick, :, first:last], key=call.key[pick, :, start:end],
-                            value=call.value[pick, :, start:end], mask=None, lead=call.lead + first - start,
-                            per_key={name: t[pick, :, start:end] for name, t in call.per_key.items()})
-        out[pick, first:last] = run(part)
-    return out
+    parts = [(rows, max(0, start - call.lead), max(0, end - call.lead), start, end) for start, end, rows in runs]
+    return _by_samples(call, parts, run, masked=False)
